@@ -1,0 +1,109 @@
+//! AAA.Escrow: initial credentials for the owner.
+//!
+//! The order of checks and answers is the contract's ("Escrow behaviour" in
+//! API.md); clients written against upstream rely on each code.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use metropolis_api::api::{
+    EscrowRequest, EscrowResponse, ProofRequest, aaa_server::Aaa, proof_request::Kind,
+};
+use metropolis_rpc::Caller;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::Cluster;
+
+/// The only identity escrow hands out today.
+pub const OWNER: &str = "owner";
+
+pub struct AaaService {
+    cluster: Arc<Cluster>,
+}
+
+impl AaaService {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        AaaService { cluster }
+    }
+}
+
+type EscrowStream = Pin<Box<dyn Stream<Item = Result<EscrowResponse, Status>> + Send>>;
+
+fn proof(kind: Kind) -> ProofRequest {
+    ProofRequest { kind: kind as i32 }
+}
+
+#[tonic::async_trait]
+impl Aaa for AaaService {
+    type EscrowStream = EscrowStream;
+
+    async fn escrow(
+        &self,
+        request: Request<Streaming<EscrowRequest>>,
+    ) -> Result<Response<EscrowStream>, Status> {
+        let caller = Caller::of(&request)?.clone();
+        let mut incoming = request.into_inner();
+        let first = incoming.next().await.ok_or_else(|| {
+            Status::invalid_argument("escrow stream closed before the first request")
+        })??;
+
+        if caller.principal.is_some() {
+            return Err(Status::invalid_argument(
+                "this connection is already authenticated with a cluster certificate; \
+                 escrow is only for obtaining initial credentials",
+            ));
+        }
+        let params = first
+            .parameters
+            .ok_or_else(|| Status::invalid_argument("parameters must be set"))?;
+        if params.requested_identity_name != OWNER {
+            return Err(Status::unimplemented(format!(
+                "escrow of identity {:?} is not supported; only {OWNER:?} can be requested",
+                params.requested_identity_name
+            )));
+        }
+        let public_key: [u8; 32] = params.public_key.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!(
+                "public_key must be 32 bytes (Ed25519), got {}",
+                params.public_key.len()
+            ))
+        })?;
+        let Some(cert) = caller.certificate else {
+            let needed = EscrowResponse {
+                needed: vec![proof(Kind::RefreshCertificate)],
+                ..Default::default()
+            };
+            let tail = Status::unauthenticated(
+                "present a self-signed certificate over the requested public key at the TLS layer",
+            );
+            let s: EscrowStream = Box::pin(futures::stream::iter([Ok(needed), Err(tail)]));
+            return Ok(Response::new(s));
+        };
+        if cert.public_key != public_key {
+            return Err(Status::unimplemented(
+                "the requested public_key differs from the key of the TLS client certificate; \
+                 escrow for a key other than the presented one is not supported",
+            ));
+        }
+        let owner = self.cluster.owner_public_key().await?;
+        if public_key != owner {
+            return Err(Status::permission_denied(
+                "this key is not the cluster owner's key; use the owner key the cluster was bootstrapped with",
+            ));
+        }
+        let emitted = self
+            .cluster
+            .ca()
+            .issue_user_certificate(OWNER, &public_key)
+            .map_err(|e| Status::internal(format!("issuing owner certificate: {e}")))?;
+        tracing::info!("issued owner certificate through escrow");
+        let resp = EscrowResponse {
+            fulfilled: vec![proof(Kind::RefreshCertificate)],
+            emitted_certificate: emitted,
+            ..Default::default()
+        };
+        let s: EscrowStream = Box::pin(futures::stream::iter([Ok(resp)]));
+        Ok(Response::new(s))
+    }
+}

@@ -1,0 +1,18 @@
+//! The curator: the cluster's brain.
+//!
+//! It keeps cluster state (CA, owner, configuration, register ticket, nodes) in
+//! the consensus store through [`metropolis_store::Store`] only, and serves the
+//! cluster-wide gRPC services on top of it. Everything that decides cluster
+//! state lives in [`state::Cluster`]; the service modules translate between
+//! the wire and that API and hold no state of their own.
+
+pub mod aaa;
+pub mod authz;
+pub mod error;
+pub mod labels;
+pub mod local;
+pub mod management;
+pub mod state;
+
+pub use error::CuratorError;
+pub use state::{BootstrapRequest, Bootstrapped, Cluster};

@@ -1,0 +1,63 @@
+//! `metroctl install params`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use metropolis_api::api::{
+    GetClusterInfoRequest, GetRegisterTicketRequest, NodeParameters,
+    management_client::ManagementClient,
+    node_parameters::{Cluster, ClusterBootstrap, ClusterRegister},
+};
+use prost::Message;
+
+use crate::conn::{Ctx, call_error};
+
+fn write_params(path: &Path, params: &NodeParameters) -> anyhow::Result<()> {
+    std::fs::write(path, params.encode_to_vec())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn bootstrap_params(ctx: &Ctx, out: &Path) -> anyhow::Result<()> {
+    let (key, created) = ctx.config.owner_key_or_create()?;
+    if created {
+        eprintln!(
+            "Created owner key {}",
+            ctx.config.path(crate::config::OWNER_KEY).display()
+        );
+    }
+    let params = NodeParameters {
+        cluster: Some(Cluster::ClusterBootstrap(ClusterBootstrap {
+            owner_public_key: key.verifying_key().to_bytes().to_vec(),
+            ..Default::default()
+        })),
+    };
+    write_params(out, &params)?;
+    eprintln!("Wrote bootstrap parameters to {}", out.display());
+    Ok(())
+}
+
+pub async fn register_params(ctx: &Ctx, out: &Path) -> anyhow::Result<()> {
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    let ticket = mgmt
+        .get_register_ticket(GetRegisterTicketRequest {})
+        .await
+        .map_err(|s| call_error("GetRegisterTicket", s))?
+        .into_inner()
+        .ticket;
+    let info = mgmt
+        .get_cluster_info(GetClusterInfoRequest {})
+        .await
+        .map_err(|s| call_error("GetClusterInfo", s))?
+        .into_inner();
+    let params = NodeParameters {
+        cluster: Some(Cluster::ClusterRegister(ClusterRegister {
+            cluster_directory: info.cluster_directory,
+            register_ticket: ticket,
+            ca_certificate: info.ca_certificate,
+            labels: None,
+        })),
+    };
+    write_params(out, &params)?;
+    eprintln!("Wrote register parameters to {}", out.display());
+    Ok(())
+}

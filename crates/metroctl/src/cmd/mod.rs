@@ -1,0 +1,23 @@
+pub mod cluster;
+pub mod install;
+pub mod launch;
+pub mod takeownership;
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::bail;
+
+/// Asks a yes/no question on the terminal; `--yes` answers it.
+pub fn confirm(ctx: &crate::conn::Ctx, question: &str) -> anyhow::Result<bool> {
+    if ctx.assume_yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} — cannot ask: standard input is not a terminal; pass --yes to confirm");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}

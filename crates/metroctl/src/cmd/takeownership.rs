@@ -1,0 +1,160 @@
+//! `metroctl takeownership`: pin the CA, run Escrow, store the owner
+//! certificate.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use metropolis_api::api::{
+    EscrowRequest, GetClusterInfoRequest, aaa_client::AaaClient, escrow_request::Parameters,
+    management_client::ManagementClient, proof_request::Kind,
+};
+use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
+use metropolis_identity::ServerTrust;
+
+use crate::cmd::confirm;
+use crate::config::{CA_CERT, ClusterFile, OWNER_CERT};
+use crate::conn::{Ctx, call_error, capture_channel};
+
+/// Identity name escrowed for the owner.
+const OWNER: &str = "owner";
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
+    let key = ctx.config.require_owner_key()?;
+    let endpoints = ctx.endpoints()?;
+
+    let (ca, newly_pinned) = match ctx.config.ca()? {
+        Some(ca) => (ca, false),
+        None => {
+            let ca = fetch_ca_trust_on_first_use(&endpoints).await?;
+            println!(
+                "Cluster CA certificate fingerprint (SHA-256): {}",
+                metropolis_identity::fingerprint_sha256(&ca)
+            );
+            if !confirm(ctx, "Trust this CA and pin it?")? {
+                bail!("the CA was not trusted; nothing was changed");
+            }
+            (ca, true)
+        }
+    };
+
+    if ctx.config.owner_cert()?.is_some() && !newly_pinned {
+        // Already holding credentials: prove they work instead of asking for
+        // new ones.
+        let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+        if mgmt
+            .get_cluster_info(GetClusterInfoRequest {})
+            .await
+            .is_ok()
+        {
+            remember_endpoints(ctx, &endpoints)?;
+            println!("You are already the owner of this cluster; nothing to do.");
+            return Ok(());
+        }
+    }
+
+    // Escrow: present a self-signed certificate over the owner key at the TLS
+    // layer, ask for the owner identity with the same key.
+    let self_signed = metropolis_identity::self_signed_certificate(&key, "")?;
+    let channel = ctx
+        .channel(
+            ServerTrust::ClusterCa {
+                ca_der: ca.clone(),
+                node_id: None,
+            },
+            Some((self_signed, key.clone())),
+        )
+        .await?;
+    let request = EscrowRequest {
+        parameters: Some(Parameters {
+            requested_identity_name: OWNER.into(),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+        }),
+        proofs: None,
+    };
+    let mut responses = AaaClient::new(channel)
+        .escrow(tokio_stream::iter([request]))
+        .await
+        .map_err(|s| call_error("Escrow", s))?
+        .into_inner();
+    let resp = responses
+        .message()
+        .await
+        .map_err(|s| call_error("Escrow", s))?
+        .context("the cluster closed Escrow without an answer")?;
+    if resp.emitted_certificate.is_empty() {
+        let needed: Vec<String> = resp
+            .needed
+            .iter()
+            .map(|p| {
+                Kind::try_from(p.kind)
+                    .map(|k| k.as_str_name().to_string())
+                    .unwrap_or_else(|_| p.kind.to_string())
+            })
+            .collect();
+        bail!(
+            "the cluster asks for proofs metroctl cannot give: {}",
+            needed.join(", ")
+        );
+    }
+    let cert = metropolis_identity::parse_certificate(&resp.emitted_certificate)
+        .context("the cluster sent an invalid certificate")?;
+    metropolis_identity::verify_signed_by(&cert, &ca, time_now())
+        .context("the certificate the cluster sent does not chain to its CA")?;
+    if cert.public_key != key.verifying_key().to_bytes() {
+        bail!("the certificate the cluster sent is for another key");
+    }
+
+    ctx.config
+        .write(CA_CERT, metropolis_identity::cert_to_pem(&ca).as_bytes())?;
+    ctx.config.write(
+        OWNER_CERT,
+        metropolis_identity::cert_to_pem(&resp.emitted_certificate).as_bytes(),
+    )?;
+    remember_endpoints(ctx, &endpoints)?;
+    println!(
+        "You are now the owner of this cluster. Credentials are in {}.",
+        ctx.config.root().display()
+    );
+    Ok(())
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn remember_endpoints(ctx: &Ctx, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
+    let endpoints = endpoints
+        .iter()
+        .map(|a| {
+            if a.port() == crate::config::CURATOR_PORT {
+                a.ip().to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    ctx.config.save_cluster(&ClusterFile { endpoints })
+}
+
+/// Fetches the CA without trusting anything yet, and checks that the node we
+/// talked to holds a certificate issued by that CA, so the fingerprint shown
+/// to the operator is the one the cluster actually uses.
+pub async fn fetch_ca_trust_on_first_use(endpoints: &[SocketAddr]) -> anyhow::Result<Vec<u8>> {
+    let (channel, seen) = capture_channel(endpoints).await?;
+    let ca = CuratorLocalClient::new(channel)
+        .get_ca_certificate(GetCaCertificateRequest {})
+        .await
+        .map_err(|s| call_error("GetCACertificate", s))?
+        .into_inner()
+        .identity_ca_certificate;
+    let server = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("internal error: certificate capture poisoned"))?
+        .clone()
+        .context("the node presented no certificate")?;
+    let server = metropolis_identity::parse_certificate(&server)
+        .context("the node's certificate is invalid")?;
+    metropolis_identity::verify_signed_by(&server, &ca, time_now())
+        .context("the node's certificate is not signed by the CA it sent; refusing to pin it")?;
+    Ok(ca)
+}

@@ -1,0 +1,235 @@
+//! metroctl's configuration directory.
+//!
+//! Files (API.md, "Identities and credentials"), all mode 0600:
+//! - `owner-key.pem`: the owner key (`METROPOLIS INITIAL OWNER PRIVATE KEY`).
+//! - `owner.pem`: the owner certificate issued by the cluster (`CERTIFICATE`).
+//! - `ca.pem`: the pinned cluster CA (`CERTIFICATE`).
+//! - `cluster.json`: project-owned: the cluster endpoints remembered by
+//!   `takeownership`, so later commands need no `--endpoints`.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use metropolis_identity::SigningKey;
+use serde::{Deserialize, Serialize};
+
+pub const OWNER_KEY: &str = "owner-key.pem";
+pub const OWNER_CERT: &str = "owner.pem";
+pub const CA_CERT: &str = "ca.pem";
+pub const CLUSTER: &str = "cluster.json";
+
+/// Port of AAA, Management and CuratorLocal on every node.
+pub const CURATOR_PORT: u16 = 7835;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub endpoints: Vec<String>,
+}
+
+pub struct ConfigDir {
+    root: PathBuf,
+}
+
+impl ConfigDir {
+    /// `--config`, else `$XDG_CONFIG_HOME/metroctl`, else `~/.config/metroctl`.
+    pub fn locate(flag: Option<PathBuf>) -> anyhow::Result<Self> {
+        let root = match flag {
+            Some(p) => p,
+            None => match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+                Some(x) => PathBuf::from(x).join("metroctl"),
+                None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+                    Some(h) => PathBuf::from(h).join(".config").join("metroctl"),
+                    None => bail!(
+                        "cannot find a configuration directory: set HOME or XDG_CONFIG_HOME, or pass --config DIR"
+                    ),
+                },
+            },
+        };
+        Ok(ConfigDir { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn ensure_dir(&self) -> anyhow::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .with_context(|| format!("creating configuration directory {}", self.root.display()))
+    }
+
+    /// Writes a file atomically with mode 0600.
+    pub fn write(&self, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+        self.ensure_dir()?;
+        let path = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(contents)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    fn read_opt(&self, name: &str) -> anyhow::Result<Option<String>> {
+        match fs::read_to_string(self.path(name)) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path(name).display())),
+        }
+    }
+
+    pub fn owner_key(&self) -> anyhow::Result<Option<SigningKey>> {
+        match self.read_opt(OWNER_KEY)? {
+            Some(pem) => Ok(Some(
+                metropolis_identity::decode_owner_key_pem(&pem).with_context(|| {
+                    format!(
+                        "{} is not a valid owner key",
+                        self.path(OWNER_KEY).display()
+                    )
+                })?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The owner key, created on first use.
+    pub fn owner_key_or_create(&self) -> anyhow::Result<(SigningKey, bool)> {
+        if let Some(k) = self.owner_key()? {
+            return Ok((k, false));
+        }
+        let key = metropolis_identity::generate_key();
+        self.write(
+            OWNER_KEY,
+            metropolis_identity::encode_owner_key_pem(&key).as_bytes(),
+        )?;
+        Ok((key, true))
+    }
+
+    pub fn require_owner_key(&self) -> anyhow::Result<SigningKey> {
+        self.owner_key()?.with_context(|| {
+            format!(
+                "no owner key in {}; create one with `metroctl install params --bootstrap -o FILE` \
+                 (or pass --config pointing at the directory that holds it)",
+                self.root.display()
+            )
+        })
+    }
+
+    fn cert(&self, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        match self.read_opt(name)? {
+            Some(pem) => Ok(Some(
+                metropolis_identity::pem_to_cert_der(&pem).with_context(|| {
+                    format!("{} is not a PEM certificate", self.path(name).display())
+                })?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.cert(CA_CERT)
+    }
+
+    pub fn owner_cert(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.cert(OWNER_CERT)
+    }
+
+    pub fn cluster(&self) -> anyhow::Result<ClusterFile> {
+        match self.read_opt(CLUSTER)? {
+            Some(s) => serde_json::from_str(&s)
+                .with_context(|| format!("{} is corrupt", self.path(CLUSTER).display())),
+            None => Ok(ClusterFile::default()),
+        }
+    }
+
+    pub fn save_cluster(&self, c: &ClusterFile) -> anyhow::Result<()> {
+        self.write(CLUSTER, serde_json::to_string_pretty(c)?.as_bytes())
+    }
+
+    /// Forgets a cluster's CA, owner certificate and endpoints (the owner key
+    /// stays).
+    pub fn forget_cluster(&self) -> anyhow::Result<()> {
+        for name in [CA_CERT, OWNER_CERT, CLUSTER] {
+            match fs::remove_file(self.path(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing {}", self.path(name).display()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `IP` or `IP:PORT`; the port defaults to the curator port.
+pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    match s.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, CURATOR_PORT)),
+        Err(_) => {
+            bail!("{s:?} is not an IP address (endpoints are IP or IP:PORT, comma-separated)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoint("127.0.0.2").expect("ip"),
+            "127.0.0.2:7835".parse().expect("addr")
+        );
+        assert_eq!(
+            parse_endpoint("127.0.0.2:9").expect("ip:port"),
+            "127.0.0.2:9".parse().expect("addr")
+        );
+        assert_eq!(
+            parse_endpoint("::1").expect("v6"),
+            "[::1]:7835".parse().expect("addr")
+        );
+        assert!(parse_endpoint("node1").is_err());
+    }
+
+    #[test]
+    fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cfg = ConfigDir::locate(Some(tmp.path().join("m"))).expect("dir");
+        let (k, created) = cfg.owner_key_or_create().expect("create");
+        assert!(created);
+        let (k2, created) = cfg.owner_key_or_create().expect("reuse");
+        assert!(!created);
+        assert_eq!(k.to_bytes(), k2.to_bytes());
+        let mode = fs::metadata(cfg.path(OWNER_KEY))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -1,0 +1,102 @@
+//! Connections from metroctl to a cluster.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use metropolis_identity::{ServerTrust, SigningKey};
+use tonic::transport::Channel;
+
+use crate::config::{ConfigDir, parse_endpoint};
+
+/// What every subcommand gets: where the configuration lives and which
+/// endpoints were given on the command line.
+pub struct Ctx {
+    pub config: ConfigDir,
+    pub endpoints_flag: Option<Vec<String>>,
+    pub assume_yes: bool,
+}
+
+impl Ctx {
+    /// `--endpoints`, else the ones remembered by takeownership.
+    pub fn endpoints(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let raw = match &self.endpoints_flag {
+            Some(e) => e.clone(),
+            None => self.config.cluster()?.endpoints,
+        };
+        if raw.is_empty() {
+            bail!(
+                "no cluster endpoints known; pass --endpoints IP[,IP...] (or run `metroctl takeownership --endpoints IP` once)"
+            );
+        }
+        raw.iter().map(|s| parse_endpoint(s)).collect()
+    }
+
+    /// The pinned cluster CA.
+    pub fn pinned_ca(&self) -> anyhow::Result<Vec<u8>> {
+        self.config.ca()?.with_context(|| {
+            format!(
+                "no pinned cluster CA in {}; run `metroctl takeownership --endpoints IP` first",
+                self.config.root().display()
+            )
+        })
+    }
+
+    /// A channel authenticated as the owner, verifying nodes against the
+    /// pinned CA.
+    pub async fn owner_channel(&self) -> anyhow::Result<Channel> {
+        let ca = self.pinned_ca()?;
+        let cert = self.config.owner_cert()?.with_context(|| {
+            format!(
+                "no owner certificate in {}; run `metroctl takeownership` to get one",
+                self.config.root().display()
+            )
+        })?;
+        let key = self.config.require_owner_key()?;
+        self.channel(
+            ServerTrust::ClusterCa {
+                ca_der: ca,
+                node_id: None,
+            },
+            Some((cert, key)),
+        )
+        .await
+    }
+
+    pub async fn channel(
+        &self,
+        trust: ServerTrust,
+        identity: Option<(Vec<u8>, SigningKey)>,
+    ) -> anyhow::Result<Channel> {
+        let tls = metropolis_identity::client_config(trust, identity)
+            .context("building TLS configuration")?;
+        let endpoints = self.endpoints()?;
+        Ok(metropolis_rpc::client::connect_any(&endpoints, tls).await?)
+    }
+}
+
+/// Trust on first use: a channel that accepts any server certificate and
+/// records the one it saw, so the caller can check it against the CA it is
+/// about to pin.
+pub async fn capture_channel(
+    addrs: &[SocketAddr],
+) -> anyhow::Result<(Channel, Arc<Mutex<Option<Vec<u8>>>>)> {
+    let seen = Arc::new(Mutex::new(None));
+    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
+        .context("building TLS configuration")?;
+    Ok((metropolis_rpc::client::connect_any(addrs, tls).await?, seen))
+}
+
+/// Turns a failed call into an error a person can act on.
+pub fn call_error(what: &str, status: tonic::Status) -> anyhow::Error {
+    let detail = metropolis_rpc::client::explain_status(&status);
+    let hint = match status.code() {
+        tonic::Code::Unauthenticated => {
+            " (are you the owner of this cluster? run `metroctl takeownership`)"
+        }
+        tonic::Code::PermissionDenied => "",
+        tonic::Code::Unavailable => " (is the node running and reachable?)",
+        _ => "",
+    };
+    anyhow::anyhow!("{what} failed: {detail}{hint}")
+}

@@ -1,0 +1,153 @@
+//! metroctl: the operator's command-line tool for Metropolis clusters.
+
+mod cmd;
+mod config;
+mod conn;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::conn::Ctx;
+use crate::output::Format;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "metroctl",
+    version,
+    about = "Manage Metropolis clusters",
+    propagate_version = true
+)]
+struct Cli {
+    /// Configuration directory (default: $XDG_CONFIG_HOME/metroctl or ~/.config/metroctl).
+    #[arg(long, global = true, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// Cluster endpoints, IP or IP:PORT, comma-separated (default: those remembered by takeownership).
+    #[arg(long, global = true, value_delimiter = ',', value_name = "IP[,IP...]")]
+    endpoints: Option<Vec<String>>,
+    /// Answer yes to every confirmation prompt (for scripts).
+    #[arg(long, short = 'y', global = true)]
+    yes: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate files needed to install nodes.
+    #[command(subcommand)]
+    Install(InstallCommand),
+    /// Become the owner of a freshly bootstrapped cluster (pins its CA on first use).
+    Takeownership,
+    /// Cluster-wide commands.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum InstallCommand {
+    /// Write Node Parameters for a node's first start.
+    Params(ParamsArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("mode").args(["bootstrap", "register"]).required(true)))]
+struct ParamsArgs {
+    /// Parameters that bootstrap a new cluster owned by your owner key (created if missing).
+    #[arg(long)]
+    bootstrap: bool,
+    /// Parameters that register a node into the cluster you own.
+    #[arg(long)]
+    register: bool,
+    /// Output file.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Show the cluster directory, CA and configuration.
+    Info {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Start a local cluster on loopback addresses, take ownership of it, and show how to go on.
+    Launch {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Directory for the nodes' data, logs and process IDs.
+        #[arg(long, default_value = "metropolis-local")]
+        dir: PathBuf,
+        /// The metropolis-node binary (default: next to metroctl, then $PATH).
+        #[arg(long)]
+        node_binary: Option<PathBuf>,
+    },
+    /// Stop the nodes of a local cluster started with `cluster launch`.
+    Stop {
+        #[arg(long, default_value = "metropolis-local")]
+        dir: PathBuf,
+    },
+    /// Replace the register ticket (when it leaked); the old one stops working at once.
+    RegenerateTicket,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("METROCTL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("metroctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metroctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = Ctx {
+        config: config::ConfigDir::locate(cli.config)?,
+        endpoints_flag: cli.endpoints,
+        assume_yes: cli.yes,
+    };
+    match cli.command {
+        Command::Install(InstallCommand::Params(p)) => {
+            if p.bootstrap {
+                cmd::install::bootstrap_params(&ctx, &p.output)
+            } else {
+                cmd::install::register_params(&ctx, &p.output).await
+            }
+        }
+        Command::Takeownership => cmd::takeownership::run(&ctx).await,
+        Command::Cluster(ClusterCommand::Info { format }) => cmd::cluster::info(&ctx, format).await,
+        Command::Cluster(ClusterCommand::Launch {
+            nodes,
+            dir,
+            node_binary,
+        }) => cmd::launch::launch(&ctx, nodes, &dir, node_binary).await,
+        Command::Cluster(ClusterCommand::Stop { dir }) => cmd::launch::stop(&dir).await,
+        Command::Cluster(ClusterCommand::RegenerateTicket) => {
+            cmd::cluster::regenerate_ticket(&ctx).await
+        }
+    }
+}

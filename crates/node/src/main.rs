@@ -1,0 +1,181 @@
+//! metropolis-node: the daemon on every node of a cluster.
+//!
+//! On its first start it bootstraps a new cluster or registers into an
+//! existing one, as its Node Parameters say; afterwards it rejoins from the
+//! credentials sealed in its data directory.
+
+mod datadir;
+mod params;
+mod serve;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use metropolis_curator::{BootstrapRequest, Cluster};
+use metropolis_store::{EmbeddedStore, Store};
+
+use crate::datadir::{Credentials, DataDir};
+use crate::params::Params;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "metropolis-node",
+    version,
+    about = "The Metropolis node daemon"
+)]
+struct Args {
+    /// Directory for the node's sealed credentials and local state.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Node Parameters file (binary NodeParameters); needed on the first start only.
+    #[arg(long)]
+    params: Option<PathBuf>,
+    /// IP address to serve on; every port of the node binds this address.
+    #[arg(long)]
+    address: IpAddr,
+    /// How often the node sends a heartbeat to the curator.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// After how long without a heartbeat the curator reports a node as timed out.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("metropolis-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metropolis-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let data = DataDir::new(args.data_dir.clone());
+    let (creds, store) = if data.is_member() {
+        if let Some(p) = &args.params {
+            bail!(
+                "data directory {} already belongs to a cluster; refusing to use node parameters {} again. \
+                 Start without --params to rejoin, or remove the data directory to start over",
+                data.root().display(),
+                p.display()
+            );
+        }
+        let creds = data.unseal()?;
+        let store = if data.has_store() {
+            Some(open_store(&data).await?)
+        } else {
+            None
+        };
+        tracing::info!(node = %creds.node_id(), "rejoining cluster from sealed credentials");
+        (creds, store)
+    } else {
+        data.check_fresh()?;
+        let path = args.params.as_ref().with_context(|| {
+            format!(
+                "data directory {} holds no cluster credentials; the first start needs --params FILE \
+                 (create one with `metroctl install params`)",
+                data.root().display()
+            )
+        })?;
+        match params::load(path)? {
+            Params::Bootstrap {
+                owner_public_key,
+                configuration,
+                labels,
+            } => {
+                let (creds, store) =
+                    bootstrap(&data, owner_public_key, configuration, labels, args.address).await?;
+                (creds, Some(store))
+            }
+            Params::Register { .. } => {
+                bail!(
+                    "{}: registering into an existing cluster is not supported by this version",
+                    path.display()
+                )
+            }
+        }
+    };
+
+    let cluster = match store {
+        Some(store) => Some(Cluster::open(store).await?),
+        None => None,
+    };
+    serve::run(serve::Config {
+        address: args.address,
+        creds: Arc::new(creds),
+        cluster,
+    })
+    .await
+}
+
+async fn open_store(data: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
+    let store = EmbeddedStore::open(&data.store_path())
+        .await
+        .with_context(|| format!("opening consensus store {}", data.store_path().display()))?;
+    Ok(store)
+}
+
+async fn bootstrap(
+    data: &DataDir,
+    owner_public_key: [u8; 32],
+    configuration: metropolis_api::common::ClusterConfiguration,
+    labels: Option<metropolis_api::common::NodeLabels>,
+    address: IpAddr,
+) -> anyhow::Result<(Credentials, Arc<dyn Store>)> {
+    let (labels, dropped) = metropolis_curator::labels::sanitize_initial(labels);
+    for problem in dropped {
+        tracing::warn!(%problem, "dropping invalid label from node parameters");
+    }
+    let key = metropolis_identity::generate_key();
+    data.create()?;
+    let store = open_store(data).await?;
+    let out = metropolis_curator::state::bootstrap(
+        store.as_ref(),
+        BootstrapRequest {
+            owner_public_key,
+            initial_configuration: Some(configuration),
+            labels,
+            node_public_key: key.verifying_key().to_bytes(),
+            node_address: address.to_string(),
+        },
+    )
+    .await?;
+    let creds = Credentials {
+        key,
+        node_certificate: out.node_certificate,
+        ca_certificate: out.ca_certificate,
+    };
+    data.seal(&creds)?;
+    tracing::info!(
+        node = %creds.node_id(),
+        ca = %metropolis_identity::fingerprint_sha256(&creds.ca_certificate),
+        "bootstrapped a new cluster"
+    );
+    Ok((creds, store))
+}

@@ -1,0 +1,280 @@
+//! Test harness: real `metropolis-node` processes on their own loopback
+//! addresses, and clients that talk to them over real TLS.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use metropolis_api::api::{
+    EscrowRequest, NodeParameters,
+    aaa_client::AaaClient,
+    escrow_request::Parameters,
+    node_parameters::{Cluster, ClusterBootstrap},
+};
+use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
+use metropolis_identity::{ServerTrust, SigningKey};
+use prost::Message;
+use tonic::transport::Channel;
+
+pub const CURATOR_PORT: u16 = 7835;
+
+pub fn node_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_metropolis-node"))
+}
+
+/// metroctl is built by `cargo test --workspace` next to metropolis-node.
+pub fn metroctl_binary() -> PathBuf {
+    let p = node_binary().with_file_name("metroctl");
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// A loopback address no other test (in this or another test process) uses:
+/// a per-process random /16 inside 127/8, then a counter, skipping addresses
+/// whose port is taken.
+pub fn fresh_address() -> IpAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static BASE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| 1 + (std::process::id() % 250) as u8);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            127,
+            base,
+            (n / 250) as u8,
+            2 + (n % 250) as u8,
+        ));
+        if std::net::TcpListener::bind(SocketAddr::new(ip, CURATOR_PORT)).is_ok() {
+            return ip;
+        }
+    }
+}
+
+pub fn write_bootstrap_params(path: &Path, owner: &SigningKey) {
+    let params = NodeParameters {
+        cluster: Some(Cluster::ClusterBootstrap(ClusterBootstrap {
+            owner_public_key: owner.verifying_key().to_bytes().to_vec(),
+            ..Default::default()
+        })),
+    };
+    std::fs::write(path, params.encode_to_vec()).expect("write params");
+}
+
+/// A running node process, killed when dropped.
+pub struct TestNode {
+    pub address: IpAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn spawn(address: IpAddr, data_dir: &Path, params: Option<&Path>) -> TestNode {
+        let log = data_dir.with_extension("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut cmd = Command::new(node_binary());
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .arg("--address")
+            .arg(address.to_string());
+        if let Some(p) = params {
+            cmd.arg("--params").arg(p);
+        }
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn metropolis-node");
+        TestNode {
+            address,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// Bootstraps a new cluster owned by `owner` and waits until it serves.
+    pub async fn bootstrap(dir: &Path, owner: &SigningKey) -> TestNode {
+        let params = dir.join("bootstrap.pb");
+        write_bootstrap_params(&params, owner);
+        let node = TestNode::spawn(fresh_address(), &dir.join("node"), Some(&params));
+        node.wait_serving().await;
+        node
+    }
+
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.address, CURATOR_PORT)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the node answers CuratorLocal over TLS.
+    pub async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if fetch_ca(self.endpoint()).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not start serving; log:\n{}",
+                self.address,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc_kill(child.id() as i32, 15) };
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL: the node gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Runs metropolis-node to completion (for starts that must fail).
+pub fn run_node(args: &[&str]) -> Output {
+    Command::new(node_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run metropolis-node")
+}
+
+/// Runs metroctl with a config directory.
+pub fn metroctl(config: &Path, args: &[&str]) -> Output {
+    Command::new(metroctl_binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run metroctl")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A channel with the given trust and client identity.
+pub async fn channel(
+    addr: SocketAddr,
+    trust: ServerTrust,
+    identity: Option<(Vec<u8>, SigningKey)>,
+) -> Result<Channel, metropolis_rpc::client::ConnectError> {
+    let tls = metropolis_identity::client_config(trust, identity).expect("client config");
+    metropolis_rpc::client::connect(addr, tls).await
+}
+
+pub fn trust(ca: &[u8]) -> ServerTrust {
+    ServerTrust::ClusterCa {
+        ca_der: ca.to_vec(),
+        node_id: None,
+    }
+}
+
+/// The CA a node serves, fetched without trusting it.
+pub async fn fetch_ca(addr: SocketAddr) -> Result<Vec<u8>, String> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let ch = channel(addr, ServerTrust::Capture(seen), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = CuratorLocalClient::new(ch)
+        .get_ca_certificate(GetCaCertificateRequest {})
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(resp.into_inner().identity_ca_certificate)
+}
+
+pub fn escrow_request(name: &str, key: &[u8]) -> EscrowRequest {
+    EscrowRequest {
+        parameters: Some(Parameters {
+            requested_identity_name: name.into(),
+            public_key: key.to_vec(),
+        }),
+        proofs: None,
+    }
+}
+
+/// Runs the owner escrow flow over gRPC and returns the owner certificate.
+pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Vec<u8> {
+    let self_signed = metropolis_identity::self_signed_certificate(owner, "").expect("self-signed");
+    let ch = channel(addr, trust(ca), Some((self_signed, owner.clone())))
+        .await
+        .expect("connect");
+    let mut s = AaaClient::new(ch)
+        .escrow(tokio_stream::iter([escrow_request(
+            "owner",
+            owner.verifying_key().as_bytes(),
+        )]))
+        .await
+        .expect("escrow")
+        .into_inner();
+    let resp = s
+        .message()
+        .await
+        .expect("escrow response")
+        .expect("one response");
+    assert!(
+        !resp.emitted_certificate.is_empty(),
+        "no certificate emitted: {resp:?}"
+    );
+    resp.emitted_certificate
+}
+
+/// A Management-capable channel authenticated as the owner.
+pub async fn owner_channel(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Channel {
+    let cert = escrow_owner(addr, ca, owner).await;
+    channel(addr, trust(ca), Some((cert, owner.clone())))
+        .await
+        .expect("connect as owner")
+}
+
+/// The node's own credentials, read from its data directory.
+pub fn node_credentials(data_dir: &Path) -> (Vec<u8>, SigningKey) {
+    let bytes = std::fs::read(data_dir.join("credentials.pb")).expect("credentials");
+    let sealed =
+        metropolis_api::private::SealedCredentials::decode(bytes.as_slice()).expect("decode");
+    let seed: [u8; 32] = sealed.node_key_seed.as_slice().try_into().expect("seed");
+    (sealed.node_certificate, SigningKey::from_bytes(&seed))
+}

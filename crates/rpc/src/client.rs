@@ -1,0 +1,139 @@
+//! TLS channels from clients (metroctl, nodes, tests) to nodes.
+//!
+//! Nodes are addressed by IP and present certificates named after their node
+//! ID, so the server check is done by the TLS configuration's verifier
+//! (metropolis-identity), not by hostname; no SNI is sent. The connector is
+//! ours rather than tonic's so that the same rustls configuration (client
+//! certificate included) is used everywhere.
+
+use std::error::Error as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A channel to one node. Connects eagerly so that an unreachable node or a
+/// TLS failure shows up here, not at the first call.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, ConnectError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ConnectError {
+            addr,
+            message: e.to_string(),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let tls = tls.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let stream = TlsConnector::from(tls)
+                    .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                    .await?;
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| ConnectError {
+            addr,
+            message: explain_error(&e),
+        })
+}
+
+/// A channel to the first of `addrs` that answers.
+pub async fn connect_any(
+    addrs: &[SocketAddr],
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, ConnectError> {
+    let mut last = None;
+    for addr in addrs {
+        match connect(*addr, tls.clone()).await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "endpoint failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(ConnectError {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        message: "no endpoints given".into(),
+    }))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {addr}: {message}")]
+pub struct ConnectError {
+    pub addr: SocketAddr,
+    pub message: String,
+}
+
+/// The innermost useful message of an error chain (tonic wraps the cause of a
+/// transport failure several levels deep), rephrased for the common TLS cases.
+pub fn explain_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut deepest = err.to_string();
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return explain_tls(tls);
+        }
+        if let Some(ioe) = e.downcast_ref::<io::Error>() {
+            if let Some(tls) = ioe
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                return explain_tls(tls);
+            }
+            deepest = match ioe.kind() {
+                io::ErrorKind::ConnectionRefused => {
+                    "connection refused (is the node running?)".into()
+                }
+                io::ErrorKind::TimedOut => "timed out".into(),
+                _ => ioe.to_string(),
+            };
+            break;
+        }
+        deepest = e.to_string();
+        cur = e.source();
+    }
+    deepest
+}
+
+fn explain_tls(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::AlertReceived(rustls::AlertDescription::DecryptError)
+        | rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)
+        | rustls::Error::AlertReceived(rustls::AlertDescription::CertificateUnknown) => {
+            "our client certificate was rejected by the server".into()
+        }
+        rustls::Error::InvalidCertificate(inner) => format!(
+            "the server's certificate was rejected ({inner:?}); is this the cluster whose CA you pinned?"
+        ),
+        other => format!("TLS error: {other}"),
+    }
+}
+
+/// A human sentence for a failed call: the status message, or for transport
+/// failures the underlying cause.
+pub fn explain_status(status: &tonic::Status) -> String {
+    if let Some(src) = status.source()
+        && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+    {
+        return explain_error(src);
+    }
+    status.message().to_string()
+}
