@@ -56,3 +56,21 @@ impl Authorizer for ClusterAuthorizer {
         }
     }
 }
+
+/// Authorizes by certificate alone, for nodes that hold no cluster state (not
+/// consensus members): a certificate the cluster CA issued to `owner` only
+/// ever went to the owner key, and node certificates only to admitted nodes.
+pub struct CertificateAuthorizer;
+
+#[async_trait]
+impl Authorizer for CertificateAuthorizer {
+    async fn permissions(&self, principal: &Principal) -> Result<Permissions, Status> {
+        match principal {
+            Principal::Node { .. } => Ok(node_permissions()),
+            Principal::User { name, .. } if name == OWNER => Ok(Permissions::ALL),
+            Principal::User { name, .. } => Err(Status::permission_denied(format!(
+                "identity {name:?} is not known to this cluster"
+            ))),
+        }
+    }
+}

@@ -38,36 +38,40 @@
 //!
 //! # Why the limits, and why these numbers
 //!
-//! The `cel` parser and interpreter recurse once per level of the expression
-//! tree, and a stack overflow aborts the whole process, not just the request.
-//! Before the parser sees a filter, a linear pre-scan (a small lexer that
-//! mirrors CEL's string rules, and falls back to counting every byte as code
-//! when it cannot be sure) enforces:
+//! The `cel` parser and interpreter, and the compile pass here, recurse once
+//! per level of the expression tree, and a stack overflow aborts the whole
+//! process, not just the request. Before the parser sees a filter, a linear
+//! pre-scan (a small lexer that mirrors CEL's string rules, and counts every
+//! remaining byte as code wherever the real lexer could read the input
+//! differently) enforces:
 //!
 //! - [`MAX_FILTER_LEN`] = 4096 bytes, which also bounds the pre-scan itself;
-//! - [`MAX_OPERATORS`] = 256 operators, counting `.` selections, `[` indexing
-//!   and `?` conditionals: chains of them (`1+1+...`, `a.b.c...`, `x[0][0]...`)
-//!   are what makes the tree deep without any nesting;
+//! - [`MAX_OPERATORS`] = 160 operators, counting `.` selections, `[` indexing
+//!   and `?` conditionals: chains of them (`1+1+...`, `a.b.c...`, `x[0][0]...`,
+//!   `x in [1] in [1]...`) are what make the tree deep without any nesting;
 //! - [`MAX_NESTING`] = 24 levels of `(`, `[`, `{` and `? :`.
 //!
-//! Measured on a thread with a 2 MiB stack (tokio's worker default) with the
-//! `cel` and `antlr4rust` crates optimized, as in release builds, parse plus
-//! evaluation survives about 1,360 chained binary operators (1,405 in
-//! release), 1,359 chained `[0]` or `.size()` calls and 4,347 chained field
-//! selections; `!!!...` and `---...` do not deepen the tree at all. Nesting is
-//! first stopped by the parser's own recursion limit of 96 (an error, not a
-//! crash); nesting only overflows at about 8,100 levels of `? (` and 16,300 of
-//! `int(`. The limits above are at most a quarter of each: 256 of 1,360, and 24
-//! of the parser's 96. The tests compile and evaluate filters at every limit
-//! on a 2 MiB thread.
+//! Measured on a thread with a 2 MiB stack (tokio's worker default), compile
+//! plus evaluation survives 803 chained operators of any of those kinds in a
+//! test build and 1,400 in a release build (`probe_stack_depth` in the tests
+//! repeats the measurement); `cel` alone survives about 1,360. `!!!...` and
+//! `---...` do not deepen the tree at all. Nesting is first stopped by the
+//! parser's own recursion limit of 96, an error rather than a crash; it only
+//! overflows at about 8,100 levels of `? (` and 16,300 of `int(`. So the
+//! limits are at most a quarter of what survives: 160 of 803 operators (a
+//! fifth; an eighth in release), 24 of the parser's 96 levels. The tests
+//! compile and evaluate filters at every limit, combined too, on a 2 MiB
+//! thread.
 //!
-//! Unoptimized `cel` uses up to 20 times more stack per level (53 chained `+`
-//! overflow 2 MiB): builds of this crate must compile `cel` and `antlr4rust`
-//! with optimizations also in the dev profile (`[profile.dev.package.cel]
-//! opt-level = 3`, same for `antlr4rust`, in the workspace manifest).
-//! Evaluation goes through `cel::Value::resolve`, not the `#[inline(always)]`
-//! `resolve_val`, so that the recursion runs in `cel`'s own optimized code
-//! rather than in a copy compiled at this crate's optimization level.
+//! Unoptimized, `cel` needs up to 20 times more stack per level: 53 chained
+//! `+` overflow 2 MiB. Builds of this crate must therefore compile `cel` and
+//! `antlr4rust` with optimizations also in the dev profile
+//! (`[profile.dev.package.cel] opt-level = 3`, the same for `antlr4rust`, in
+//! the workspace manifest); the limit tests abort without. For the same
+//! reason evaluation goes through `cel::Value::resolve`, not the
+//! `#[inline(always)]` `resolve_val`, whose recursion would otherwise be
+//! compiled into this crate at this crate's optimization level, and the
+//! compile pass dispatches on small per-kind functions.
 //!
 //! Deep trees are not the only way to hurt: comprehensions multiply. A 4 KiB
 //! filter can nest `exists()` over literal lists of a thousand elements and
@@ -75,8 +79,11 @@
 //! may take, multiplying a comprehension's body by the length of its list
 //! (exact for literals; [`ASSUMED_NODE_LIST_LEN`] for the node's repeated
 //! fields, which the caller does not control) and rejects filters above
-//! [`MAX_COST`]. `matches()` patterns must be literals: they are compiled once
-//! here, with a size limit, instead of once per node by `cel`.
+//! [`MAX_COST`] = 5,000 steps. A step costs about 40 ns in a release build, so
+//! the most expensive filter accepted takes about 0.2 ms per node, 2 s for
+//! 10,000 nodes, while ordinary filters stay below 500 steps (a label lookup
+//! is about 180). `matches()` patterns must be literals: they are compiled
+//! once here, with a size limit, instead of once per node by `cel`.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -100,11 +107,11 @@ use metropolis_api::version::spec::{self as version_spec, version};
 /// The longest filter accepted, in bytes.
 pub const MAX_FILTER_LEN: usize = 4096;
 /// The most operators a filter may use, `.`, `[` and `?` included.
-pub const MAX_OPERATORS: usize = 256;
+pub const MAX_OPERATORS: usize = 160;
 /// The deepest a filter may nest brackets, braces, parentheses and `? :`.
 pub const MAX_NESTING: usize = 24;
 /// The most evaluation steps a filter may be estimated to take on one node.
-pub const MAX_COST: u64 = 10_000;
+pub const MAX_COST: u64 = 5_000;
 /// How many elements the cost estimate assumes in a repeated field of a node.
 pub const ASSUMED_NODE_LIST_LEN: u64 = 16;
 /// The compiled size limit of one `matches()` pattern, in bytes.
@@ -207,12 +214,14 @@ impl Filter {
     /// Compiles `src`, checking it as far as possible without a node.
     pub fn compile(src: &str) -> Result<Filter, FilterError> {
         let shape = prescan(src)?;
-        let mut expr = ENV
-            .parser()
-            .parse(src)
-            .map_err(|e| FilterError::Syntax {
-                message: e.to_string(),
-            })?;
+        Self::compile_scanned(src, &shape)
+    }
+
+    /// The part of compiling that recurses: only safe within the limits.
+    fn compile_scanned(src: &str, shape: &Shape) -> Result<Filter, FilterError> {
+        let mut expr = ENV.parser().parse(src).map_err(|e| FilterError::Syntax {
+            message: e.to_string(),
+        })?;
 
         let mut checker = Checker {
             scope: Vec::new(),
@@ -293,8 +302,13 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
     let mut env = Env::stdlib().with_optional_support(false);
     // These names are private to this module and declared exactly once, so the
     // declarations cannot conflict; a test builds the environment.
-    env.add_overload(HAS_FN, "metropolis_has", vec![DYN_TYPE, STRING_TYPE], has_field)
-        .expect("@has is declared once");
+    env.add_overload(
+        HAS_FN,
+        "metropolis_has",
+        vec![DYN_TYPE, STRING_TYPE],
+        has_field,
+    )
+    .expect("@has is declared once");
     env.add_overload(RESULT_FN, "metropolis_bool", vec![DYN_TYPE], require_bool)
         .expect("@bool is declared once");
     env.add_overload(
@@ -496,9 +510,6 @@ impl<'s> Scanner<'s> {
                 if matches!(c, b'=' | b'&' | b'|') {
                     self.shape.operators += 1;
                 }
-                if c == b'"' || c == b'\'' {
-                    self.shape.commas += 1;
-                }
                 self.pos += 1;
             }
             _ => {
@@ -533,7 +544,8 @@ impl<'s> Scanner<'s> {
         // A run starting with a letter is one token. One starting with a digit
         // may be numbers followed by one identifier or keyword, which then
         // ends the run: `1in` is `1` and `in`.
-        let is_in = run == b"in" || (run[0].is_ascii_digit() && run.ends_with(b"in"));
+        let starts_with_digit = run.first().is_some_and(u8::is_ascii_digit);
+        let is_in = run == b"in" || (starts_with_digit && run.ends_with(b"in"));
         if is_in {
             self.shape.operators += 1;
         }
@@ -819,9 +831,7 @@ impl Checker {
             infos.push(self.walk(arg)?);
         }
         let name = call.func_name.as_str();
-        let identifier_like = name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        let identifier_like = name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if identifier_like && !rewritten && !self.declared_function(name) {
             return Err(unknown_function(name));
@@ -847,16 +857,12 @@ impl Checker {
         if let Some(var) = &comprehension.iter_var2 {
             self.scope.push((var.clone(), Static::Unknown, unknown_len));
         }
-        self.scope.push((
-            comprehension.accu_var.clone(),
-            Static::Unknown,
-            unknown_len,
-        ));
+        self.scope
+            .push((comprehension.accu_var.clone(), Static::Unknown, unknown_len));
         let cond = self.walk(&mut comprehension.loop_cond);
         let step = cond.and_then(|cond| Ok((cond, self.walk(&mut comprehension.loop_step)?)));
-        let body = step.and_then(|(cond, step)| {
-            Ok((cond, step, self.walk(&mut comprehension.result)?))
-        });
+        let body =
+            step.and_then(|(cond, step)| Ok((cond, step, self.walk(&mut comprehension.result)?)));
         self.scope.truncate(outer);
         let (cond, step, result) = body?;
         let per_element = cond.cost.saturating_add(step.cost).saturating_add(1);
@@ -1044,7 +1050,11 @@ fn literal_info(literal: &LiteralValue) -> Info {
 }
 
 /// The static type of `operand.field`, or why it has none.
-fn check_field(operand_kind: Static, operand: &IdedExpr, field: &str) -> Result<Static, FilterError> {
+fn check_field(
+    operand_kind: Static,
+    operand: &IdedExpr,
+    field: &str,
+) -> Result<Static, FilterError> {
     match operand_kind {
         Static::Message(info) => field_of(info, operand, field).map(Static::from),
         Static::Unknown => Ok(Static::Unknown),
@@ -1171,7 +1181,9 @@ fn has_field<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Execut
     // Only this module's messages are of struct kind: filters cannot build any.
     let present = if target.get_type().kind() == Kind::Struct {
         let present = indexer.get(&PresenceQuery(Cow::Owned(field.to_owned())))?;
-        present.downcast_ref::<CelBool>().is_some_and(|b| *b.inner())
+        present
+            .downcast_ref::<CelBool>()
+            .is_some_and(|b| *b.inner())
     } else {
         match indexer.get(&CelString::from(field)) {
             Ok(_) => true,
@@ -1359,9 +1371,9 @@ impl FieldType for u64 {
 impl<M: Message> FieldType for Option<M> {
     const KIND: FieldKind = FieldKind::Message(M::INFO);
     fn value(&self) -> Result<Box<dyn Val + '_>, ExecutionError> {
-        Ok(Box::new(Msg(
-            self.as_ref().unwrap_or_else(|| M::default_instance()),
-        )))
+        Ok(Box::new(Msg(self
+            .as_ref()
+            .unwrap_or_else(|| M::default_instance()))))
     }
     fn present(&self) -> bool {
         self.is_some()
@@ -2261,7 +2273,7 @@ mod tests {
                 format!("{{'a': 1}}{} == 1", ".a".repeat(ops - 1)),
                 format!("[1]{} == 1", "[0]".repeat(ops - 2)),
                 format!("'a'{} == 1", ".size()".repeat(ops - 1)),
-                format!("node.labels.pairs[0]{} == 1", ".key".repeat(ops - 5)),
+                format!("[node][0]{} == 1", ".status".repeat(ops - 3)),
                 // Nesting.
                 format!("{}true{}", "(".repeat(nest), ")".repeat(nest)),
                 format!("{}1{} != []", "[".repeat(nest), "]".repeat(nest)),
@@ -2272,10 +2284,11 @@ mod tests {
                 ),
                 format!("{}1{} == 1", "int(".repeat(nest), ")".repeat(nest)),
                 format!("{}true", "true ? false : ".repeat(nest)),
+                // Counted twice per level: once for `?`, once for `(`.
                 format!(
                     "{}true{}",
-                    "true ? (".repeat(nest),
-                    ") : false".repeat(nest)
+                    "true ? (".repeat(nest / 2),
+                    ") : false".repeat(nest / 2)
                 ),
                 format!(
                     "{}true{}",
@@ -2295,8 +2308,7 @@ mod tests {
             ];
             for src in &filters {
                 assert!(src.len() <= MAX_FILTER_LEN, "{}", head(src));
-                let filter =
-                    Filter::compile(src).unwrap_or_else(|e| panic!("{}: {e}", head(src)));
+                let filter = Filter::compile(src).unwrap_or_else(|e| panic!("{}: {e}", head(src)));
                 // Some chains are type errors at the end: what matters is
                 // that evaluation comes back at all.
                 match filter.matches(&node) {
@@ -2318,6 +2330,45 @@ mod tests {
                 FilterError::TooDeep { .. }
             ));
         });
+    }
+
+    /// How the limits were measured. Not run by default: a probe past the
+    /// survivable depth aborts the test binary. Run one probe per process,
+    /// `FILTER_DEPTH_PROBE=plus:1000 <test binary> --ignored --exact
+    /// filter::tests::probe_stack_depth`, and bisect on the exit status.
+    #[test]
+    #[ignore = "measurement helper, aborts past the survivable depth"]
+    fn probe_stack_depth() {
+        let Ok(probe) = std::env::var("FILTER_DEPTH_PROBE") else {
+            return;
+        };
+        let (construct, n) = probe.split_once(':').expect("construct:n");
+        let n: usize = n.parse().expect("n");
+        let src = match construct {
+            "plus" => format!("1{} == 1", "+1".repeat(n)),
+            "eq" => format!("true{}", "==true".repeat(n)),
+            "select" => format!("[node][0]{} == 1", ".status".repeat(n)),
+            "index" => format!("[1]{} == 1", "[0]".repeat(n)),
+            "method" => format!("'a'{} == 1", ".size()".repeat(n)),
+            "in" => format!("1{} == true", " in [1]".repeat(n)),
+            "parens" => format!("{}true{}", "(".repeat(n), ")".repeat(n)),
+            "list" => format!("{}1{} != []", "[".repeat(n), "]".repeat(n)),
+            "call" => format!("{}1{} == 1", "int(".repeat(n), ")".repeat(n)),
+            "ternary" => format!("{}true", "true ? false : ".repeat(n)),
+            "exists" => format!(
+                "{}true{}",
+                (0..n)
+                    .map(|i| format!("[1].exists(v{i}, "))
+                    .collect::<String>(),
+                ")".repeat(n)
+            ),
+            other => panic!("unknown construct {other}"),
+        };
+        let outcome = on_small_stack(move || {
+            let shape = Scanner::new(src.as_bytes()).run();
+            Filter::compile_scanned(&src, &shape).and_then(|f| f.matches(&full_node()))
+        });
+        println!("{construct}:{n}: {outcome:?}");
     }
 
     #[test]
@@ -2359,6 +2410,20 @@ mod tests {
             );
         }
 
+        // The benchmark's filter near the limit: 25 keys pass, 40 do not.
+        let keys = |n: usize| {
+            let keys = (0..n).map(|i| format!("'key-{i}'")).collect::<Vec<_>>();
+            format!(
+                "[{}].exists(k, node.labels.pairs.exists(p, p.key == k))",
+                keys.join(", ")
+            )
+        };
+        Filter::compile(&keys(25)).expect("25 keys are cheap enough");
+        assert!(matches!(
+            compile_err(&keys(40)),
+            FilterError::TooExpensive { .. }
+        ));
+
         // Ordinary filters stay far below the limit.
         let ids = (0..150)
             .map(|i| format!("'metropolis-{i:08x}'"))
@@ -2367,8 +2432,7 @@ mod tests {
         for src in [
             format!("node.id in [{ids}]"),
             "['zone', 'rack', 'row'].all(k, node.labels.pairs.exists(p, p.key == k))".to_owned(),
-            "node.labels.pairs.exists(p, node.labels.pairs.exists(q, p.key == q.value))"
-                .to_owned(),
+            "node.labels.pairs.exists(p, node.labels.pairs.exists(q, p.key == q.value))".to_owned(),
             format!("{list}.exists(x, x == node.state)"),
         ] {
             Filter::compile(&src).unwrap_or_else(|e| panic!("{}: {e}", head(&src)));

@@ -9,9 +9,12 @@
 pub mod aaa;
 pub mod authz;
 pub mod error;
+pub mod filter;
+pub mod heartbeat;
 pub mod labels;
 pub mod local;
 pub mod management;
+pub mod nodes;
 pub mod state;
 
 pub use error::CuratorError;

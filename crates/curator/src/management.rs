@@ -2,8 +2,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use metropolis_api::admin::{
     RegenerateRegisterTicketRequest, RegenerateRegisterTicketResponse,
     cluster_admin_server::ClusterAdmin,
@@ -18,16 +19,46 @@ use metropolis_api::api::{
 use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status};
 
-use crate::state::Cluster;
+use crate::filter::Filter;
+use crate::heartbeat::Heartbeats;
+use crate::state::{Cluster, NodeEntry};
 
 pub struct ManagementService {
     cluster: Arc<Cluster>,
+    heartbeats: Arc<Heartbeats>,
 }
 
 impl ManagementService {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        ManagementService { cluster }
+    pub fn new(cluster: Arc<Cluster>, heartbeats: Arc<Heartbeats>) -> Self {
+        ManagementService {
+            cluster,
+            heartbeats,
+        }
     }
+}
+
+/// A node as the Management API shows it, with health computed now.
+pub fn api_node(entry: NodeEntry, heartbeats: &Heartbeats, now: Instant) -> Node {
+    let (health, since) = heartbeats.health(&entry.id, entry.node.state, now);
+    Node {
+        pubkey: entry.node.public_key,
+        id: entry.id,
+        state: entry.node.state,
+        status: entry.node.status,
+        roles: entry.node.roles,
+        health: health as i32,
+        time_since_heartbeat: since.and_then(|d| prost_types::Duration::try_from(d).ok()),
+        tpm_usage: entry.node.tpm_usage,
+        labels: entry.node.labels,
+    }
+}
+
+/// The node ID for a public key given in a request.
+pub fn node_id_of_pubkey(pubkey: &[u8]) -> Result<String, Status> {
+    let key: [u8; 32] = pubkey.try_into().map_err(|_| {
+        Status::invalid_argument(format!("pubkey must be 32 bytes, got {}", pubkey.len()))
+    })?;
+    Ok(metropolis_identity::node_id(&key))
 }
 
 type NodeStream = Pin<Box<dyn Stream<Item = Result<Node, Status>> + Send>>;
@@ -62,15 +93,52 @@ impl Management for ManagementService {
 
     type GetNodesStream = NodeStream;
 
-    async fn get_nodes(&self, _: Request<GetNodesRequest>) -> Result<Response<NodeStream>, Status> {
-        Err(not_yet("GetNodes"))
+    async fn get_nodes(
+        &self,
+        request: Request<GetNodesRequest>,
+    ) -> Result<Response<NodeStream>, Status> {
+        let src = request.into_inner().filter;
+        let filter = if src.trim().is_empty() {
+            None
+        } else {
+            Some(
+                Filter::compile(&src)
+                    .map_err(|e| Status::invalid_argument(format!("invalid filter: {e}")))?,
+            )
+        };
+        let entries = self.cluster.nodes().await?;
+        let heartbeats = self.heartbeats.clone();
+        let now = Instant::now();
+        // Nodes are converted and filtered one at a time as the stream is
+        // polled: only the store's read result is held, not a second copy.
+        let nodes = entries.into_iter().filter_map(move |entry| {
+            let node = api_node(entry, &heartbeats, now);
+            match filter.as_ref().map(|f| f.matches(&node)) {
+                None | Some(Ok(true)) => Some(Ok(node)),
+                Some(Ok(false)) => None,
+                Some(Err(e)) => Some(Err(Status::invalid_argument(format!(
+                    "invalid filter: {e}"
+                )))),
+            }
+        });
+        // The first error ends the stream.
+        let mut failed = false;
+        let nodes = futures::stream::iter(nodes).take_while(move |r| {
+            let go = !failed;
+            failed |= r.is_err();
+            futures::future::ready(go)
+        });
+        Ok(Response::new(Box::pin(nodes)))
     }
 
     async fn approve_node(
         &self,
-        _: Request<ApproveNodeRequest>,
+        request: Request<ApproveNodeRequest>,
     ) -> Result<Response<ApproveNodeResponse>, Status> {
-        Err(not_yet("ApproveNode"))
+        let id = node_id_of_pubkey(&request.get_ref().pubkey)?;
+        self.cluster.approve_node(&id).await?;
+        tracing::info!(node = %id, "node approved");
+        Ok(Response::new(ApproveNodeResponse {}))
     }
 
     async fn update_node_roles(

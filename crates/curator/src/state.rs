@@ -414,3 +414,289 @@ mod tests {
         assert!(initial_configuration(Some(bad)).is_err());
     }
 }
+
+/// Outcome of a read-modify-write on a node record.
+pub enum Change<T> {
+    /// Write the modified record and return `T`.
+    Write(T),
+    /// Leave the record as it is and return `T`.
+    Keep(T),
+}
+
+/// How often a compare-and-swap is retried when another writer got there
+/// first. Conflicts on one node's record are rare (the node itself and an
+/// operator), so a small bound only guards against livelock.
+const CAS_ATTEMPTS: usize = 16;
+
+impl Cluster {
+    /// Reads a node, lets `f` change it, and writes it back only if nobody
+    /// else wrote it in between; retries on conflict.
+    pub async fn update_node<T>(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&mut private::Node) -> Result<Change<T>, CuratorError>,
+    ) -> Result<T, CuratorError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = self
+                .node(id)
+                .await?
+                .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+            let mut node = entry.node;
+            let out = match f(&mut node)? {
+                Change::Keep(out) => return Ok(out),
+                Change::Write(out) => out,
+            };
+            let key = node_key(id);
+            let txn = Txn::new()
+                .when(Compare::mod_revision(key.clone(), entry.mod_revision))
+                .and_then(Op::put(key, node.encode_to_vec()));
+            if self.store.txn(txn).await?.succeeded {
+                return Ok(out);
+            }
+        }
+        Err(CuratorError::Internal(format!(
+            "node {id} kept changing; gave up after {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// Adds a node in state NEW if the ticket is right. Registering again
+    /// with the same key is a no-op.
+    pub async fn register_node(
+        &self,
+        public_key: [u8; 32],
+        ticket: &[u8],
+        labels: NodeLabels,
+    ) -> Result<String, CuratorError> {
+        let id = metropolis_identity::node_id(&public_key);
+        let key = node_key(&id);
+        let current = self.register_ticket().await?;
+        if !constant_time_eq(&current, ticket) {
+            return Err(CuratorError::PermissionDenied(
+                "wrong register ticket; get the current one with `metroctl install params --register`".into(),
+            ));
+        }
+        let node = private::Node {
+            public_key: public_key.to_vec(),
+            state: NodeState::New as i32,
+            labels: Some(labels),
+            registered_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            tpm_usage: NodeTpmUsage::NotPresent as i32,
+            ..Default::default()
+        };
+        // Both conditions in one transaction: a ticket regenerated between
+        // our read and this write makes the registration fail.
+        let txn = Txn::new()
+            .when(Compare::value_equals(KEY_TICKET, current))
+            .when(Compare::absent(key.clone()))
+            .and_then(Op::put(key, node.encode_to_vec()));
+        if self.store.txn(txn).await?.succeeded {
+            return Ok(id);
+        }
+        match self.node(&id).await? {
+            Some(existing) if existing.node.public_key == public_key => Ok(id),
+            Some(_) => Err(CuratorError::AlreadyExists(format!(
+                "node ID {id} is taken by another key"
+            ))),
+            None => Err(CuratorError::PermissionDenied(
+                "the register ticket was regenerated; get the new one".into(),
+            )),
+        }
+    }
+
+    /// NEW → STANDBY; a no-op for STANDBY and UP nodes.
+    pub async fn approve_node(&self, id: &str) -> Result<(), CuratorError> {
+        self.update_node(id, |node| match NodeState::try_from(node.state) {
+            Ok(NodeState::New) => {
+                node.state = NodeState::Standby as i32;
+                Ok(Change::Write(()))
+            }
+            Ok(NodeState::Standby | NodeState::Up) => Ok(Change::Keep(())),
+            _ => Err(CuratorError::FailedPrecondition(format!(
+                "node {id} is {} and cannot be approved",
+                state_name(node.state)
+            ))),
+        })
+        .await
+    }
+
+    /// STANDBY → UP and the node's certificate. Also answers an UP node
+    /// again (a node that crashed before it could seal its credentials).
+    pub async fn commit_node(&self, public_key: [u8; 32]) -> Result<Vec<u8>, CuratorError> {
+        let id = metropolis_identity::node_id(&public_key);
+        self.update_node(&id, |node| {
+            if node.public_key != public_key {
+                return Err(CuratorError::PermissionDenied(format!(
+                    "node ID {id} belongs to another key"
+                )));
+            }
+            match NodeState::try_from(node.state) {
+                Ok(NodeState::Standby) => {
+                    node.state = NodeState::Up as i32;
+                    Ok(Change::Write(()))
+                }
+                Ok(NodeState::Up) => Ok(Change::Keep(())),
+                Ok(NodeState::New) => Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} is waiting for approval (metroctl node approve {id})"
+                ))),
+                _ => Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} is {} and cannot join",
+                    state_name(node.state)
+                ))),
+            }
+        })
+        .await?;
+        self.ca
+            .issue_node_certificate(&public_key)
+            .map_err(|e| CuratorError::Internal(format!("issuing node certificate: {e}")))
+    }
+
+    /// Records a node's status; a write only when something changed.
+    pub async fn update_status(&self, id: &str, status: NodeStatus) -> Result<(), CuratorError> {
+        self.update_node(id, |node| {
+            let mut next = status.clone();
+            if next.timestamp.is_none() {
+                next.timestamp = Some(prost_types::Timestamp::from(std::time::SystemTime::now()));
+            }
+            let unchanged = node.status.as_ref().is_some_and(|cur| {
+                let mut a = cur.clone();
+                let mut b = next.clone();
+                a.timestamp = None;
+                b.timestamp = None;
+                a == b
+            });
+            if unchanged {
+                return Ok(Change::Keep(()));
+            }
+            node.status = Some(next);
+            Ok(Change::Write(()))
+        })
+        .await
+    }
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    NodeState::try_from(state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("NODE_STATE_UNKNOWN_VALUE")
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod register_tests {
+    use super::*;
+    use metropolis_store::EmbeddedStore;
+
+    async fn cluster() -> (tempfile::TempDir, Arc<Cluster>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
+            .await
+            .expect("open");
+        bootstrap(
+            store.as_ref(),
+            BootstrapRequest {
+                owner_public_key: [7; 32],
+                initial_configuration: None,
+                labels: NodeLabels::default(),
+                node_public_key: metropolis_identity::generate_key()
+                    .verifying_key()
+                    .to_bytes(),
+                node_address: "127.0.0.2".into(),
+            },
+        )
+        .await
+        .expect("bootstrap");
+        let c = Cluster::open(store).await.expect("open");
+        (dir, c)
+    }
+
+    #[tokio::test]
+    async fn register_approve_commit() {
+        let (_d, c) = cluster().await;
+        let key = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
+        let ticket = c.register_ticket().await.expect("ticket");
+        let bad = c.register_node(key, b"wrong", NodeLabels::default()).await;
+        assert!(matches!(bad, Err(CuratorError::PermissionDenied(_))));
+        assert_eq!(
+            c.nodes().await.expect("nodes").len(),
+            1,
+            "a refused registration changes nothing"
+        );
+
+        let id = c
+            .register_node(key, &ticket, NodeLabels::default())
+            .await
+            .expect("register");
+        assert_eq!(
+            c.register_node(key, &ticket, NodeLabels::default())
+                .await
+                .expect("again"),
+            id
+        );
+        assert_eq!(
+            c.node(&id).await.expect("read").expect("node").node.state,
+            NodeState::New as i32
+        );
+        assert!(matches!(
+            c.commit_node(key).await,
+            Err(CuratorError::FailedPrecondition(_))
+        ));
+
+        c.approve_node(&id).await.expect("approve");
+        c.approve_node(&id).await.expect("approve is idempotent");
+        assert_eq!(
+            c.node(&id).await.expect("read").expect("node").node.state,
+            NodeState::Standby as i32
+        );
+        let cert = c.commit_node(key).await.expect("commit");
+        let parsed = metropolis_identity::parse_certificate(&cert).expect("cert");
+        assert_eq!(parsed.common_name, id);
+        assert_eq!(
+            c.node(&id).await.expect("read").expect("node").node.state,
+            NodeState::Up as i32
+        );
+        c.approve_node(&id).await.expect("approve of UP is a no-op");
+        c.commit_node(key).await.expect("commit again re-issues");
+        assert!(matches!(
+            c.approve_node("metropolis-nope").await,
+            Err(CuratorError::NotFound(_))
+        ));
+
+        let t2 = c.regenerate_register_ticket().await.expect("regen");
+        let other = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
+        assert!(matches!(
+            c.register_node(other, &ticket, NodeLabels::default()).await,
+            Err(CuratorError::PermissionDenied(_))
+        ));
+        c.register_node(other, &t2, NodeLabels::default())
+            .await
+            .expect("new ticket works");
+    }
+
+    #[tokio::test]
+    async fn status_is_written_only_on_change() {
+        let (_d, c) = cluster().await;
+        let id = c.nodes().await.expect("nodes")[0].id.clone();
+        let status = NodeStatus {
+            external_address: "127.0.0.9".into(),
+            ..Default::default()
+        };
+        c.update_status(&id, status.clone()).await.expect("update");
+        let rev = c.node(&id).await.expect("read").expect("node").mod_revision;
+        c.update_status(&id, status).await.expect("same again");
+        assert_eq!(
+            c.node(&id).await.expect("read").expect("node").mod_revision,
+            rev
+        );
+        assert_eq!(
+            c.directory().await.expect("dir").nodes[0].addresses[0].host,
+            "127.0.0.9"
+        );
+    }
+}

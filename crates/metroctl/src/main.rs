@@ -44,6 +44,30 @@ enum Command {
     /// Cluster-wide commands.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Node commands.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Show nodes: ID, state, address, health, roles, heartbeat age, version.
+    Describe {
+        /// Only these nodes.
+        ids: Vec<String>,
+        /// CEL expression over `node`, e.g. 'node.state == NODE_STATE_UP'.
+        #[arg(long, default_value = "")]
+        filter: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Print node IDs, one a line.
+    List {
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
+    /// Approve a node waiting to join; without an ID, list the nodes waiting.
+    Approve { id: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,6 +119,12 @@ enum ClusterCommand {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`metroctl node list | head`), like other
+    // command-line tools, instead of panicking in println!.
+    // SAFETY: resetting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -149,5 +179,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::RegenerateTicket) => {
             cmd::cluster::regenerate_ticket(&ctx).await
         }
+        Command::Node(NodeCommand::Describe {
+            ids,
+            filter,
+            format,
+        }) => cmd::node::describe(&ctx, &ids, &filter, format).await,
+        Command::Node(NodeCommand::List { filter }) => cmd::node::list(&ctx, &filter).await,
+        Command::Node(NodeCommand::Approve { id }) => cmd::node::approve(&ctx, id.as_deref()).await,
     }
 }

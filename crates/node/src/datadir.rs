@@ -24,6 +24,8 @@ use prost::Message;
 const CREDENTIALS: &str = "credentials.pb";
 const STORE_DIR: &str = "store";
 const STORE_FILE: &str = "cluster.redb";
+const PENDING_KEY: &str = "pending-key";
+const DIRECTORY: &str = "directory.pb";
 
 /// A node's long-term credentials.
 pub struct Credentials {
@@ -71,7 +73,7 @@ impl DataDir {
     /// first start that died half-way. Starting over on top of it could mix
     /// two clusters' state.
     pub fn check_fresh(&self) -> anyhow::Result<()> {
-        if self.root.join(STORE_DIR).exists() {
+        if self.has_store() {
             bail!(
                 "data directory {} holds a consensus store but no node credentials (an interrupted first start?); \
                  remove the directory to start over",
@@ -83,16 +85,23 @@ impl DataDir {
 
     /// Creates the directory tree, owner-only.
     pub fn create(&self) -> anyhow::Result<()> {
-        for dir in [self.root.clone(), self.root.join(STORE_DIR)] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-        }
+        self.create_dir(&self.root)?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("setting permissions of {}", self.root.display()))?;
         Ok(())
+    }
+
+    /// Creates the store's directory; only consensus members have one.
+    pub fn create_store_dir(&self) -> anyhow::Result<()> {
+        self.create_dir(&self.root.join(STORE_DIR))
+    }
+
+    fn create_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))
     }
 
     /// Writes the credentials atomically (temporary file, fsync, rename, fsync
@@ -103,23 +112,57 @@ impl DataDir {
             node_certificate: creds.node_certificate.clone(),
             ca_certificate: creds.ca_certificate.clone(),
         };
-        let tmp = self.root.join(format!("{CREDENTIALS}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&msg.encode_to_vec())
-            .and_then(|_| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, self.credentials_path())
-            .with_context(|| format!("renaming {}", tmp.display()))?;
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", self.root.display()))?;
+        write_private(&self.root, CREDENTIALS, &msg.encode_to_vec())?;
+        match fs::remove_file(self.root.join(PENDING_KEY)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing the pending registration key"),
+        }
         Ok(())
+    }
+
+    /// The key of a node that registered but was not admitted yet; created
+    /// on first use (mode 0600).
+    pub fn pending_key(&self) -> anyhow::Result<SigningKey> {
+        let path = self.root.join(PENDING_KEY);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{} is corrupt; remove it to register with a new key",
+                        path.display()
+                    )
+                })?;
+                Ok(SigningKey::from_bytes(&seed))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = metropolis_identity::generate_key();
+                write_private(&self.root, PENDING_KEY, &key.to_bytes())?;
+                Ok(key)
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Remembers where the cluster's nodes are, for nodes that do not run
+    /// the curator themselves.
+    pub fn save_directory(
+        &self,
+        dir: &metropolis_api::common::ClusterDirectory,
+    ) -> anyhow::Result<()> {
+        write_private(&self.root, DIRECTORY, &dir.encode_to_vec())
+    }
+
+    pub fn directory(&self) -> anyhow::Result<Option<metropolis_api::common::ClusterDirectory>> {
+        let path = self.root.join(DIRECTORY);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(
+                metropolis_api::common::ClusterDirectory::decode(b.as_slice())
+                    .with_context(|| format!("{} is corrupt", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
     }
 
     pub fn unseal(&self) -> anyhow::Result<Credentials> {
@@ -153,6 +196,27 @@ impl DataDir {
             ca_certificate: msg.ca_certificate,
         })
     }
+}
+
+/// Writes `root/name` atomically (temporary file, fsync, rename, fsync of
+/// the directory), mode 0600.
+fn write_private(root: &Path, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = root.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, root.join(name)).with_context(|| format!("renaming {}", tmp.display()))?;
+    File::open(root)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", root.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,10 +5,11 @@
 //! credentials sealed in its data directory.
 
 mod datadir;
+mod membership;
 mod params;
 mod serve;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -48,6 +49,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,6 +73,23 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("metropolis-node: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every node in the cluster keeps a connection to the curator, so the
+/// default soft limit of open files (often 1024) caps the cluster size.
+/// Raise it to the hard limit the administrator allows.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
@@ -113,11 +132,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     bootstrap(&data, owner_public_key, configuration, labels, args.address).await?;
                 (creds, Some(store))
             }
-            Params::Register { .. } => {
-                bail!(
-                    "{}: registering into an existing cluster is not supported by this version",
-                    path.display()
-                )
+            Params::Register {
+                directory,
+                ticket,
+                ca_certificate,
+                labels,
+            } => {
+                let creds =
+                    membership::register(&data, &directory, ticket, ca_certificate, labels).await?;
+                data.save_directory(&directory)?;
+                data.seal(&creds)?;
+                (creds, None)
             }
         }
     };
@@ -126,10 +151,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(store) => Some(Cluster::open(store).await?),
         None => None,
     };
+    // Consensus members talk to their own curator; other nodes to the ones
+    // they learnt about when they registered.
+    let curators = match &cluster {
+        Some(_) => vec![SocketAddr::new(args.address, serve::CURATOR_PORT)],
+        None => {
+            let dir = data
+                .directory()?
+                .context("this node runs no curator and knows no cluster directory")?;
+            membership::directory_endpoints(&dir)
+        }
+    };
     serve::run(serve::Config {
         address: args.address,
         creds: Arc::new(creds),
         cluster,
+        curators,
+        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_timeout: args.heartbeat_timeout,
     })
     .await
 }
@@ -154,6 +193,7 @@ async fn bootstrap(
     }
     let key = metropolis_identity::generate_key();
     data.create()?;
+    data.create_store_dir()?;
     let store = open_store(data).await?;
     let out = metropolis_curator::state::bootstrap(
         store.as_ref(),

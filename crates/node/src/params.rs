@@ -16,8 +16,6 @@ pub enum Params {
         configuration: ClusterConfiguration,
         labels: Option<NodeLabels>,
     },
-    // Consumed by the register flow.
-    #[allow(dead_code)]
     Register {
         directory: ClusterDirectory,
         ticket: Vec<u8>,

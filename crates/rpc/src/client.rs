@@ -131,7 +131,10 @@ fn explain_tls(e: &rustls::Error) -> String {
 /// failures the underlying cause.
 pub fn explain_status(status: &tonic::Status) -> String {
     if let Some(src) = status.source()
-        && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown
+        )
     {
         return explain_error(src);
     }

@@ -87,3 +87,52 @@ pub fn tls_incoming(
     });
     ReceiverStream::new(rx)
 }
+
+/// Stands in for a service this node does not serve itself (it is not the
+/// curator): every call gets UNAVAILABLE with a message naming where to go,
+/// so clients can retry there.
+pub struct Redirect<S> {
+    message: Arc<str>,
+    _service: std::marker::PhantomData<fn() -> S>,
+}
+
+impl<S> Redirect<S> {
+    pub fn new(message: impl Into<Arc<str>>) -> Self {
+        Redirect {
+            message: message.into(),
+            _service: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S> Clone for Redirect<S> {
+    fn clone(&self) -> Self {
+        Redirect {
+            message: self.message.clone(),
+            _service: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Redirect<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Redirect<S> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(
+            tonic::Status::unavailable(self.message.to_string()).into_http()
+        ))
+    }
+}

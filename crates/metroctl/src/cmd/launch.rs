@@ -30,9 +30,6 @@ pub async fn launch(
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    if nodes > 1 {
-        bail!("this version of metroctl launches single-node clusters only (--nodes 1)");
-    }
     let binary = find_node_binary(node_binary)?;
     if dir.exists()
         && std::fs::read_dir(dir)
@@ -80,11 +77,28 @@ pub async fn launch(
         assume_yes: true,
     };
     super::takeownership::run(&owner_ctx).await?;
+
+    if nodes > 1 {
+        let register = dir.join("register-params.pb");
+        super::install::register_params(&owner_ctx, &register).await?;
+        for (i, addr) in addresses.iter().enumerate().skip(1) {
+            spinner.set_message(format!("starting node{} on {addr}", i + 1));
+            start_node(
+                &binary,
+                &dir.join(format!("node{}", i + 1)),
+                *addr,
+                Some(&register),
+            )?;
+        }
+        wait_all_up(&owner_ctx, nodes, &spinner, &dir).await?;
+    }
     spinner.finish_and_clear();
 
     let info = super::cluster::get_info(&owner_ctx).await?;
     println!();
     super::cluster::print_info_table(&info);
+    println!();
+    super::node::describe(&owner_ctx, &[], "", crate::output::Format::Table).await?;
     let cfg_flag = format!(" --config {}", ctx.config.root().display());
     println!();
     println!(
@@ -96,6 +110,44 @@ pub async fn launch(
     println!("  metroctl{cfg_flag} install params --register -o register.pb");
     println!("  metroctl cluster stop --dir {}", dir.display());
     Ok(())
+}
+
+/// Approves every node that registered and waits until all `want` nodes are
+/// UP and HEALTHY.
+async fn wait_all_up(
+    ctx: &Ctx,
+    want: usize,
+    spinner: &ProgressBar,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    use metropolis_api::api::node::Health;
+    use metropolis_api::common::NodeState;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let nodes = super::node::get_nodes(ctx, "", &[]).await?;
+        for n in nodes.iter().filter(|n| n.state == NodeState::New as i32) {
+            super::node::approve(ctx, Some(&n.id)).await?;
+        }
+        let up = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Up as i32)
+            .count();
+        let healthy = nodes
+            .iter()
+            .filter(|n| n.health == Health::Healthy as i32)
+            .count();
+        spinner.set_message(format!("{up}/{want} nodes up, {healthy}/{want} healthy"));
+        if up >= want && healthy >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {up} of {want} nodes came up within {START_TIMEOUT:?}; see the node logs in {}",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn find_node_binary(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {

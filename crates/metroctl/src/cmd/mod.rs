@@ -1,6 +1,7 @@
 pub mod cluster;
 pub mod install;
 pub mod launch;
+pub mod node;
 pub mod takeownership;
 
 use std::io::{BufRead, IsTerminal, Write};

@@ -1,0 +1,124 @@
+//! Heartbeats and node health.
+//!
+//! Heartbeats live in the curator's memory only: a store write per beat would
+//! cost an fsync (or a Raft round) per node per interval, which does not
+//! scale. The price is that a new leader knows nothing about past beats, so
+//! for one timeout after it took over it reports health UNKNOWN, as the
+//! contract defines.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use metropolis_api::api::node::Health;
+use metropolis_api::common::NodeState;
+
+pub struct Heartbeats {
+    leader_since: Instant,
+    timeout: Duration,
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl Heartbeats {
+    pub fn new(timeout: Duration) -> Self {
+        Heartbeats {
+            leader_since: Instant::now(),
+            timeout,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn beat(&self, node_id: &str) {
+        self.beat_at(node_id, Instant::now());
+    }
+
+    fn beat_at(&self, node_id: &str, now: Instant) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(node_id) {
+            Some(t) => *t = now,
+            None => {
+                last.insert(node_id.to_string(), now);
+            }
+        }
+    }
+
+    pub fn forget(&self, node_id: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node_id);
+    }
+
+    /// Health of a node in `state`, and the time since its last heartbeat
+    /// when health is HEALTHY or HEARTBEAT_TIMEOUT.
+    pub fn health(&self, node_id: &str, state: i32, now: Instant) -> (Health, Option<Duration>) {
+        if state != NodeState::Up as i32 || now.duration_since(self.leader_since) < self.timeout {
+            return (Health::Unknown, None);
+        }
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+            .copied();
+        // A node that never beat since this curator became leader has been
+        // silent at least that long.
+        let since = now.duration_since(last.unwrap_or(self.leader_since));
+        if since < self.timeout {
+            (Health::Healthy, Some(since))
+        } else {
+            (Health::HeartbeatTimeout, Some(since))
+        }
+    }
+
+    /// Heartbeats held in memory (for metrics and the benchmark).
+    pub fn tracked(&self) -> usize {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_the_contract() {
+        let hb = Heartbeats::new(Duration::from_secs(5));
+        let up = NodeState::Up as i32;
+        let t0 = hb.leader_since;
+        // A fresh leader knows nothing yet.
+        hb.beat("a");
+        assert_eq!(
+            hb.health("a", up, t0 + Duration::from_secs(1)),
+            (Health::Unknown, None)
+        );
+        let later = t0 + Duration::from_secs(6);
+        // Not UP: unknown, whatever the beats.
+        assert_eq!(
+            hb.health("a", NodeState::New as i32, later).0,
+            Health::Unknown
+        );
+        // Beat at t0, read at t0+6s: timed out, 6s since.
+        assert_eq!(
+            hb.health("a", up, later),
+            (Health::HeartbeatTimeout, Some(Duration::from_secs(6)))
+        );
+        // Never beat: counted from leadership.
+        assert_eq!(
+            hb.health("b", up, later),
+            (Health::HeartbeatTimeout, Some(Duration::from_secs(6)))
+        );
+        // A beat a second ago: healthy.
+        hb.beat_at("a", t0 + Duration::from_secs(5));
+        assert_eq!(
+            hb.health("a", up, later),
+            (Health::Healthy, Some(Duration::from_secs(1)))
+        );
+        hb.forget("a");
+        assert_eq!(hb.tracked(), 0);
+    }
+}

@@ -1,0 +1,175 @@
+//! `metroctl node describe | list | approve`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::TryStreamExt;
+use metropolis_api::api::{
+    ApproveNodeRequest, GetNodesRequest, Node, management_client::ManagementClient, node::Health,
+};
+use metropolis_api::common::NodeState;
+
+use crate::conn::{Ctx, call_error};
+use crate::output::{self, Format};
+
+/// Nodes matching `filter` (CEL), and of those only `ids` if any are given.
+pub async fn get_nodes(ctx: &Ctx, filter: &str, ids: &[String]) -> anyhow::Result<Vec<Node>> {
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    let stream = mgmt
+        .get_nodes(GetNodesRequest {
+            filter: filter.to_string(),
+        })
+        .await
+        .map_err(|s| call_error("GetNodes", s))?
+        .into_inner();
+    let nodes: Vec<Node> = stream
+        .try_collect()
+        .await
+        .map_err(|s| call_error("GetNodes", s))?;
+    if ids.is_empty() {
+        return Ok(nodes);
+    }
+    for id in ids {
+        if !nodes.iter().any(|n| &n.id == id) {
+            bail!("node {id} not found");
+        }
+    }
+    Ok(nodes.into_iter().filter(|n| ids.contains(&n.id)).collect())
+}
+
+pub async fn describe(
+    ctx: &Ctx,
+    ids: &[String],
+    filter: &str,
+    format: Format,
+) -> anyhow::Result<()> {
+    let nodes = get_nodes(ctx, filter, ids).await?;
+    if format != Format::Table {
+        return output::print_structured(format, &nodes, false);
+    }
+    let mut t = output::table();
+    t.set_header(vec![
+        "NODE ID",
+        "STATE",
+        "ADDRESS",
+        "HEALTH",
+        "ROLES",
+        "HEARTBEAT",
+        "VERSION",
+    ]);
+    for n in &nodes {
+        t.add_row(vec![
+            n.id.clone(),
+            state_name(n.state),
+            n.status
+                .as_ref()
+                .map(|s| s.external_address.clone())
+                .unwrap_or_default(),
+            health_name(n.health),
+            roles(n),
+            n.time_since_heartbeat
+                .as_ref()
+                .and_then(|d| Duration::try_from(*d).ok())
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            version(n),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub async fn list(ctx: &Ctx, filter: &str) -> anyhow::Result<()> {
+    for n in get_nodes(ctx, filter, &[]).await? {
+        println!("{}", n.id);
+    }
+    Ok(())
+}
+
+/// Approves a node by ID; without one, lists the nodes awaiting approval.
+pub async fn approve(ctx: &Ctx, id: Option<&str>) -> anyhow::Result<()> {
+    let new = get_nodes(ctx, "node.state == NODE_STATE_NEW", &[]).await?;
+    let Some(id) = id else {
+        if new.is_empty() {
+            println!("No nodes are waiting for approval.");
+        } else {
+            println!(
+                "Nodes waiting for approval (compare the IDs with the nodes' logs before approving):"
+            );
+            for n in &new {
+                println!("  {}  (public key {})", n.id, hex(&n.pubkey));
+            }
+            println!("Approve one with `metroctl node approve ID`.");
+        }
+        return Ok(());
+    };
+    let node = match new.iter().find(|n| n.id == id) {
+        Some(n) => n.clone(),
+        None => {
+            let all = get_nodes(ctx, "", &[]).await?;
+            let n = all
+                .into_iter()
+                .find(|n| n.id == id)
+                .with_context(|| format!("node {id} not found"))?;
+            if n.state == NodeState::Standby as i32 || n.state == NodeState::Up as i32 {
+                println!("Node {id} is already approved ({}).", state_name(n.state));
+                return Ok(());
+            }
+            n
+        }
+    };
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    mgmt.approve_node(ApproveNodeRequest {
+        pubkey: node.pubkey.clone(),
+    })
+    .await
+    .map_err(|s| call_error("ApproveNode", s))?;
+    println!("Approved node {id}.");
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn state_name(state: i32) -> String {
+    NodeState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("NODE_STATE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| state.to_string())
+}
+
+pub fn health_name(h: i32) -> String {
+    Health::try_from(h)
+        .map(|s| s.as_str_name().trim_start_matches("HEALTH_").to_string())
+        .unwrap_or_else(|_| h.to_string())
+}
+
+fn roles(n: &Node) -> String {
+    let Some(r) = &n.roles else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    if r.consensus_member.is_some() {
+        out.push("ConsensusMember");
+    }
+    if r.kubernetes_controller.is_some() {
+        out.push("KubernetesController");
+    }
+    if r.kubernetes_worker.is_some() {
+        out.push("KubernetesWorker");
+    }
+    out.join(",")
+}
+
+fn version(n: &Node) -> String {
+    n.status
+        .as_ref()
+        .and_then(|s| s.version.as_ref())
+        .and_then(|v| v.release.as_ref())
+        .map(|r| format!("{}.{}.{}", r.major, r.minor, r.patch))
+        .unwrap_or_default()
+}

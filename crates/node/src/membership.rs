@@ -1,0 +1,290 @@
+//! The node's side of cluster membership: registering (ClusterRegister
+//! parameters), and afterwards joining, reporting status and heartbeating to
+//! the curator for as long as the node runs.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use backon::BackoffBuilder;
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use metropolis_api::common::{
+    ClusterDirectory, NodeLabels, NodeStatus, node_status::RunningCurator,
+};
+use metropolis_api::curator::{
+    CommitNodeRequest, HeartbeatUpdateRequest, JoinNodeRequest, RegisterNodeRequest,
+    UpdateNodeStatusRequest, curator_client::CuratorClient,
+};
+use metropolis_api::version::spec::{Version, version::Release};
+use metropolis_identity::ServerTrust;
+use rand::RngCore;
+use tokio::sync::mpsc;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::datadir::{Credentials, DataDir};
+use crate::serve::CURATOR_PORT;
+
+/// Curator endpoints listed in a cluster directory.
+pub fn directory_endpoints(dir: &ClusterDirectory) -> Vec<SocketAddr> {
+    dir.nodes
+        .iter()
+        .flat_map(|n| n.addresses.iter())
+        .filter_map(|a| a.host.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, CURATOR_PORT))
+        .collect()
+}
+
+/// Backoff for reaching the cluster: quick first retries, then at most every
+/// few seconds, never a busy loop.
+fn backoff(max: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Failures worth retrying: the cluster is unreachable or busy.
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::ResourceExhausted
+            | Code::Aborted
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("{0}")]
+    Connect(#[from] metropolis_rpc::client::ConnectError),
+    #[error("{}", metropolis_rpc::client::explain_status(.0))]
+    Status(tonic::Status),
+}
+
+impl CallError {
+    fn retryable(&self) -> bool {
+        match self {
+            CallError::Connect(_) => true,
+            CallError::Status(s) => transient(s.code()),
+        }
+    }
+}
+
+/// Registers this node into the cluster of `directory`, waits for approval,
+/// commits and returns the node's credentials (sealed by the caller).
+pub async fn register(
+    data: &DataDir,
+    directory: &ClusterDirectory,
+    ticket: Vec<u8>,
+    ca: Vec<u8>,
+    labels: Option<NodeLabels>,
+) -> anyhow::Result<Credentials> {
+    data.create()?;
+    // The key survives restarts while waiting for approval, so a restarted
+    // node is still the one the operator approves.
+    let key = data.pending_key()?;
+    let id = metropolis_identity::node_id(key.verifying_key().as_bytes());
+    tracing::info!(
+        node = %id,
+        public_key = %hex::encode(key.verifying_key().as_bytes()),
+        "registering; compare this node ID and key with `metroctl node approve` before approving"
+    );
+    let self_signed = metropolis_identity::self_signed_certificate(&key, &id)?;
+    let tls = metropolis_identity::client_config(
+        ServerTrust::ClusterCa {
+            ca_der: ca.clone(),
+            node_id: None,
+        },
+        Some((self_signed, key.clone())),
+    )?;
+    let endpoints = directory_endpoints(directory);
+
+    let call_register = || async {
+        let ch = metropolis_rpc::client::connect_any(&endpoints, tls.clone()).await?;
+        CuratorClient::new(ch)
+            .register_node(RegisterNodeRequest {
+                register_ticket: ticket.clone(),
+                labels: labels.clone(),
+            })
+            .await
+            .map_err(CallError::Status)
+    };
+    call_register
+        .retry(backoff(Duration::from_secs(10)))
+        .when(CallError::retryable)
+        .notify(|e, d| tracing::warn!(error = %e, "cannot register yet; retrying in {d:?}"))
+        .await
+        .map_err(|e| anyhow::anyhow!("the cluster refused to register this node: {e}"))?;
+    tracing::info!(node = %id, "registered; waiting for approval");
+
+    let call_commit = || async {
+        let ch = metropolis_rpc::client::connect_any(&endpoints, tls.clone()).await?;
+        CuratorClient::new(ch)
+            .commit_node(CommitNodeRequest {})
+            .await
+            .map_err(CallError::Status)
+    };
+    let resp = call_commit
+        .retry(backoff(Duration::from_secs(3)))
+        .when(|e| e.retryable() || matches!(e, CallError::Status(s) if s.code() == Code::FailedPrecondition && s.message().contains("waiting for approval")))
+        .notify(|e, d| tracing::info!(reason = %e, "not admitted yet; asking again in {d:?}"))
+        .await
+        .map_err(|e| anyhow::anyhow!("the cluster refused to admit this node: {e}"))?
+        .into_inner();
+
+    let cert = metropolis_identity::parse_certificate(&resp.node_certificate)
+        .context("the cluster sent an invalid node certificate")?;
+    if cert.public_key != key.verifying_key().to_bytes() || resp.ca_certificate != ca {
+        bail!(
+            "the cluster sent credentials that do not match this node's key or the CA in its parameters"
+        );
+    }
+    metropolis_identity::verify_signed_by(&cert, &ca, time::OffsetDateTime::now_utc())
+        .context("the node certificate does not chain to the cluster CA")?;
+    tracing::info!(node = %id, "admitted to the cluster");
+    Ok(Credentials {
+        key,
+        node_certificate: resp.node_certificate,
+        ca_certificate: ca,
+    })
+}
+
+/// What the node tells the curator about itself.
+pub fn status(address: IpAddr, runs_curator: bool, boot_id: &[u8]) -> NodeStatus {
+    let release = |s: &str| s.parse::<i64>().unwrap_or(0);
+    NodeStatus {
+        external_address: address.to_string(),
+        running_curator: runs_curator.then_some(RunningCurator {
+            port: i32::from(CURATOR_PORT),
+        }),
+        timestamp: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        version: Some(Version {
+            release: Some(Release {
+                major: release(env!("CARGO_PKG_VERSION_MAJOR")),
+                minor: release(env!("CARGO_PKG_VERSION_MINOR")),
+                patch: release(env!("CARGO_PKG_VERSION_PATCH")),
+            }),
+            git_information: None,
+        }),
+        boot_id: boot_id.to_vec(),
+    }
+}
+
+pub fn new_boot_id() -> Vec<u8> {
+    let mut id = vec![0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    id
+}
+
+pub struct Maintain {
+    pub creds: Arc<Credentials>,
+    pub endpoints: Vec<SocketAddr>,
+    pub address: IpAddr,
+    pub runs_curator: bool,
+    pub heartbeat_interval: Duration,
+    pub boot_id: Vec<u8>,
+    /// Where a fatal verdict (the node was removed) goes; the daemon exits.
+    pub fatal: mpsc::Sender<anyhow::Error>,
+}
+
+/// Joins, reports status, then heartbeats; reconnects with backoff whenever
+/// the curator goes away. Returns only on a fatal verdict.
+pub async fn maintain(m: Maintain) {
+    let tls = match metropolis_identity::client_config(
+        ServerTrust::ClusterCa {
+            ca_der: m.creds.ca_certificate.clone(),
+            node_id: None,
+        },
+        Some((m.creds.node_certificate.clone(), m.creds.key.clone())),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = m
+                .fatal
+                .send(anyhow::anyhow!("building TLS client configuration: {e}"))
+                .await;
+            return;
+        }
+    };
+    let mut delay = backoff(Duration::from_secs(5)).build();
+    loop {
+        match session(&m, tls.clone()).await {
+            Err(CallError::Status(s)) if s.code() == Code::PermissionDenied => {
+                let _ = m
+                    .fatal
+                    .send(anyhow::anyhow!(
+                        "the cluster refused this node: {}",
+                        s.message()
+                    ))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let wait = backoff_next(&mut delay);
+                tracing::warn!(error = %e, "lost the curator; reconnecting in {wait:?}");
+                tokio::time::sleep(wait).await;
+            }
+            Ok(()) => {
+                delay = backoff(Duration::from_secs(5)).build();
+            }
+        }
+    }
+}
+
+fn backoff_next(it: &mut impl Iterator<Item = Duration>) -> Duration {
+    it.next().unwrap_or(Duration::from_secs(5))
+}
+
+/// One connection's worth of membership: join, status, heartbeats until the
+/// stream breaks.
+async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<(), CallError> {
+    let ch: Channel = metropolis_rpc::client::connect_any(&m.endpoints, tls).await?;
+    let mut curator = CuratorClient::new(ch);
+    curator
+        .join_node(JoinNodeRequest {})
+        .await
+        .map_err(CallError::Status)?;
+    curator
+        .update_node_status(UpdateNodeStatusRequest {
+            node_id: m.creds.node_id(),
+            status: Some(status(m.address, m.runs_curator, &m.boot_id)),
+        })
+        .await
+        .map_err(CallError::Status)?;
+    tracing::info!(
+        "joined the cluster; heartbeating every {:?}",
+        m.heartbeat_interval
+    );
+
+    let interval = m.heartbeat_interval;
+    let beats = async_stream_interval(interval);
+    let mut replies = curator
+        .heartbeat(beats)
+        .await
+        .map_err(CallError::Status)?
+        .into_inner();
+    while let Some(reply) = replies.next().await {
+        reply.map_err(CallError::Status)?;
+    }
+    Err(CallError::Status(tonic::Status::unavailable(
+        "the curator closed the heartbeat stream",
+    )))
+}
+
+/// One heartbeat request now and then every `interval`.
+fn async_stream_interval(
+    interval: Duration,
+) -> impl futures::Stream<Item = HeartbeatUpdateRequest> + Send + 'static {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(ticker, |mut t| async move {
+        t.tick().await;
+        Some((HeartbeatUpdateRequest {}, t))
+    })
+}
