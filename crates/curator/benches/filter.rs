@@ -44,23 +44,27 @@ fn node(i: usize) -> api::Node {
         pubkey: vec![(i % 251) as u8; 32],
         id: format!("metropolis-{i:032x}"),
         state: states[i % states.len()] as i32,
-        health: if i % 7 == 0 {
+        health: if i.is_multiple_of(7) {
             Health::HeartbeatTimeout
         } else {
             Health::Healthy
         } as i32,
         ..Default::default()
     };
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         return node;
     }
     node.status = Some(common::NodeStatus {
         external_address: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
-        running_curator: (i % 5 == 0).then_some(node_status::RunningCurator { port: 7835 }),
+        running_curator: i
+            .is_multiple_of(5)
+            .then_some(node_status::RunningCurator { port: 7835 }),
         ..Default::default()
     });
     node.roles = Some(common::NodeRoles {
-        kubernetes_worker: (i % 2 == 0).then_some(node_roles::KubernetesWorker {}),
+        kubernetes_worker: i
+            .is_multiple_of(2)
+            .then_some(node_roles::KubernetesWorker {}),
         kubernetes_controller: (i % 10 == 1).then_some(node_roles::KubernetesController {}),
         consensus_member: None,
     });

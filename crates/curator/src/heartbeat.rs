@@ -91,7 +91,7 @@ mod tests {
         let up = NodeState::Up as i32;
         let t0 = hb.leader_since;
         // A fresh leader knows nothing yet.
-        hb.beat("a");
+        hb.beat_at("a", t0);
         assert_eq!(
             hb.health("a", up, t0 + Duration::from_secs(1)),
             (Health::Unknown, None)

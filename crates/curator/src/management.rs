@@ -101,10 +101,7 @@ impl Management for ManagementService {
         let filter = if src.trim().is_empty() {
             None
         } else {
-            Some(
-                Filter::compile(&src)
-                    .map_err(|e| Status::invalid_argument(format!("invalid filter: {e}")))?,
-            )
+            Some(Filter::compile(&src).map_err(|e| Status::invalid_argument(e.to_string()))?)
         };
         let entries = self.cluster.nodes().await?;
         let heartbeats = self.heartbeats.clone();

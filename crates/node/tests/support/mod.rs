@@ -77,6 +77,16 @@ pub struct TestNode {
 
 impl TestNode {
     pub fn spawn(address: IpAddr, data_dir: &Path, params: Option<&Path>) -> TestNode {
+        Self::spawn_with(address, data_dir, params, &[])
+    }
+
+    /// Like `spawn`, with extra command-line flags.
+    pub fn spawn_with(
+        address: IpAddr,
+        data_dir: &Path,
+        params: Option<&Path>,
+        extra: &[&str],
+    ) -> TestNode {
         let log = data_dir.with_extension("log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -91,6 +101,7 @@ impl TestNode {
         if let Some(p) = params {
             cmd.arg("--params").arg(p);
         }
+        cmd.args(extra);
         let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -146,6 +157,13 @@ impl TestNode {
             unsafe { libc_kill(child.id() as i32, 15) };
             let _ = child.wait();
         }
+    }
+
+    /// Whether the process has exited, and with what status.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL: the node gets no chance to clean up.

@@ -1,0 +1,3 @@
+//! Load generator (work in progress).
+
+fn main() {}
