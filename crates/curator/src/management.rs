@@ -15,6 +15,7 @@ use metropolis_api::api::{
     GetClusterInfoRequest, GetClusterInfoResponse, GetNodesRequest, GetRegisterTicketRequest,
     GetRegisterTicketResponse, Node, UpdateNodeLabelsRequest, UpdateNodeLabelsResponse,
     UpdateNodeRolesRequest, UpdateNodeRolesResponse, management_server::Management,
+    update_node_labels_request,
 };
 use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status};
@@ -161,16 +162,33 @@ impl Management for ManagementService {
 
     async fn update_node_labels(
         &self,
-        _: Request<UpdateNodeLabelsRequest>,
+        request: Request<UpdateNodeLabelsRequest>,
     ) -> Result<Response<UpdateNodeLabelsResponse>, Status> {
-        Err(not_yet("UpdateNodeLabels"))
+        let req = request.into_inner();
+        let id = match req.node {
+            Some(update_node_labels_request::Node::Pubkey(k)) => node_id_of_pubkey(&k)?,
+            Some(update_node_labels_request::Node::Id(id)) => id,
+            None => return Err(Status::invalid_argument("name the node by pubkey or id")),
+        };
+        let upsert = req.upsert.into_iter().map(|p| (p.key, p.value)).collect();
+        self.cluster.update_labels(&id, upsert, req.delete).await?;
+        Ok(Response::new(UpdateNodeLabelsResponse {}))
     }
 
     async fn configure_cluster(
         &self,
-        _: Request<ConfigureClusterRequest>,
+        request: Request<ConfigureClusterRequest>,
     ) -> Result<Response<ConfigureClusterResponse>, Status> {
-        Err(not_yet("ConfigureCluster"))
+        let req = request.into_inner();
+        let new = req
+            .new_config
+            .ok_or_else(|| Status::invalid_argument("new_config must be set"))?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let resulting = self.cluster.configure(req.base_config, new, &paths).await?;
+        tracing::info!(?paths, "cluster configuration changed");
+        Ok(Response::new(ConfigureClusterResponse {
+            resulting_config: Some(resulting),
+        }))
     }
 }
 

@@ -700,3 +700,275 @@ mod register_tests {
         );
     }
 }
+
+/// The one configuration path that may change after bootstrap.
+pub const PATH_LABELS_TO_SYNC: &str = "kubernetes.node_labels_to_synchronize";
+
+impl Cluster {
+    /// Applies label upserts and deletes in one atomic change.
+    pub async fn update_labels(
+        &self,
+        id: &str,
+        upsert: Vec<(String, String)>,
+        delete: Vec<String>,
+    ) -> Result<(), CuratorError> {
+        for (k, v) in &upsert {
+            crate::labels::validate_key(k).map_err(CuratorError::InvalidArgument)?;
+            crate::labels::validate_value(v).map_err(CuratorError::InvalidArgument)?;
+        }
+        for k in &delete {
+            crate::labels::validate_key(k).map_err(CuratorError::InvalidArgument)?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (k, _) in &upsert {
+            if !seen.insert(k.as_str()) {
+                return Err(CuratorError::InvalidArgument(format!(
+                    "label key {k:?} is upserted twice"
+                )));
+            }
+        }
+        if let Some(k) = delete.iter().find(|k| seen.contains(k.as_str())) {
+            return Err(CuratorError::InvalidArgument(format!(
+                "label key {k:?} is both upserted and deleted"
+            )));
+        }
+        self.update_node(id, |node| {
+            let labels = node.labels.get_or_insert_with(Default::default);
+            let before = labels.clone();
+            labels.pairs.retain(|p| !delete.contains(&p.key));
+            for (k, v) in &upsert {
+                match labels.pairs.iter_mut().find(|p| &p.key == k) {
+                    Some(p) => p.value = v.clone(),
+                    None => labels
+                        .pairs
+                        .push(metropolis_api::common::node_labels::Pair {
+                            key: k.clone(),
+                            value: v.clone(),
+                        }),
+                }
+            }
+            if labels.pairs.len() > crate::labels::MAX_LABELS {
+                return Err(CuratorError::InvalidArgument(format!(
+                    "node {id} would have {} labels; at most {} are allowed",
+                    labels.pairs.len(),
+                    crate::labels::MAX_LABELS
+                )));
+            }
+            Ok(if *labels == before {
+                Change::Keep(())
+            } else {
+                Change::Write(())
+            })
+        })
+        .await
+    }
+
+    /// Changes the fields of the configuration named by `paths`, if the
+    /// current values equal those in `base` (when given). Returns the
+    /// resulting configuration.
+    pub async fn configure(
+        &self,
+        base: Option<ClusterConfiguration>,
+        new: ClusterConfiguration,
+        paths: &[String],
+    ) -> Result<ClusterConfiguration, CuratorError> {
+        if paths.is_empty() {
+            return Err(CuratorError::InvalidArgument(format!(
+                "update_mask names no fields; the mutable field is {PATH_LABELS_TO_SYNC}"
+            )));
+        }
+        for p in paths {
+            if p != PATH_LABELS_TO_SYNC {
+                return Err(CuratorError::InvalidArgument(format!(
+                    "field {p:?} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
+                )));
+            }
+        }
+        let wanted = sync_regexps(&new);
+        for r in &wanted {
+            regex::Regex::new(r).map_err(|e| {
+                CuratorError::InvalidArgument(format!("regexp {r:?} does not compile: {e}"))
+            })?;
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            let kv = self
+                .store
+                .get(KEY_CONFIG.as_bytes())
+                .await?
+                .ok_or_else(|| CuratorError::Corrupt(format!("{KEY_CONFIG} missing")))?;
+            let mut cfg: ClusterConfiguration = decode(KEY_CONFIG, &kv.value)?;
+            if let Some(base) = &base
+                && sync_regexps(base) != sync_regexps(&cfg)
+            {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "{PATH_LABELS_TO_SYNC} is not what base_config says it is (someone changed it); \
+                     read the configuration again and retry"
+                )));
+            }
+            cfg.kubernetes
+                .get_or_insert_with(Default::default)
+                .node_labels_to_synchronize = new
+                .kubernetes
+                .clone()
+                .unwrap_or_default()
+                .node_labels_to_synchronize;
+            let txn = Txn::new()
+                .when(Compare::mod_revision(KEY_CONFIG, kv.mod_revision))
+                .and_then(Op::put(KEY_CONFIG, cfg.encode_to_vec()));
+            if self.store.txn(txn).await?.succeeded {
+                return Ok(cfg);
+            }
+        }
+        Err(CuratorError::Internal(
+            "the configuration kept changing; gave up".into(),
+        ))
+    }
+}
+
+fn sync_regexps(cfg: &ClusterConfiguration) -> Vec<String> {
+    cfg.kubernetes
+        .as_ref()
+        .map(|k| {
+            k.node_labels_to_synchronize
+                .iter()
+                .map(|r| r.regexp.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod operate_tests {
+    use super::*;
+    use metropolis_api::common::cluster_configuration::{
+        Kubernetes, kubernetes::NodeLabelsToSynchronize,
+    };
+    use metropolis_store::EmbeddedStore;
+
+    async fn cluster() -> (tempfile::TempDir, Arc<Cluster>, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
+            .await
+            .expect("open");
+        let key = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
+        bootstrap(
+            store.as_ref(),
+            BootstrapRequest {
+                owner_public_key: [7; 32],
+                initial_configuration: None,
+                labels: NodeLabels::default(),
+                node_public_key: key,
+                node_address: "127.0.0.2".into(),
+            },
+        )
+        .await
+        .expect("bootstrap");
+        (
+            dir,
+            Cluster::open(store).await.expect("open"),
+            metropolis_identity::node_id(&key),
+        )
+    }
+
+    fn kv(k: &str, v: &str) -> (String, String) {
+        (k.into(), v.into())
+    }
+
+    #[tokio::test]
+    async fn labels_upsert_delete_and_validate() {
+        let (_d, c, id) = cluster().await;
+        c.update_labels(&id, vec![kv("zone", "a"), kv("rack", "1")], vec![])
+            .await
+            .expect("upsert");
+        c.update_labels(&id, vec![kv("zone", "b")], vec!["rack".into()])
+            .await
+            .expect("mixed");
+        let labels = c
+            .node(&id)
+            .await
+            .expect("read")
+            .expect("node")
+            .node
+            .labels
+            .expect("labels");
+        assert_eq!(labels.pairs.len(), 1);
+        assert_eq!(
+            (labels.pairs[0].key.as_str(), labels.pairs[0].value.as_str()),
+            ("zone", "b")
+        );
+        for (upsert, delete) in [
+            (vec![kv("bad key", "x")], vec![]),
+            (vec![kv("zone", "-x")], vec![]),
+            (vec![kv("zone", "a")], vec!["zone".to_string()]),
+            (vec![kv("z", "a"), kv("z", "b")], vec![]),
+            (vec![], vec!["/bad".to_string()]),
+        ] {
+            let r = c.update_labels(&id, upsert, delete).await;
+            assert!(matches!(r, Err(CuratorError::InvalidArgument(_))), "{r:?}");
+        }
+        let many: Vec<_> = (0..129).map(|i| kv(&format!("k{i}"), "v")).collect();
+        assert!(matches!(
+            c.update_labels(&id, many, vec![]).await,
+            Err(CuratorError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            c.update_labels("metropolis-nope", vec![kv("a", "b")], vec![])
+                .await,
+            Err(CuratorError::NotFound(_))
+        ));
+    }
+
+    fn sync(rs: &[&str]) -> ClusterConfiguration {
+        ClusterConfiguration {
+            kubernetes: Some(Kubernetes {
+                node_labels_to_synchronize: rs
+                    .iter()
+                    .map(|r| NodeLabelsToSynchronize {
+                        regexp: r.to_string(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn configure_only_the_mutable_path_with_base_check() {
+        let (_d, c, _) = cluster().await;
+        let path = vec![PATH_LABELS_TO_SYNC.to_string()];
+        let out = c
+            .configure(None, sync(&["^zone$"]), &path)
+            .await
+            .expect("set");
+        assert_eq!(sync_regexps(&out), vec!["^zone$"]);
+        assert_eq!(
+            out.cluster_domain, "cluster.local",
+            "other fields untouched"
+        );
+        // A stale base fails and changes nothing.
+        let stale = c.configure(Some(sync(&[])), sync(&["x"]), &path).await;
+        assert!(matches!(stale, Err(CuratorError::FailedPrecondition(_))));
+        assert_eq!(
+            sync_regexps(&c.configuration().await.expect("cfg")),
+            vec!["^zone$"]
+        );
+        c.configure(Some(sync(&["^zone$"])), sync(&["a.*", "b"]), &path)
+            .await
+            .expect("right base");
+        let bad = c.configure(None, sync(&["("]), &path).await;
+        assert!(matches!(bad, Err(CuratorError::InvalidArgument(_))));
+        let other = c
+            .configure(None, sync(&[]), &["cluster_domain".to_string()])
+            .await;
+        assert!(
+            matches!(other, Err(CuratorError::InvalidArgument(ref m)) if m.contains("cluster_domain")),
+            "{other:?}"
+        );
+        assert!(matches!(
+            c.configure(None, sync(&[]), &[]).await,
+            Err(CuratorError::InvalidArgument(_))
+        ));
+    }
+}

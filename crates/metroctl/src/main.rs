@@ -68,6 +68,23 @@ enum NodeCommand {
     },
     /// Approve a node waiting to join; without an ID, list the nodes waiting.
     Approve { id: Option<String> },
+    /// Set (key=value) and remove (key-) labels of a node, in one atomic change.
+    Label {
+        id: String,
+        #[arg(required = true, value_name = "key=value|key-")]
+        changes: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigureCommand {
+    /// Show the cluster configuration.
+    Get {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Change a mutable field: kubernetes.node_labels_to_synchronize=REGEXP[,REGEXP...].
+    Set { assignment: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +133,9 @@ enum ClusterCommand {
     },
     /// Replace the register ticket (when it leaked); the old one stops working at once.
     RegenerateTicket,
+    /// Read or change the cluster configuration.
+    #[command(subcommand)]
+    Configure(ConfigureCommand),
 }
 
 fn main() -> ExitCode {
@@ -186,5 +206,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => cmd::node::describe(&ctx, &ids, &filter, format).await,
         Command::Node(NodeCommand::List { filter }) => cmd::node::list(&ctx, &filter).await,
         Command::Node(NodeCommand::Approve { id }) => cmd::node::approve(&ctx, id.as_deref()).await,
+        Command::Node(NodeCommand::Label { id, changes }) => {
+            cmd::node::label(&ctx, &id, &changes).await
+        }
+        Command::Cluster(ClusterCommand::Configure(ConfigureCommand::Get { format })) => {
+            cmd::cluster::configure_get(&ctx, format).await
+        }
+        Command::Cluster(ClusterCommand::Configure(ConfigureCommand::Set { assignment })) => {
+            cmd::cluster::configure_set(&ctx, &assignment).await
+        }
     }
 }

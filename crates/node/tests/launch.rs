@@ -9,9 +9,24 @@ fn launch_three_nodes_then_stop() {
     let tmp = tempfile::tempdir().expect("tmp");
     let cfg = tmp.path().join("metroctl");
     let dir = tmp.path().join("cluster");
-    let out = metroctl(&cfg, &["cluster", "launch", "--nodes", "3", "--dir", dir.to_str().expect("utf8")]);
+    let out = metroctl(
+        &cfg,
+        &[
+            "cluster",
+            "launch",
+            "--nodes",
+            "3",
+            "--dir",
+            dir.to_str().expect("utf8"),
+        ],
+    );
     let text = stdout(&out);
-    let stop = || metroctl(&cfg, &["cluster", "stop", "--dir", dir.to_str().expect("utf8")]);
+    let stop = || {
+        metroctl(
+            &cfg,
+            &["cluster", "stop", "--dir", dir.to_str().expect("utf8")],
+        )
+    };
     if !out.status.success() {
         stop();
         panic!("launch failed: {}\n{text}", stderr(&out));
@@ -20,18 +35,45 @@ fn launch_three_nodes_then_stop() {
     assert!(text.contains("ConsensusMember"), "{text}");
 
     // Plain metroctl works right after, from the config directory.
-    let out = metroctl(&cfg, &["node", "list", "--filter", "node.state == NODE_STATE_UP"]);
+    let out = metroctl(
+        &cfg,
+        &["node", "list", "--filter", "node.state == NODE_STATE_UP"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).lines().filter(|l| l.starts_with("metropolis-")).count(), 3);
+    assert_eq!(
+        stdout(&out)
+            .lines()
+            .filter(|l| l.starts_with("metropolis-"))
+            .count(),
+        3
+    );
 
     // Launching into the same directory again is refused.
-    let again = metroctl(&cfg, &["cluster", "launch", "--nodes", "1", "--dir", dir.to_str().expect("utf8")]);
+    let again = metroctl(
+        &cfg,
+        &[
+            "cluster",
+            "launch",
+            "--nodes",
+            "1",
+            "--dir",
+            dir.to_str().expect("utf8"),
+        ],
+    );
     assert!(!again.status.success());
-    assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
 
     let out = stop();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("Stopped 3 node(s)"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("Stopped 3 node(s)"),
+        "{}",
+        stdout(&out)
+    );
     let out = metroctl(&cfg, &["node", "list"]);
     assert!(!out.status.success(), "the nodes still answer after stop");
 }

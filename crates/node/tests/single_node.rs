@@ -555,3 +555,91 @@ impl TapMkdir for std::path::PathBuf {
         self
     }
 }
+
+#[tokio::test]
+async fn labels_and_configuration_through_metroctl() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("metroctl");
+    let params = tmp.path().join("params.pb");
+    metroctl(
+        &cfg,
+        &[
+            "install",
+            "params",
+            "--bootstrap",
+            "-o",
+            params.to_str().expect("utf8"),
+        ],
+    );
+    let node = TestNode::spawn(fresh_address(), &tmp.path().join("node"), Some(&params));
+    node.wait_serving().await;
+    let out = metroctl(
+        &cfg,
+        &[
+            "takeownership",
+            "--endpoints",
+            &node.address.to_string(),
+            "--yes",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&metroctl(&cfg, &["node", "list"]))
+        .trim()
+        .to_string();
+    assert!(id.starts_with("metropolis-"), "{id}");
+
+    let out = metroctl(&cfg, &["node", "label", &id, "zone=a", "rack=r1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = metroctl(&cfg, &["node", "label", &id, "zone=b", "rack-"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&metroctl(
+        &cfg,
+        &["node", "describe", &id, "-o", "json"],
+    )))
+    .expect("json");
+    assert_eq!(
+        json[0]["labels"]["pairs"],
+        serde_json::json!([{"key": "zone", "value": "b"}])
+    );
+    let out = metroctl(&cfg, &["node", "label", &id, "bad key=x"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("bad key"), "{}", stderr(&out));
+    let out = metroctl(&cfg, &["node", "label", "metropolis-0000", "a=b"]);
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    let out = metroctl(
+        &cfg,
+        &[
+            "cluster",
+            "configure",
+            "set",
+            "kubernetes.node_labels_to_synchronize=^zone$,^rack",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout(&metroctl(&cfg, &["cluster", "info", "-o", "json"])))
+            .expect("json");
+    assert_eq!(
+        info["clusterConfiguration"]["kubernetes"]["nodeLabelsToSynchronize"],
+        serde_json::json!([{"regexp": "^zone$"}, {"regexp": "^rack"}])
+    );
+    let out = metroctl(
+        &cfg,
+        &[
+            "cluster",
+            "configure",
+            "set",
+            "kubernetes.node_labels_to_synchronize=(",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not compile"),
+        "{}",
+        stderr(&out)
+    );
+    let out = metroctl(&cfg, &["cluster", "configure", "set", "cluster_domain=x"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cluster_domain"), "{}", stderr(&out));
+}

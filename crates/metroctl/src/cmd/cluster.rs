@@ -70,10 +70,13 @@ pub fn print_info_table(info: &GetClusterInfoResponse) {
         },
     ]);
     println!("{t}");
+    let Some(directory) = &info.cluster_directory else {
+        return;
+    };
     println!();
     let mut nodes = output::table();
     nodes.set_header(vec!["NODE", "ADDRESSES"]);
-    for n in info.cluster_directory.iter().flat_map(|d| d.nodes.iter()) {
+    for n in &directory.nodes {
         let addrs: Vec<&str> = n.addresses.iter().map(|a| a.host.as_str()).collect();
         nodes.add_row(vec![n.id.clone(), addrs.join(", ")]);
     }
@@ -90,5 +93,67 @@ pub async fn regenerate_ticket(ctx: &Ctx) -> anyhow::Result<()> {
         "The register ticket was replaced; parameters made with the old ticket no longer work."
     );
     println!("Make new ones with `metroctl install params --register -o FILE`.");
+    Ok(())
+}
+
+/// `metroctl cluster configure get`.
+pub async fn configure_get(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
+    let cfg = get_info(ctx)
+        .await?
+        .cluster_configuration
+        .unwrap_or_default();
+    if format != Format::Table {
+        return output::print_structured(format, &[cfg], true);
+    }
+    let info = GetClusterInfoResponse {
+        cluster_configuration: Some(cfg),
+        ..Default::default()
+    };
+    print_info_table(&info);
+    Ok(())
+}
+
+/// `metroctl cluster configure set kubernetes.node_labels_to_synchronize=RE[,RE...]`:
+/// changes the field only if nobody changed it since we read it.
+pub async fn configure_set(ctx: &Ctx, assignment: &str) -> anyhow::Result<()> {
+    use metropolis_api::api::ConfigureClusterRequest;
+    use metropolis_api::common::ClusterConfiguration;
+    use metropolis_api::common::cluster_configuration::{
+        Kubernetes, kubernetes::NodeLabelsToSynchronize,
+    };
+    let (path, value) = assignment.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!("expected FIELD=VALUE, e.g. kubernetes.node_labels_to_synchronize='^zone$'")
+    })?;
+    let regexps: Vec<NodeLabelsToSynchronize> = value
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|r| NodeLabelsToSynchronize {
+            regexp: r.to_string(),
+        })
+        .collect();
+    let base = get_info(ctx).await?.cluster_configuration;
+    let new = ClusterConfiguration {
+        kubernetes: Some(Kubernetes {
+            node_labels_to_synchronize: regexps,
+        }),
+        ..Default::default()
+    };
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    let resp = mgmt
+        .configure_cluster(ConfigureClusterRequest {
+            base_config: base,
+            new_config: Some(new),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![path.to_string()],
+            }),
+        })
+        .await
+        .map_err(|s| call_error("ConfigureCluster", s))?
+        .into_inner();
+    let info = GetClusterInfoResponse {
+        cluster_configuration: resp.resulting_config,
+        ..Default::default()
+    };
+    print_info_table(&info);
     Ok(())
 }

@@ -173,3 +173,36 @@ fn version(n: &Node) -> String {
         .map(|r| format!("{}.{}.{}", r.major, r.minor, r.patch))
         .unwrap_or_default()
 }
+
+/// `metroctl node label ID key=value... key-...`: upserts and deletes in one
+/// atomic change.
+pub async fn label(ctx: &Ctx, id: &str, changes: &[String]) -> anyhow::Result<()> {
+    use metropolis_api::api::{UpdateNodeLabelsRequest, update_node_labels_request};
+    if changes.is_empty() {
+        bail!("give at least one change: key=value to set a label, key- to remove one");
+    }
+    let mut upsert = Vec::new();
+    let mut delete = Vec::new();
+    for c in changes {
+        if let Some((k, v)) = c.split_once('=') {
+            upsert.push(update_node_labels_request::Pair {
+                key: k.into(),
+                value: v.into(),
+            });
+        } else if let Some(k) = c.strip_suffix('-') {
+            delete.push(k.to_string());
+        } else {
+            bail!("{c:?} is neither key=value (set) nor key- (remove)");
+        }
+    }
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    mgmt.update_node_labels(UpdateNodeLabelsRequest {
+        node: Some(update_node_labels_request::Node::Id(id.into())),
+        upsert,
+        delete,
+    })
+    .await
+    .map_err(|s| call_error("UpdateNodeLabels", s))?;
+    println!("Updated the labels of node {id}.");
+    Ok(())
+}
