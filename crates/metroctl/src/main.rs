@@ -47,6 +47,11 @@ enum Command {
     /// Node commands.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Print a shell completion script (e.g. `source <(metroctl completion bash)`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,11 +73,40 @@ enum NodeCommand {
     },
     /// Approve a node waiting to join; without an ID, list the nodes waiting.
     Approve { id: Option<String> },
+    /// Give nodes a role.
+    #[command(subcommand)]
+    Add(RoleTarget),
+    /// Take a role away from nodes.
+    #[command(subcommand)]
+    Remove(RoleTarget),
+    /// Ask a node (without roles) to wipe its credentials and data and leave for good.
+    Decommission { id: String },
+    /// Remove a node from the cluster state; its certificate stops working at once.
+    Delete {
+        id: String,
+        /// Also delete a node that still has roles.
+        #[arg(long)]
+        bypass_has_roles: bool,
+        /// Also delete a node that was not decommissioned.
+        #[arg(long)]
+        bypass_not_decommissioned: bool,
+    },
     /// Set (key=value) and remove (key-) labels of a node, in one atomic change.
     Label {
         id: String,
         #[arg(required = true, value_name = "key=value|key-")]
         changes: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoleTarget {
+    /// ROLE: ConsensusMember, KubernetesController or KubernetesWorker.
+    Role {
+        #[arg(value_enum)]
+        role: cmd::node::Role,
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -208,6 +242,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Approve { id }) => cmd::node::approve(&ctx, id.as_deref()).await,
         Command::Node(NodeCommand::Label { id, changes }) => {
             cmd::node::label(&ctx, &id, &changes).await
+        }
+        Command::Node(NodeCommand::Add(RoleTarget::Role { role, ids })) => {
+            cmd::node::set_role(&ctx, role, true, &ids).await
+        }
+        Command::Node(NodeCommand::Remove(RoleTarget::Role { role, ids })) => {
+            cmd::node::set_role(&ctx, role, false, &ids).await
+        }
+        Command::Node(NodeCommand::Decommission { id }) => cmd::node::decommission(&ctx, &id).await,
+        Command::Node(NodeCommand::Delete {
+            id,
+            bypass_has_roles,
+            bypass_not_decommissioned,
+        }) => cmd::node::delete(&ctx, &id, bypass_has_roles, bypass_not_decommissioned).await,
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "metroctl", &mut std::io::stdout());
+            Ok(())
         }
         Command::Cluster(ClusterCommand::Configure(ConfigureCommand::Get { format })) => {
             cmd::cluster::configure_get(&ctx, format).await

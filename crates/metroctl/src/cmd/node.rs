@@ -206,3 +206,78 @@ pub async fn label(ctx: &Ctx, id: &str, changes: &[String]) -> anyhow::Result<()
     println!("Updated the labels of node {id}.");
     Ok(())
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    #[value(name = "ConsensusMember", alias = "consensus-member")]
+    ConsensusMember,
+    #[value(name = "KubernetesController", alias = "kubernetes-controller")]
+    KubernetesController,
+    #[value(name = "KubernetesWorker", alias = "kubernetes-worker")]
+    KubernetesWorker,
+}
+
+/// `metroctl node add|remove role ROLE ID...`.
+pub async fn set_role(ctx: &Ctx, role: Role, on: bool, ids: &[String]) -> anyhow::Result<()> {
+    use metropolis_api::api::{UpdateNodeRolesRequest, update_node_roles_request};
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    for id in ids {
+        let mut req = UpdateNodeRolesRequest {
+            node: Some(update_node_roles_request::Node::Id(id.clone())),
+            ..Default::default()
+        };
+        match role {
+            Role::ConsensusMember => req.consensus_member = Some(on),
+            Role::KubernetesController => req.kubernetes_controller = Some(on),
+            Role::KubernetesWorker => req.kubernetes_worker = Some(on),
+        }
+        mgmt.update_node_roles(req)
+            .await
+            .map_err(|s| call_error(&format!("UpdateNodeRoles of {id}"), s))?;
+        println!(
+            "{} {role:?} {} node {id}.",
+            if on { "Added" } else { "Removed" },
+            if on { "to" } else { "from" }
+        );
+    }
+    Ok(())
+}
+
+pub async fn decommission(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    use metropolis_api::api::{DecommissionNodeRequest, decommission_node_request};
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    mgmt.decommission_node(DecommissionNodeRequest {
+        node: Some(decommission_node_request::Node::Id(id.into())),
+    })
+    .await
+    .map_err(|s| call_error("DecommissionNode", s))?;
+    println!("Asked node {id} to decommission itself; it wipes its data and reports back.");
+    println!(
+        "Watch it with `metroctl node describe {id}`; once DECOMMISSIONED, remove it with `metroctl node delete {id}`."
+    );
+    Ok(())
+}
+
+pub async fn delete(
+    ctx: &Ctx,
+    id: &str,
+    bypass_roles: bool,
+    bypass_not_decom: bool,
+) -> anyhow::Result<()> {
+    use metropolis_api::api::{DeleteNodeRequest, delete_node_request};
+    if !super::confirm(ctx, &format!("Delete node {id} from the cluster for good?"))? {
+        bail!("not deleted");
+    }
+    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
+    mgmt.delete_node(DeleteNodeRequest {
+        node: Some(delete_node_request::Node::Id(id.into())),
+        safety_bypass_has_roles: bypass_roles
+            .then_some(delete_node_request::SafetyBypassHasRoles {}),
+        safety_bypass_not_decommissioned: bypass_not_decom
+            .then_some(delete_node_request::SafetyBypassNotDecommissioned {}),
+    })
+    .await
+    .map_err(|s| call_error("DeleteNode", s))?;
+    println!("Deleted node {id}; its certificate no longer works.");
+    Ok(())
+}
