@@ -6,7 +6,7 @@
 //! for one timeout after it took over it reports health UNKNOWN, as the
 //! contract defines.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ pub struct Heartbeats {
     leader_since: Instant,
     timeout: Duration,
     last: Mutex<HashMap<String, Instant>>,
+    /// Nodes deleted while this curator leads: their open heartbeat streams
+    /// are cut at the next beat. (After a restart the authentication layer
+    /// refuses them before any stream opens.)
+    removed: Mutex<HashSet<String>>,
 }
 
 impl Heartbeats {
@@ -25,6 +29,7 @@ impl Heartbeats {
             leader_since: Instant::now(),
             timeout,
             last: Mutex::new(HashMap::new()),
+            removed: Mutex::new(HashSet::new()),
         }
     }
 
@@ -44,6 +49,16 @@ impl Heartbeats {
                 last.insert(node_id.to_string(), now);
             }
         }
+    }
+
+    /// The node was deleted from the cluster.
+    pub fn remove(&self, node_id: &str) {
+        self.forget(node_id);
+        self.removed.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.to_string());
+    }
+
+    pub fn is_removed(&self, node_id: &str) -> bool {
+        self.removed.lock().unwrap_or_else(|p| p.into_inner()).contains(node_id)
     }
 
     pub fn forget(&self, node_id: &str) {

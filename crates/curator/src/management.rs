@@ -15,14 +15,14 @@ use metropolis_api::api::{
     GetClusterInfoRequest, GetClusterInfoResponse, GetNodesRequest, GetRegisterTicketRequest,
     GetRegisterTicketResponse, Node, UpdateNodeLabelsRequest, UpdateNodeLabelsResponse,
     UpdateNodeRolesRequest, UpdateNodeRolesResponse, management_server::Management,
-    update_node_labels_request,
+    decommission_node_request, delete_node_request, update_node_labels_request, update_node_roles_request,
 };
 use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status};
 
 use crate::filter::Filter;
 use crate::heartbeat::Heartbeats;
-use crate::state::{Cluster, NodeEntry};
+use crate::state::{Cluster, NodeEntry, RoleChange};
 
 pub struct ManagementService {
     cluster: Arc<Cluster>,
@@ -64,11 +64,6 @@ pub fn node_id_of_pubkey(pubkey: &[u8]) -> Result<String, Status> {
 
 type NodeStream = Pin<Box<dyn Stream<Item = Result<Node, Status>> + Send>>;
 
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!(
-        "{method} is not available in this version of metropolis-node"
-    ))
-}
 
 #[tonic::async_trait]
 impl Management for ManagementService {
@@ -141,23 +136,55 @@ impl Management for ManagementService {
 
     async fn update_node_roles(
         &self,
-        _: Request<UpdateNodeRolesRequest>,
+        request: Request<UpdateNodeRolesRequest>,
     ) -> Result<Response<UpdateNodeRolesResponse>, Status> {
-        Err(not_yet("UpdateNodeRoles"))
+        let req = request.into_inner();
+        let id = match req.node {
+            Some(update_node_roles_request::Node::Pubkey(k)) => node_id_of_pubkey(&k)?,
+            Some(update_node_roles_request::Node::Id(id)) => id,
+            None => return Err(Status::invalid_argument("name the node by pubkey or id")),
+        };
+        let change = RoleChange {
+            kubernetes_worker: req.kubernetes_worker,
+            kubernetes_controller: req.kubernetes_controller,
+            consensus_member: req.consensus_member,
+        };
+        self.cluster.update_roles(&id, change).await?;
+        tracing::info!(node = %id, ?change, "node roles updated");
+        Ok(Response::new(UpdateNodeRolesResponse {}))
     }
 
     async fn decommission_node(
         &self,
-        _: Request<DecommissionNodeRequest>,
+        request: Request<DecommissionNodeRequest>,
     ) -> Result<Response<DecommissionNodeResponse>, Status> {
-        Err(not_yet("DecommissionNode"))
+        let id = match request.into_inner().node {
+            Some(decommission_node_request::Node::Pubkey(k)) => node_id_of_pubkey(&k)?,
+            Some(decommission_node_request::Node::Id(id)) => id,
+            None => return Err(Status::invalid_argument("name the node by pubkey or id")),
+        };
+        self.cluster.request_decommission(&id).await?;
+        tracing::info!(node = %id, "decommission requested");
+        Ok(Response::new(DecommissionNodeResponse {}))
     }
 
     async fn delete_node(
         &self,
-        _: Request<DeleteNodeRequest>,
+        request: Request<DeleteNodeRequest>,
     ) -> Result<Response<DeleteNodeResponse>, Status> {
-        Err(not_yet("DeleteNode"))
+        let req = request.into_inner();
+        let id = match req.node {
+            Some(delete_node_request::Node::Pubkey(k)) => node_id_of_pubkey(&k)?,
+            Some(delete_node_request::Node::Id(id)) => id,
+            None => return Err(Status::invalid_argument("name the node by pubkey or id")),
+        };
+        self.cluster
+            .delete_node(&id, req.safety_bypass_has_roles.is_some(), req.safety_bypass_not_decommissioned.is_some())
+            .await?;
+        // Open heartbeat streams of the node end with its next beat.
+        self.heartbeats.remove(&id);
+        tracing::info!(node = %id, "node deleted");
+        Ok(Response::new(DeleteNodeResponse {}))
     }
 
     async fn update_node_labels(

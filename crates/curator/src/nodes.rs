@@ -9,6 +9,7 @@ use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
     CommitNodeRequest, CommitNodeResponse, HeartbeatUpdateRequest, HeartbeatUpdateResponse,
     JoinNodeRequest, JoinNodeResponse, Node, RegisterNodeRequest, RegisterNodeResponse,
+    ReportDecommissionedRequest, ReportDecommissionedResponse,
     UpdateNodeStatusRequest, UpdateNodeStatusResponse, WatchEvent, WatchRequest,
     curator_server::Curator,
     watch_event::{NodeTombstone, Progress},
@@ -174,6 +175,9 @@ impl Curator for CuratorService {
         let heartbeats = self.heartbeats.clone();
         let beats = request.into_inner().map(move |beat| {
             beat?;
+            if heartbeats.is_removed(&node_id) {
+                return Err(Status::permission_denied(format!("node {node_id} was removed from the cluster")));
+            }
             heartbeats.beat(&node_id);
             Ok(HeartbeatUpdateResponse {})
         });
@@ -209,6 +213,17 @@ impl Curator for CuratorService {
             ca_certificate: self.cluster.ca().cert_der().to_vec(),
             node_certificate,
         }))
+    }
+
+    async fn report_decommissioned(
+        &self,
+        request: Request<ReportDecommissionedRequest>,
+    ) -> Result<Response<ReportDecommissionedResponse>, Status> {
+        let node_id = Caller::of(&request)?.node_id()?.to_string();
+        self.cluster.complete_decommission(&node_id).await?;
+        self.heartbeats.forget(&node_id);
+        tracing::info!(node = %node_id, "node decommissioned itself");
+        Ok(Response::new(ReportDecommissionedResponse {}))
     }
 
     async fn join_node(

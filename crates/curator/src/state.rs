@@ -483,6 +483,11 @@ impl Cluster {
             tpm_usage: NodeTpmUsage::NotPresent as i32,
             ..Default::default()
         };
+        if self.is_deleted(&id).await? {
+            return Err(CuratorError::PermissionDenied(format!(
+                "node {id} was removed from the cluster; a removed node cannot register again with the same key"
+            )));
+        }
         // Both conditions in one transaction: a ticket regenerated between
         // our read and this write makes the registration fail.
         let txn = Txn::new()
@@ -970,5 +975,275 @@ mod operate_tests {
             c.configure(None, sync(&[]), &[]).await,
             Err(CuratorError::InvalidArgument(_))
         ));
+    }
+}
+
+/// Deleted nodes leave a tombstone so their key can never register again.
+pub const TOMBSTONES_PREFIX: &str = "/tombstones/";
+
+pub fn tombstone_key(id: &str) -> String {
+    format!("{TOMBSTONES_PREFIX}{id}")
+}
+
+/// Requested role changes; `None` leaves a role as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoleChange {
+    pub kubernetes_worker: Option<bool>,
+    pub kubernetes_controller: Option<bool>,
+    pub consensus_member: Option<bool>,
+}
+
+impl RoleChange {
+    fn adds_any(&self) -> bool {
+        [self.kubernetes_worker, self.kubernetes_controller, self.consensus_member].contains(&Some(true))
+    }
+}
+
+fn has_roles(node: &private::Node) -> bool {
+    node.roles.as_ref().is_some_and(|r| {
+        r.kubernetes_worker.is_some() || r.kubernetes_controller.is_some() || r.consensus_member.is_some()
+    })
+}
+
+fn is_consensus_member(node: &private::Node) -> bool {
+    node.roles.as_ref().is_some_and(|r| r.consensus_member.is_some())
+}
+
+impl Cluster {
+    /// Sets or clears roles. Controllers must be consensus members, roles go
+    /// only to UP nodes, and the last consensus member keeps its role.
+    pub async fn update_roles(&self, id: &str, change: RoleChange) -> Result<(), CuratorError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let all = self.nodes().await?;
+            let entry = all
+                .iter()
+                .find(|e| e.id == id)
+                .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+            let mut node = entry.node.clone();
+            if change.adds_any() && node.state != NodeState::Up as i32 {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} is {}; roles can only be given to UP nodes",
+                    state_name(node.state)
+                )));
+            }
+            let roles = node.roles.get_or_insert_with(Default::default);
+            let before = roles.clone();
+            if let Some(on) = change.kubernetes_worker {
+                roles.kubernetes_worker = on.then_some(node_roles::KubernetesWorker {});
+            }
+            if let Some(on) = change.kubernetes_controller {
+                roles.kubernetes_controller = on.then_some(node_roles::KubernetesController {});
+            }
+            if let Some(on) = change.consensus_member {
+                roles.consensus_member = match (on, roles.consensus_member.take()) {
+                    (true, Some(existing)) => Some(existing),
+                    (true, None) => Some(node_roles::ConsensusMember::default()),
+                    (false, _) => None,
+                };
+            }
+            if roles.kubernetes_controller.is_some() && roles.consensus_member.is_none() {
+                return Err(CuratorError::FailedPrecondition(
+                    "a KubernetesController must also be a ConsensusMember: give the node both roles, \
+                     or remove KubernetesController first"
+                        .into(),
+                ));
+            }
+            if *roles == before {
+                return Ok(());
+            }
+            let losing_consensus = before.consensus_member.is_some() && roles.consensus_member.is_none();
+            let key = node_key(id);
+            let mut txn = Txn::new().when(Compare::mod_revision(key.clone(), entry.mod_revision));
+            if losing_consensus {
+                let others: Vec<&NodeEntry> =
+                    all.iter().filter(|e| e.id != id && is_consensus_member(&e.node)).collect();
+                if others.is_empty() {
+                    return Err(CuratorError::FailedPrecondition(format!(
+                        "node {id} is the last consensus member; removing its role would lose the cluster state. \
+                         Give another node the ConsensusMember role first"
+                    )));
+                }
+                // The other members must still be members when this commits,
+                // so two concurrent removals cannot both succeed.
+                for o in others {
+                    txn = txn.when(Compare::mod_revision(node_key(&o.id), o.mod_revision));
+                }
+            }
+            let txn = txn.and_then(Op::put(key, node.encode_to_vec()));
+            if self.store.txn(txn).await?.succeeded {
+                return Ok(());
+            }
+        }
+        Err(CuratorError::Internal(format!("node {id} kept changing; gave up")))
+    }
+
+    /// Asks a node to decommission itself. Only nodes without roles; nodes
+    /// that never came up are decommissioned at once (they hold nothing to
+    /// wipe).
+    pub async fn request_decommission(&self, id: &str) -> Result<(), CuratorError> {
+        self.update_node(id, |node| {
+            if has_roles(node) {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} still has roles; remove them first (metroctl node remove role ROLE {id})"
+                )));
+            }
+            match NodeState::try_from(node.state) {
+                Ok(NodeState::Up) if node.decommission_requested => Ok(Change::Keep(())),
+                Ok(NodeState::Up) => {
+                    node.decommission_requested = true;
+                    Ok(Change::Write(()))
+                }
+                Ok(NodeState::New | NodeState::Standby) => {
+                    node.state = NodeState::Decommissioned as i32;
+                    Ok(Change::Write(()))
+                }
+                Ok(NodeState::Decommissioned) => Ok(Change::Keep(())),
+                _ => Err(CuratorError::FailedPrecondition(format!("node {id} is in an unknown state"))),
+            }
+        })
+        .await
+    }
+
+    /// The node wiped itself after a decommission request.
+    pub async fn complete_decommission(&self, id: &str) -> Result<(), CuratorError> {
+        self.update_node(id, |node| {
+            if !node.decommission_requested {
+                return Err(CuratorError::FailedPrecondition(format!("node {id} was not asked to decommission")));
+            }
+            node.state = NodeState::Decommissioned as i32;
+            Ok(Change::Write(()))
+        })
+        .await
+    }
+
+    /// Removes a node for good. By default only DECOMMISSIONED nodes without
+    /// roles; the bypasses lift each rule. The last consensus member can
+    /// never be deleted.
+    pub async fn delete_node(&self, id: &str, bypass_roles: bool, bypass_state: bool) -> Result<(), CuratorError> {
+        let all = self.nodes().await?;
+        let entry = all
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+        if has_roles(&entry.node) && !bypass_roles {
+            return Err(CuratorError::FailedPrecondition(format!(
+                "node {id} still has roles; remove them first or set safety_bypass_has_roles"
+            )));
+        }
+        if entry.node.state != NodeState::Decommissioned as i32 && !bypass_state {
+            return Err(CuratorError::FailedPrecondition(format!(
+                "node {id} is {}, not DECOMMISSIONED; decommission it first or set safety_bypass_not_decommissioned",
+                state_name(entry.node.state)
+            )));
+        }
+        let mut txn = Txn::new().when(Compare::mod_revision(node_key(id), entry.mod_revision));
+        if is_consensus_member(&entry.node) {
+            let others: Vec<&NodeEntry> = all.iter().filter(|e| e.id != id && is_consensus_member(&e.node)).collect();
+            if others.is_empty() {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} is the last consensus member and holds the cluster state; it cannot be deleted"
+                )));
+            }
+            for o in others {
+                txn = txn.when(Compare::mod_revision(node_key(&o.id), o.mod_revision));
+            }
+        }
+        let txn = txn
+            .and_then(Op::delete(node_key(id)))
+            .and_then(Op::put(tombstone_key(id), entry.node.public_key.clone()));
+        if !self.store.txn(txn).await?.succeeded {
+            return Err(CuratorError::FailedPrecondition(format!(
+                "node {id} or the consensus members changed while deleting; retry"
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn is_deleted(&self, id: &str) -> Result<bool, CuratorError> {
+        Ok(self.store.get(tombstone_key(id).as_bytes()).await?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+    use metropolis_store::EmbeddedStore;
+
+    async fn cluster_with_worker() -> (tempfile::TempDir, Arc<Cluster>, String, String, [u8; 32]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db")).await.expect("open");
+        let first = metropolis_identity::generate_key().verifying_key().to_bytes();
+        bootstrap(
+            store.as_ref(),
+            BootstrapRequest {
+                owner_public_key: [7; 32],
+                initial_configuration: None,
+                labels: NodeLabels::default(),
+                node_public_key: first,
+                node_address: "127.0.0.2".into(),
+            },
+        )
+        .await
+        .expect("bootstrap");
+        let c = Cluster::open(store).await.expect("open");
+        let key = metropolis_identity::generate_key().verifying_key().to_bytes();
+        let t = c.register_ticket().await.expect("ticket");
+        let id = c.register_node(key, &t, NodeLabels::default()).await.expect("register");
+        (dir, c, metropolis_identity::node_id(&first), id, key)
+    }
+
+    fn set(w: Option<bool>, k: Option<bool>, cm: Option<bool>) -> RoleChange {
+        RoleChange { kubernetes_worker: w, kubernetes_controller: k, consensus_member: cm }
+    }
+
+    #[tokio::test]
+    async fn role_rules() {
+        let (_d, c, first, id, key) = cluster_with_worker().await;
+        // Not UP yet.
+        let r = c.update_roles(&id, set(Some(true), None, None)).await;
+        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("UP")), "{r:?}");
+        c.approve_node(&id).await.expect("approve");
+        c.commit_node(key).await.expect("commit");
+        c.update_roles(&id, set(Some(true), None, None)).await.expect("worker");
+        let r = c.update_roles(&id, set(None, Some(true), None)).await;
+        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("ConsensusMember")), "{r:?}");
+        c.update_roles(&id, set(None, Some(true), Some(true))).await.expect("controller + member");
+        // Unset fields change nothing.
+        c.update_roles(&id, RoleChange::default()).await.expect("no-op");
+        let roles = c.node(&id).await.expect("r").expect("n").node.roles.expect("roles");
+        assert!(roles.kubernetes_worker.is_some() && roles.kubernetes_controller.is_some());
+        // Two members now: the first may give up its role, then the second is
+        // the last one and may not.
+        c.update_roles(&first, set(None, None, Some(false))).await.expect("first leaves");
+        let r = c.update_roles(&id, set(None, Some(false), Some(false))).await;
+        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")), "{r:?}");
+        assert!(matches!(c.update_roles("metropolis-x", set(Some(true), None, None)).await, Err(CuratorError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn decommission_and_delete_rules() {
+        let (_d, c, first, id, key) = cluster_with_worker().await;
+        c.approve_node(&id).await.expect("approve");
+        c.commit_node(key).await.expect("commit");
+        c.update_roles(&id, set(Some(true), None, None)).await.expect("worker");
+        assert!(matches!(c.request_decommission(&id).await, Err(CuratorError::FailedPrecondition(_))));
+        let r = c.delete_node(&id, false, true).await;
+        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("roles")), "{r:?}");
+        c.update_roles(&id, set(Some(false), None, None)).await.expect("drop role");
+        let r = c.delete_node(&id, false, false).await;
+        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("DECOMMISSIONED")), "{r:?}");
+        c.request_decommission(&id).await.expect("request");
+        assert!(c.node(&id).await.expect("r").expect("n").node.decommission_requested);
+        c.complete_decommission(&id).await.expect("complete");
+        assert_eq!(c.node(&id).await.expect("r").expect("n").node.state, NodeState::Decommissioned as i32);
+        c.delete_node(&id, false, false).await.expect("delete");
+        assert!(c.node(&id).await.expect("r").is_none());
+        assert!(c.is_deleted(&id).await.expect("tombstone"));
+        // The key cannot come back.
+        let t = c.register_ticket().await.expect("ticket");
+        assert!(matches!(c.register_node(key, &t, NodeLabels::default()).await, Err(CuratorError::PermissionDenied(_))));
+        // The last consensus member cannot be deleted, even with bypasses.
+        let r = c.delete_node(&first, true, true).await;
+        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")), "{r:?}");
     }
 }
