@@ -54,11 +54,17 @@ impl Heartbeats {
     /// The node was deleted from the cluster.
     pub fn remove(&self, node_id: &str) {
         self.forget(node_id);
-        self.removed.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.to_string());
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node_id.to_string());
     }
 
     pub fn is_removed(&self, node_id: &str) -> bool {
-        self.removed.lock().unwrap_or_else(|p| p.into_inner()).contains(node_id)
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(node_id)
     }
 
     pub fn forget(&self, node_id: &str) {

@@ -9,8 +9,8 @@ use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
     CommitNodeRequest, CommitNodeResponse, HeartbeatUpdateRequest, HeartbeatUpdateResponse,
     JoinNodeRequest, JoinNodeResponse, Node, RegisterNodeRequest, RegisterNodeResponse,
-    ReportDecommissionedRequest, ReportDecommissionedResponse,
-    UpdateNodeStatusRequest, UpdateNodeStatusResponse, WatchEvent, WatchRequest,
+    ReportDecommissionedRequest, ReportDecommissionedResponse, UpdateNodeStatusRequest,
+    UpdateNodeStatusResponse, WatchEvent, WatchRequest,
     curator_server::Curator,
     watch_event::{NodeTombstone, Progress},
     watch_request,
@@ -176,7 +176,9 @@ impl Curator for CuratorService {
         let beats = request.into_inner().map(move |beat| {
             beat?;
             if heartbeats.is_removed(&node_id) {
-                return Err(Status::permission_denied(format!("node {node_id} was removed from the cluster")));
+                return Err(Status::permission_denied(format!(
+                    "node {node_id} was removed from the cluster"
+                )));
             }
             heartbeats.beat(&node_id);
             Ok(HeartbeatUpdateResponse {})

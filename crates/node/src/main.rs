@@ -169,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         curators,
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
+        data_dir: args.data_dir.clone(),
     })
     .await
 }

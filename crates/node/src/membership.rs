@@ -15,7 +15,8 @@ use metropolis_api::common::{
 };
 use metropolis_api::curator::{
     CommitNodeRequest, HeartbeatUpdateRequest, JoinNodeRequest, RegisterNodeRequest,
-    UpdateNodeStatusRequest, curator_client::CuratorClient,
+    ReportDecommissionedRequest, UpdateNodeStatusRequest, WatchRequest,
+    curator_client::CuratorClient, watch_request,
 };
 use metropolis_api::version::spec::{Version, version::Release};
 use metropolis_identity::ServerTrust;
@@ -189,12 +190,24 @@ pub struct Maintain {
     pub runs_curator: bool,
     pub heartbeat_interval: Duration,
     pub boot_id: Vec<u8>,
-    /// Where a fatal verdict (the node was removed) goes; the daemon exits.
-    pub fatal: mpsc::Sender<anyhow::Error>,
+    /// The data directory, wiped when the node is decommissioned.
+    pub data_dir: std::path::PathBuf,
+    /// How the node's membership ended; the daemon exits with it.
+    pub ended: mpsc::Sender<Ended>,
 }
 
-/// Joins, reports status, then heartbeats; reconnects with backoff whenever
-/// the curator goes away. Returns only on a fatal verdict.
+/// Why a node stops being a member.
+#[derive(Debug)]
+pub enum Ended {
+    /// Decommissioned on request: data wiped, reported back. A clean exit.
+    Decommissioned(String),
+    /// Refused by the cluster (e.g. deleted), or unable to go on.
+    Fatal(anyhow::Error),
+}
+
+/// Joins, reports status, heartbeats and watches the node's own record;
+/// reconnects with backoff whenever the curator goes away. Returns only when
+/// membership ended.
 pub async fn maintain(m: Maintain) {
     let tls = match metropolis_identity::client_config(
         ServerTrust::ClusterCa {
@@ -206,8 +219,10 @@ pub async fn maintain(m: Maintain) {
         Ok(t) => t,
         Err(e) => {
             let _ = m
-                .fatal
-                .send(anyhow::anyhow!("building TLS client configuration: {e}"))
+                .ended
+                .send(Ended::Fatal(anyhow::anyhow!(
+                    "building TLS client configuration: {e}"
+                )))
                 .await;
             return;
         }
@@ -215,41 +230,43 @@ pub async fn maintain(m: Maintain) {
     let mut delay = backoff(Duration::from_secs(5)).build();
     loop {
         match session(&m, tls.clone()).await {
+            Ok(ended) => {
+                let _ = m.ended.send(ended).await;
+                return;
+            }
             Err(CallError::Status(s)) if s.code() == Code::PermissionDenied => {
                 let _ = m
-                    .fatal
-                    .send(anyhow::anyhow!(
+                    .ended
+                    .send(Ended::Fatal(anyhow::anyhow!(
                         "the cluster refused this node: {}",
                         s.message()
-                    ))
+                    )))
                     .await;
                 return;
             }
             Err(e) => {
-                let wait = backoff_next(&mut delay);
+                let wait = delay.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %e, "lost the curator; reconnecting in {wait:?}");
                 tokio::time::sleep(wait).await;
-            }
-            Ok(()) => {
-                delay = backoff(Duration::from_secs(5)).build();
+                if wait >= Duration::from_secs(5) {
+                    delay = backoff(Duration::from_secs(5)).build();
+                }
             }
         }
     }
 }
 
-fn backoff_next(it: &mut impl Iterator<Item = Duration>) -> Duration {
-    it.next().unwrap_or(Duration::from_secs(5))
-}
-
-/// One connection's worth of membership: join, status, heartbeats until the
-/// stream breaks.
-async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<(), CallError> {
+/// One connection's worth of membership: join, status, then heartbeats and
+/// the node's own record until the stream breaks or membership ends.
+async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<Ended, CallError> {
     let ch: Channel = metropolis_rpc::client::connect_any(&m.endpoints, tls).await?;
     let mut curator = CuratorClient::new(ch);
-    curator
+    let joined = curator
         .join_node(JoinNodeRequest {})
         .await
-        .map_err(CallError::Status)?;
+        .map_err(CallError::Status)?
+        .into_inner();
+    log_roles(joined.roles.as_ref());
     curator
         .update_node_status(UpdateNodeStatusRequest {
             node_id: m.creds.node_id(),
@@ -262,18 +279,88 @@ async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<(), Cal
         m.heartbeat_interval
     );
 
-    let interval = m.heartbeat_interval;
-    let beats = async_stream_interval(interval);
-    let mut replies = curator
-        .heartbeat(beats)
+    let mut watch = curator
+        .watch(WatchRequest {
+            kind: Some(watch_request::Kind::NodeInCluster(
+                watch_request::NodeInCluster {
+                    node_id: m.creds.node_id(),
+                },
+            )),
+        })
         .await
         .map_err(CallError::Status)?
         .into_inner();
-    while let Some(reply) = replies.next().await {
-        reply.map_err(CallError::Status)?;
+    let mut replies = curator
+        .heartbeat(async_stream_interval(m.heartbeat_interval))
+        .await
+        .map_err(CallError::Status)?
+        .into_inner();
+    let mut roles = joined.roles;
+    loop {
+        tokio::select! {
+            reply = replies.next() => match reply {
+                Some(r) => { r.map_err(CallError::Status)?; }
+                None => return Err(CallError::Status(tonic::Status::unavailable("the curator closed the heartbeat stream"))),
+            },
+            ev = watch.next() => {
+                let ev = match ev {
+                    Some(ev) => ev.map_err(CallError::Status)?,
+                    None => return Err(CallError::Status(tonic::Status::unavailable("the curator closed the watch"))),
+                };
+                if !ev.node_tombstones.is_empty() {
+                    return Err(CallError::Status(tonic::Status::permission_denied("node was removed from the cluster")));
+                }
+                for node in ev.nodes {
+                    if node.roles != roles {
+                        log_roles(node.roles.as_ref());
+                        roles = node.roles.clone();
+                    }
+                    if node.decommission_requested {
+                        return decommission(m, &mut curator).await;
+                    }
+                }
+            }
+        }
     }
-    Err(CallError::Status(tonic::Status::unavailable(
-        "the curator closed the heartbeat stream",
+}
+
+/// This daemon runs the curator (on nodes that hold the consensus store) and
+/// nothing for the Kubernetes roles; say so when roles change.
+fn log_roles(roles: Option<&metropolis_api::common::NodeRoles>) {
+    let r = roles.cloned().unwrap_or_default();
+    tracing::info!(
+        consensus_member = r.consensus_member.is_some(),
+        kubernetes_controller = r.kubernetes_controller.is_some(),
+        kubernetes_worker = r.kubernetes_worker.is_some(),
+        "node roles; role services running here: curator on consensus members only (no Kubernetes services in this implementation)"
+    );
+}
+
+/// Destroys the node's credentials and data, then tells the curator, using
+/// the certificate still held in memory.
+async fn decommission(
+    m: &Maintain,
+    curator: &mut CuratorClient<Channel>,
+) -> Result<Ended, CallError> {
+    tracing::warn!(
+        "the cluster asked this node to decommission itself; wiping {}",
+        m.data_dir.display()
+    );
+    if let Err(e) = std::fs::remove_dir_all(&m.data_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Ok(Ended::Fatal(anyhow::anyhow!(
+                "decommission: cannot wipe {}: {e}",
+                m.data_dir.display()
+            )));
+        }
+    }
+    curator
+        .report_decommissioned(ReportDecommissionedRequest {})
+        .await
+        .map_err(CallError::Status)?;
+    Ok(Ended::Decommissioned(format!(
+        "node {} was decommissioned: its credentials and data are gone and it will not rejoin",
+        m.creds.node_id()
     )))
 }
 

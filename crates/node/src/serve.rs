@@ -41,6 +41,7 @@ pub struct Config {
     pub curators: Vec<SocketAddr>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    pub data_dir: std::path::PathBuf,
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -113,7 +114,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
-    let (fatal_tx, mut fatal_rx) = mpsc::channel(1);
+    let (ended_tx, mut ended_rx) = mpsc::channel(1);
     let membership = tokio::spawn(membership::maintain(membership::Maintain {
         creds: cfg.creds.clone(),
         endpoints: cfg.curators.clone(),
@@ -121,7 +122,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         runs_curator: cfg.cluster.is_some(),
         heartbeat_interval: cfg.heartbeat_interval,
         boot_id: membership::new_boot_id(),
-        fatal: fatal_tx,
+        data_dir: cfg.data_dir.clone(),
+        ended: ended_tx,
     }));
 
     tracing::info!(node = %node_id, %addr, "serving");
@@ -149,7 +151,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
             Ok(())
         }
-        Some(e) = fatal_rx.recv() => Err(e),
+        Some(ended) = ended_rx.recv() => match ended {
+            membership::Ended::Decommissioned(msg) => {
+                tracing::info!("{msg}");
+                Ok(())
+            }
+            membership::Ended::Fatal(e) => Err(e),
+        },
     };
     membership.abort();
     tracing::info!("shut down");
