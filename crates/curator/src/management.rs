@@ -14,8 +14,9 @@ use metropolis_api::api::{
     DecommissionNodeRequest, DecommissionNodeResponse, DeleteNodeRequest, DeleteNodeResponse,
     GetClusterInfoRequest, GetClusterInfoResponse, GetNodesRequest, GetRegisterTicketRequest,
     GetRegisterTicketResponse, Node, UpdateNodeLabelsRequest, UpdateNodeLabelsResponse,
-    UpdateNodeRolesRequest, UpdateNodeRolesResponse, management_server::Management,
-    decommission_node_request, delete_node_request, update_node_labels_request, update_node_roles_request,
+    UpdateNodeRolesRequest, UpdateNodeRolesResponse, decommission_node_request,
+    delete_node_request, management_server::Management, update_node_labels_request,
+    update_node_roles_request,
 };
 use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status};
@@ -63,7 +64,6 @@ pub fn node_id_of_pubkey(pubkey: &[u8]) -> Result<String, Status> {
 }
 
 type NodeStream = Pin<Box<dyn Stream<Item = Result<Node, Status>> + Send>>;
-
 
 #[tonic::async_trait]
 impl Management for ManagementService {
@@ -179,7 +179,11 @@ impl Management for ManagementService {
             None => return Err(Status::invalid_argument("name the node by pubkey or id")),
         };
         self.cluster
-            .delete_node(&id, req.safety_bypass_has_roles.is_some(), req.safety_bypass_not_decommissioned.is_some())
+            .delete_node(
+                &id,
+                req.safety_bypass_has_roles.is_some(),
+                req.safety_bypass_not_decommissioned.is_some(),
+            )
             .await?;
         // Open heartbeat streams of the node end with its next beat.
         self.heartbeats.remove(&id);

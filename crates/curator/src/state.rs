@@ -995,18 +995,27 @@ pub struct RoleChange {
 
 impl RoleChange {
     fn adds_any(&self) -> bool {
-        [self.kubernetes_worker, self.kubernetes_controller, self.consensus_member].contains(&Some(true))
+        [
+            self.kubernetes_worker,
+            self.kubernetes_controller,
+            self.consensus_member,
+        ]
+        .contains(&Some(true))
     }
 }
 
 fn has_roles(node: &private::Node) -> bool {
     node.roles.as_ref().is_some_and(|r| {
-        r.kubernetes_worker.is_some() || r.kubernetes_controller.is_some() || r.consensus_member.is_some()
+        r.kubernetes_worker.is_some()
+            || r.kubernetes_controller.is_some()
+            || r.consensus_member.is_some()
     })
 }
 
 fn is_consensus_member(node: &private::Node) -> bool {
-    node.roles.as_ref().is_some_and(|r| r.consensus_member.is_some())
+    node.roles
+        .as_ref()
+        .is_some_and(|r| r.consensus_member.is_some())
 }
 
 impl Cluster {
@@ -1051,12 +1060,15 @@ impl Cluster {
             if *roles == before {
                 return Ok(());
             }
-            let losing_consensus = before.consensus_member.is_some() && roles.consensus_member.is_none();
+            let losing_consensus =
+                before.consensus_member.is_some() && roles.consensus_member.is_none();
             let key = node_key(id);
             let mut txn = Txn::new().when(Compare::mod_revision(key.clone(), entry.mod_revision));
             if losing_consensus {
-                let others: Vec<&NodeEntry> =
-                    all.iter().filter(|e| e.id != id && is_consensus_member(&e.node)).collect();
+                let others: Vec<&NodeEntry> = all
+                    .iter()
+                    .filter(|e| e.id != id && is_consensus_member(&e.node))
+                    .collect();
                 if others.is_empty() {
                     return Err(CuratorError::FailedPrecondition(format!(
                         "node {id} is the last consensus member; removing its role would lose the cluster state. \
@@ -1074,7 +1086,9 @@ impl Cluster {
                 return Ok(());
             }
         }
-        Err(CuratorError::Internal(format!("node {id} kept changing; gave up")))
+        Err(CuratorError::Internal(format!(
+            "node {id} kept changing; gave up"
+        )))
     }
 
     /// Asks a node to decommission itself. Only nodes without roles; nodes
@@ -1108,7 +1122,9 @@ impl Cluster {
     pub async fn complete_decommission(&self, id: &str) -> Result<(), CuratorError> {
         self.update_node(id, |node| {
             if !node.decommission_requested {
-                return Err(CuratorError::FailedPrecondition(format!("node {id} was not asked to decommission")));
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} was not asked to decommission"
+                )));
             }
             node.state = NodeState::Decommissioned as i32;
             Ok(Change::Write(()))
@@ -1119,7 +1135,12 @@ impl Cluster {
     /// Removes a node for good. By default only DECOMMISSIONED nodes without
     /// roles; the bypasses lift each rule. The last consensus member can
     /// never be deleted.
-    pub async fn delete_node(&self, id: &str, bypass_roles: bool, bypass_state: bool) -> Result<(), CuratorError> {
+    pub async fn delete_node(
+        &self,
+        id: &str,
+        bypass_roles: bool,
+        bypass_state: bool,
+    ) -> Result<(), CuratorError> {
         let all = self.nodes().await?;
         let entry = all
             .iter()
@@ -1138,7 +1159,10 @@ impl Cluster {
         }
         let mut txn = Txn::new().when(Compare::mod_revision(node_key(id), entry.mod_revision));
         if is_consensus_member(&entry.node) {
-            let others: Vec<&NodeEntry> = all.iter().filter(|e| e.id != id && is_consensus_member(&e.node)).collect();
+            let others: Vec<&NodeEntry> = all
+                .iter()
+                .filter(|e| e.id != id && is_consensus_member(&e.node))
+                .collect();
             if others.is_empty() {
                 return Err(CuratorError::FailedPrecondition(format!(
                     "node {id} is the last consensus member and holds the cluster state; it cannot be deleted"
@@ -1160,7 +1184,11 @@ impl Cluster {
     }
 
     pub async fn is_deleted(&self, id: &str) -> Result<bool, CuratorError> {
-        Ok(self.store.get(tombstone_key(id).as_bytes()).await?.is_some())
+        Ok(self
+            .store
+            .get(tombstone_key(id).as_bytes())
+            .await?
+            .is_some())
     }
 }
 
@@ -1171,8 +1199,12 @@ mod lifecycle_tests {
 
     async fn cluster_with_worker() -> (tempfile::TempDir, Arc<Cluster>, String, String, [u8; 32]) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db")).await.expect("open");
-        let first = metropolis_identity::generate_key().verifying_key().to_bytes();
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
+            .await
+            .expect("open");
+        let first = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
         bootstrap(
             store.as_ref(),
             BootstrapRequest {
@@ -1186,14 +1218,23 @@ mod lifecycle_tests {
         .await
         .expect("bootstrap");
         let c = Cluster::open(store).await.expect("open");
-        let key = metropolis_identity::generate_key().verifying_key().to_bytes();
+        let key = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
         let t = c.register_ticket().await.expect("ticket");
-        let id = c.register_node(key, &t, NodeLabels::default()).await.expect("register");
+        let id = c
+            .register_node(key, &t, NodeLabels::default())
+            .await
+            .expect("register");
         (dir, c, metropolis_identity::node_id(&first), id, key)
     }
 
     fn set(w: Option<bool>, k: Option<bool>, cm: Option<bool>) -> RoleChange {
-        RoleChange { kubernetes_worker: w, kubernetes_controller: k, consensus_member: cm }
+        RoleChange {
+            kubernetes_worker: w,
+            kubernetes_controller: k,
+            consensus_member: cm,
+        }
     }
 
     #[tokio::test]
@@ -1201,23 +1242,53 @@ mod lifecycle_tests {
         let (_d, c, first, id, key) = cluster_with_worker().await;
         // Not UP yet.
         let r = c.update_roles(&id, set(Some(true), None, None)).await;
-        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("UP")), "{r:?}");
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("UP")),
+            "{r:?}"
+        );
         c.approve_node(&id).await.expect("approve");
         c.commit_node(key).await.expect("commit");
-        c.update_roles(&id, set(Some(true), None, None)).await.expect("worker");
+        c.update_roles(&id, set(Some(true), None, None))
+            .await
+            .expect("worker");
         let r = c.update_roles(&id, set(None, Some(true), None)).await;
-        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("ConsensusMember")), "{r:?}");
-        c.update_roles(&id, set(None, Some(true), Some(true))).await.expect("controller + member");
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("ConsensusMember")),
+            "{r:?}"
+        );
+        c.update_roles(&id, set(None, Some(true), Some(true)))
+            .await
+            .expect("controller + member");
         // Unset fields change nothing.
-        c.update_roles(&id, RoleChange::default()).await.expect("no-op");
-        let roles = c.node(&id).await.expect("r").expect("n").node.roles.expect("roles");
+        c.update_roles(&id, RoleChange::default())
+            .await
+            .expect("no-op");
+        let roles = c
+            .node(&id)
+            .await
+            .expect("r")
+            .expect("n")
+            .node
+            .roles
+            .expect("roles");
         assert!(roles.kubernetes_worker.is_some() && roles.kubernetes_controller.is_some());
         // Two members now: the first may give up its role, then the second is
         // the last one and may not.
-        c.update_roles(&first, set(None, None, Some(false))).await.expect("first leaves");
-        let r = c.update_roles(&id, set(None, Some(false), Some(false))).await;
-        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")), "{r:?}");
-        assert!(matches!(c.update_roles("metropolis-x", set(Some(true), None, None)).await, Err(CuratorError::NotFound(_))));
+        c.update_roles(&first, set(None, None, Some(false)))
+            .await
+            .expect("first leaves");
+        let r = c
+            .update_roles(&id, set(None, Some(false), Some(false)))
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")),
+            "{r:?}"
+        );
+        assert!(matches!(
+            c.update_roles("metropolis-x", set(Some(true), None, None))
+                .await,
+            Err(CuratorError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
@@ -1225,25 +1296,54 @@ mod lifecycle_tests {
         let (_d, c, first, id, key) = cluster_with_worker().await;
         c.approve_node(&id).await.expect("approve");
         c.commit_node(key).await.expect("commit");
-        c.update_roles(&id, set(Some(true), None, None)).await.expect("worker");
-        assert!(matches!(c.request_decommission(&id).await, Err(CuratorError::FailedPrecondition(_))));
+        c.update_roles(&id, set(Some(true), None, None))
+            .await
+            .expect("worker");
+        assert!(matches!(
+            c.request_decommission(&id).await,
+            Err(CuratorError::FailedPrecondition(_))
+        ));
         let r = c.delete_node(&id, false, true).await;
-        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("roles")), "{r:?}");
-        c.update_roles(&id, set(Some(false), None, None)).await.expect("drop role");
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("roles")),
+            "{r:?}"
+        );
+        c.update_roles(&id, set(Some(false), None, None))
+            .await
+            .expect("drop role");
         let r = c.delete_node(&id, false, false).await;
-        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("DECOMMISSIONED")), "{r:?}");
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("DECOMMISSIONED")),
+            "{r:?}"
+        );
         c.request_decommission(&id).await.expect("request");
-        assert!(c.node(&id).await.expect("r").expect("n").node.decommission_requested);
+        assert!(
+            c.node(&id)
+                .await
+                .expect("r")
+                .expect("n")
+                .node
+                .decommission_requested
+        );
         c.complete_decommission(&id).await.expect("complete");
-        assert_eq!(c.node(&id).await.expect("r").expect("n").node.state, NodeState::Decommissioned as i32);
+        assert_eq!(
+            c.node(&id).await.expect("r").expect("n").node.state,
+            NodeState::Decommissioned as i32
+        );
         c.delete_node(&id, false, false).await.expect("delete");
         assert!(c.node(&id).await.expect("r").is_none());
         assert!(c.is_deleted(&id).await.expect("tombstone"));
         // The key cannot come back.
         let t = c.register_ticket().await.expect("ticket");
-        assert!(matches!(c.register_node(key, &t, NodeLabels::default()).await, Err(CuratorError::PermissionDenied(_))));
+        assert!(matches!(
+            c.register_node(key, &t, NodeLabels::default()).await,
+            Err(CuratorError::PermissionDenied(_))
+        ));
         // The last consensus member cannot be deleted, even with bypasses.
         let r = c.delete_node(&first, true, true).await;
-        assert!(matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")), "{r:?}");
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")),
+            "{r:?}"
+        );
     }
 }
