@@ -1,7 +1,20 @@
-//! AAA.Escrow: initial credentials for the owner.
+//! AAA.Escrow: initial credentials for the owner and for named identities.
 //!
 //! The order of checks and answers is the contract's ("Escrow behaviour" in
-//! API.md); clients written against upstream rely on each code.
+//! API.md); clients written against upstream rely on each code. A named
+//! identity (see [`crate::identities`]) goes through the same steps as the
+//! owner, with its own name and key:
+//!
+//! 1. connection already authenticated with a cluster certificate →
+//!    INVALID_ARGUMENT;
+//! 2. `parameters` unset → INVALID_ARGUMENT;
+//! 3. name neither `owner` nor a known identity → UNIMPLEMENTED;
+//! 4. `public_key` not 32 bytes → INVALID_ARGUMENT;
+//! 5. no client certificate → `needed = [KIND_REFRESH_CERTIFICATE]`, then
+//!    UNAUTHENTICATED;
+//! 6. `public_key` differs from the certificate's key → UNIMPLEMENTED;
+//! 7. key is not that identity's key → PERMISSION_DENIED;
+//! 8. one response with the certificate (CN = the identity name).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,9 +26,10 @@ use metropolis_api::api::{
 use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::identities;
 use crate::state::Cluster;
 
-/// The only identity escrow hands out today.
+/// The bootstrap owner's identity name, reserved for it.
 pub const OWNER: &str = "owner";
 
 pub struct AaaService {
@@ -57,12 +71,24 @@ impl Aaa for AaaService {
         let params = first
             .parameters
             .ok_or_else(|| Status::invalid_argument("parameters must be set"))?;
-        if params.requested_identity_name != OWNER {
-            return Err(Status::unimplemented(format!(
-                "escrow of identity {:?} is not supported; only {OWNER:?} can be requested",
-                params.requested_identity_name
-            )));
-        }
+        let name = params.requested_identity_name;
+        // The identity's key as the cluster knows it, read once: removing the
+        // identity afterwards still takes effect, because every call with the
+        // certificate is authorized against the current state.
+        let expected_key: Option<Vec<u8>> = if name == OWNER {
+            None
+        } else {
+            match identities::get(self.cluster.store().as_ref(), &name).await? {
+                Some(identity) => Some(identity.public_key),
+                None => {
+                    return Err(Status::unimplemented(format!(
+                        "escrow of identity {name:?} is not supported: it is neither {OWNER:?} \
+                         nor an identity this cluster knows (the owner adds identities with \
+                         `metroctl user add`)"
+                    )));
+                }
+            }
+        };
         let public_key: [u8; 32] = params.public_key.as_slice().try_into().map_err(|_| {
             Status::invalid_argument(format!(
                 "public_key must be 32 bytes (Ed25519), got {}",
@@ -86,18 +112,30 @@ impl Aaa for AaaService {
                  escrow for a key other than the presented one is not supported",
             ));
         }
-        let owner = self.cluster.owner_public_key().await?;
-        if public_key != owner {
-            return Err(Status::permission_denied(
-                "this key is not the cluster owner's key; use the owner key the cluster was bootstrapped with",
-            ));
+        match expected_key {
+            None => {
+                let owner = self.cluster.owner_public_key().await?;
+                if public_key != owner {
+                    return Err(Status::permission_denied(
+                        "this key is not the cluster owner's key; use the owner key the cluster was bootstrapped with",
+                    ));
+                }
+            }
+            Some(expected) => {
+                if expected != public_key {
+                    return Err(Status::permission_denied(format!(
+                        "this key is not the key registered for identity {name:?}; use the key \
+                         whose public half the owner registered (`metroctl user keygen` wrote it)"
+                    )));
+                }
+            }
         }
         let emitted = self
             .cluster
             .ca()
-            .issue_user_certificate(OWNER, &public_key)
-            .map_err(|e| Status::internal(format!("issuing owner certificate: {e}")))?;
-        tracing::info!("issued owner certificate through escrow");
+            .issue_user_certificate(&name, &public_key)
+            .map_err(|e| Status::internal(format!("issuing certificate for {name:?}: {e}")))?;
+        tracing::info!(identity = %name, "issued user certificate through escrow");
         let resp = EscrowResponse {
             fulfilled: vec![proof(Kind::RefreshCertificate)],
             emitted_certificate: emitted,

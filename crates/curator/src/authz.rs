@@ -3,11 +3,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use metropolis_api::admin::Role;
 use metropolis_api::ext::Permission;
 use metropolis_rpc::{Authorizer, Permissions, Principal};
 use tonic::Status;
 
 use crate::aaa::OWNER;
+use crate::identities;
 use crate::state::Cluster;
 
 /// What a node identity may do: act on itself and read cluster state (to
@@ -17,7 +19,8 @@ pub fn node_permissions() -> Permissions {
 }
 
 /// Authorizes against cluster state: nodes must still be members, the owner
-/// holds every permission.
+/// holds every permission, a named identity holds its role's permissions for
+/// as long as it exists with the key its certificate names.
 pub struct ClusterAuthorizer {
     cluster: Arc<Cluster>,
 }
@@ -50,9 +53,32 @@ impl Authorizer for ClusterAuthorizer {
                     ))
                 }
             }
-            Principal::User { name, .. } => Err(Status::permission_denied(format!(
-                "identity {name:?} is not known to this cluster"
-            ))),
+            Principal::User { name, public_key } => {
+                let identity = identities::get(self.cluster.store().as_ref(), name).await?;
+                let Some(identity) = identity else {
+                    return Err(Status::permission_denied(format!(
+                        "identity {name:?} is not known to this cluster (was it removed?); \
+                         ask the owner to add it again (`metroctl user add`)"
+                    )));
+                };
+                // A name removed and added again with a new key must not
+                // accept certificates issued for the old key.
+                if identity.public_key != public_key {
+                    return Err(Status::permission_denied(format!(
+                        "this certificate for identity {name:?} was issued for another key \
+                         (the identity was removed and added again); run \
+                         `metroctl login --identity {name}` with the current key"
+                    )));
+                }
+                let role = Role::try_from(identity.role).unwrap_or(Role::Unspecified);
+                identities::role_permissions(role).ok_or_else(|| {
+                    Status::internal(format!(
+                        "identity {name:?} has no valid role in the cluster state ({}); \
+                         remove it and add it again",
+                        identity.role
+                    ))
+                })
+            }
         }
     }
 }
@@ -60,6 +86,11 @@ impl Authorizer for ClusterAuthorizer {
 /// Authorizes by certificate alone, for nodes that hold no cluster state (not
 /// consensus members): a certificate the cluster CA issued to `owner` only
 /// ever went to the owner key, and node certificates only to admitted nodes.
+///
+/// Named identities other than `owner` are refused here: their roles live in
+/// the cluster state and they can be removed at any time, so a certificate
+/// alone does not say what (if anything) they may still do. Such callers are
+/// served by the consensus members, which check the state on every call.
 pub struct CertificateAuthorizer;
 
 #[async_trait]
@@ -69,7 +100,8 @@ impl Authorizer for CertificateAuthorizer {
             Principal::Node { .. } => Ok(node_permissions()),
             Principal::User { name, .. } if name == OWNER => Ok(Permissions::ALL),
             Principal::User { name, .. } => Err(Status::permission_denied(format!(
-                "identity {name:?} is not known to this cluster"
+                "identity {name:?} is not the owner, and this node holds no cluster state to \
+                 look it up; connect to a consensus member"
             ))),
         }
     }

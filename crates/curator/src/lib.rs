@@ -7,10 +7,13 @@
 //! the wire and that API and hold no state of their own.
 
 pub mod aaa;
+pub mod admin;
+pub mod audit;
 pub mod authz;
 pub mod error;
 pub mod filter;
 pub mod heartbeat;
+pub mod identities;
 pub mod labels;
 pub mod local;
 pub mod management;

@@ -5,10 +5,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use metropolis_api::admin::{
-    RegenerateRegisterTicketRequest, RegenerateRegisterTicketResponse,
-    cluster_admin_server::ClusterAdmin,
-};
 use metropolis_api::api::{
     ApproveNodeRequest, ApproveNodeResponse, ConfigureClusterRequest, ConfigureClusterResponse,
     DecommissionNodeRequest, DecommissionNodeResponse, DeleteNodeRequest, DeleteNodeResponse,
@@ -18,7 +14,6 @@ use metropolis_api::api::{
     delete_node_request, management_server::Management, update_node_labels_request,
     update_node_roles_request,
 };
-use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status};
 
 use crate::filter::Filter;
@@ -220,18 +215,5 @@ impl Management for ManagementService {
         Ok(Response::new(ConfigureClusterResponse {
             resulting_config: Some(resulting),
         }))
-    }
-}
-
-#[tonic::async_trait]
-impl ClusterAdmin for ManagementService {
-    async fn regenerate_register_ticket(
-        &self,
-        request: Request<RegenerateRegisterTicketRequest>,
-    ) -> Result<Response<RegenerateRegisterTicketResponse>, Status> {
-        let who = Caller::of(&request)?.principal.clone();
-        let ticket = self.cluster.regenerate_register_ticket().await?;
-        tracing::info!(by = ?who, "register ticket regenerated");
-        Ok(Response::new(RegenerateRegisterTicketResponse { ticket }))
     }
 }

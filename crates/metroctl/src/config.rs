@@ -6,6 +6,13 @@
 //! - `ca.pem`: the pinned cluster CA (`CERTIFICATE`).
 //! - `cluster.json`: project-owned: the cluster endpoints remembered by
 //!   `takeownership`, so later commands need no `--endpoints`.
+//! - `identity-key.pem`: project-owned: the key of a named identity, written
+//!   by `user keygen`. Same layout as `owner-key.pem` (seed followed by public
+//!   key) under its own PEM type, `METROPOLIS IDENTITY PRIVATE KEY`, so one is
+//!   never taken for the other.
+//! - `identity.pem`: project-owned: the certificate `login --identity NAME`
+//!   obtained for that key (`CERTIFICATE`, CN = NAME). When present, commands
+//!   authenticate with it instead of the owner credentials.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -21,6 +28,32 @@ pub const OWNER_KEY: &str = "owner-key.pem";
 pub const OWNER_CERT: &str = "owner.pem";
 pub const CA_CERT: &str = "ca.pem";
 pub const CLUSTER: &str = "cluster.json";
+pub const IDENTITY_KEY: &str = "identity-key.pem";
+pub const IDENTITY_CERT: &str = "identity.pem";
+
+/// PEM block type of `identity-key.pem`.
+pub const IDENTITY_KEY_PEM_TYPE: &str = "METROPOLIS IDENTITY PRIVATE KEY";
+
+/// Encodes an identity key. The identity crate owns the key layout (that of
+/// the owner key); only the block type differs.
+pub fn encode_identity_key_pem(key: &SigningKey) -> String {
+    metropolis_identity::encode_owner_key_pem(key).replace(
+        metropolis_identity::OWNER_KEY_PEM_TYPE,
+        IDENTITY_KEY_PEM_TYPE,
+    )
+}
+
+/// Decodes what [`encode_identity_key_pem`] wrote.
+pub fn decode_identity_key_pem(input: &str) -> anyhow::Result<SigningKey> {
+    let begin = format!("-----BEGIN {IDENTITY_KEY_PEM_TYPE}-----");
+    if input.trim_start().lines().next() != Some(begin.as_str()) {
+        bail!("not a {IDENTITY_KEY_PEM_TYPE} PEM block");
+    }
+    Ok(metropolis_identity::decode_owner_key_pem(&input.replace(
+        IDENTITY_KEY_PEM_TYPE,
+        metropolis_identity::OWNER_KEY_PEM_TYPE,
+    ))?)
+}
 
 /// Port of AAA, Management and CuratorLocal on every node.
 pub const CURATOR_PORT: u16 = 7835;
@@ -151,6 +184,42 @@ impl ConfigDir {
         self.cert(OWNER_CERT)
     }
 
+    pub fn identity_cert(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.cert(IDENTITY_CERT)
+    }
+
+    pub fn identity_key(&self) -> anyhow::Result<Option<SigningKey>> {
+        match self.read_opt(IDENTITY_KEY)? {
+            Some(pem) => Ok(Some(decode_identity_key_pem(&pem).with_context(|| {
+                format!(
+                    "{} is not a valid identity key; make a new one with `metroctl user keygen`",
+                    self.path(IDENTITY_KEY).display()
+                )
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn require_identity_key(&self) -> anyhow::Result<SigningKey> {
+        self.identity_key()?.with_context(|| {
+            format!(
+                "no identity key in {}; make one with `metroctl user keygen` and give the \
+                 public key file to the cluster owner (or pass --config pointing at the \
+                 directory that holds it)",
+                self.root.display()
+            )
+        })
+    }
+
+    /// Removes a file if it exists.
+    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        match fs::remove_file(self.path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", self.path(name).display())),
+        }
+    }
+
     pub fn cluster(&self) -> anyhow::Result<ClusterFile> {
         match self.read_opt(CLUSTER)? {
             Some(s) => serde_json::from_str(&s)
@@ -163,10 +232,10 @@ impl ConfigDir {
         self.write(CLUSTER, serde_json::to_string_pretty(c)?.as_bytes())
     }
 
-    /// Forgets a cluster's CA, owner certificate and endpoints (the owner key
-    /// stays).
+    /// Forgets a cluster's CA, owner and identity certificates and endpoints
+    /// (the keys stay).
     pub fn forget_cluster(&self) -> anyhow::Result<()> {
-        for name in [CA_CERT, OWNER_CERT, CLUSTER] {
+        for name in [CA_CERT, OWNER_CERT, IDENTITY_CERT, CLUSTER] {
             match fs::remove_file(self.path(name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -42,17 +42,24 @@ impl Ctx {
         })
     }
 
-    /// A channel authenticated as the owner, verifying nodes against the
+    /// A channel authenticated as the owner, or as the named identity when
+    /// `login --identity` stored its certificate, verifying nodes against the
     /// pinned CA.
     pub async fn owner_channel(&self) -> anyhow::Result<Channel> {
         let ca = self.pinned_ca()?;
-        let cert = self.config.owner_cert()?.with_context(|| {
-            format!(
-                "no owner certificate in {}; run `metroctl takeownership` to get one",
-                self.config.root().display()
-            )
-        })?;
-        let key = self.config.require_owner_key()?;
+        let (cert, key) = match self.config.identity_cert()? {
+            Some(cert) => (cert, self.config.require_identity_key()?),
+            None => {
+                let cert = self.config.owner_cert()?.with_context(|| {
+                    format!(
+                        "no owner certificate in {}; run `metroctl takeownership` to get one \
+                         (or `metroctl login --identity NAME` as a named identity)",
+                        self.config.root().display()
+                    )
+                })?;
+                (cert, self.config.require_owner_key()?)
+            }
+        };
         self.channel(
             ServerTrust::ClusterCa {
                 ca_der: ca,

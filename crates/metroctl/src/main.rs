@@ -41,6 +41,13 @@ enum Command {
     Install(InstallCommand),
     /// Become the owner of a freshly bootstrapped cluster (pins its CA on first use).
     Takeownership,
+    /// Get a certificate for a named identity the owner added (pins the CA on first use).
+    Login(cmd::user::LoginArgs),
+    /// Named identities and their roles.
+    #[command(subcommand)]
+    User(cmd::user::UserCommand),
+    /// Show the record of mutating calls, newest first (owner only).
+    Audit(cmd::audit::AuditArgs),
     /// Cluster-wide commands.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -223,6 +230,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Takeownership => cmd::takeownership::run(&ctx).await,
+        Command::Login(args) => cmd::user::login(&ctx, args).await,
+        Command::User(c) => cmd::user::run(&ctx, c).await,
+        Command::Audit(args) => cmd::audit::run(&ctx, args).await,
         Command::Cluster(ClusterCommand::Info { format }) => cmd::cluster::info(&ctx, format).await,
         Command::Cluster(ClusterCommand::Launch {
             nodes,

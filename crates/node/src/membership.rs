@@ -346,13 +346,13 @@ async fn decommission(
         "the cluster asked this node to decommission itself; wiping {}",
         m.data_dir.display()
     );
-    if let Err(e) = std::fs::remove_dir_all(&m.data_dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            return Ok(Ended::Fatal(anyhow::anyhow!(
-                "decommission: cannot wipe {}: {e}",
-                m.data_dir.display()
-            )));
-        }
+    if let Err(e) = std::fs::remove_dir_all(&m.data_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Ok(Ended::Fatal(anyhow::anyhow!(
+            "decommission: cannot wipe {}: {e}",
+            m.data_dir.display()
+        )));
     }
     curator
         .report_decommissioned(ReportDecommissionedRequest {})

@@ -13,6 +13,8 @@ use metropolis_api::curator::{
 };
 use metropolis_curator::Cluster;
 use metropolis_curator::aaa::AaaService;
+use metropolis_curator::admin::ClusterAdminService;
+use metropolis_curator::audit::AuditLayer;
 use metropolis_curator::authz::{CertificateAuthorizer, ClusterAuthorizer};
 use metropolis_curator::heartbeat::Heartbeats;
 use metropolis_curator::local::CuratorLocalService;
@@ -79,11 +81,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let heartbeats = Arc::new(Heartbeats::new(cfg.heartbeat_timeout));
             let management = Arc::new(ManagementService::new(cluster.clone(), heartbeats.clone()));
             let authorizer: Arc<dyn Authorizer> = Arc::new(ClusterAuthorizer::new(cluster.clone()));
+            // Layers added first are outermost: authentication runs before
+            // the audit layer, which needs the established caller.
             Server::builder()
                 .layer(AuthLayer::new(ca, authorizer))
+                .layer(AuditLayer::new(cluster.store().clone()))
                 .add_service(AaaServer::new(AaaService::new(cluster.clone())))
-                .add_service(ManagementServer::from_arc(management.clone()))
-                .add_service(ClusterAdminServer::from_arc(management))
+                .add_service(ManagementServer::from_arc(management))
+                .add_service(ClusterAdminServer::new(ClusterAdminService::new(
+                    cluster.clone(),
+                )))
                 .add_service(CuratorServer::new(CuratorService::new(
                     cluster.clone(),
                     heartbeats,
@@ -100,13 +107,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let msg =
                 format!("node {node_id} does not run the curator; connect to one of: {where_to}");
             let authorizer: Arc<dyn Authorizer> = Arc::new(CertificateAuthorizer);
+            // Nothing here mutates cluster state; the disabled audit layer
+            // only gives both routers the same type.
             Server::builder()
                 .layer(AuthLayer::new(ca, authorizer))
+                .layer(AuditLayer::disabled())
                 .add_service(Redirect::<AaaServer<AaaService>>::new(msg.clone()))
                 .add_service(Redirect::<ManagementServer<ManagementService>>::new(
                     msg.clone(),
                 ))
-                .add_service(Redirect::<ClusterAdminServer<ManagementService>>::new(
+                .add_service(Redirect::<ClusterAdminServer<ClusterAdminService>>::new(
                     msg.clone(),
                 ))
                 .add_service(Redirect::<CuratorServer<CuratorService>>::new(msg))

@@ -1,8 +1,10 @@
+pub mod audit;
 pub mod cluster;
 pub mod install;
 pub mod launch;
 pub mod node;
 pub mod takeownership;
+pub mod user;
 
 use std::io::{BufRead, IsTerminal, Write};
 
