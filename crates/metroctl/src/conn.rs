@@ -47,7 +47,21 @@ impl Ctx {
     /// pinned CA.
     pub async fn owner_channel(&self) -> anyhow::Result<Channel> {
         let ca = self.pinned_ca()?;
-        let (cert, key) = match self.config.identity_cert()? {
+        let (cert, key) = self.client_identity()?;
+        self.channel(
+            ServerTrust::ClusterCa {
+                ca_der: ca,
+                node_id: None,
+            },
+            Some((cert, key)),
+        )
+        .await
+    }
+
+    /// The certificate and key metroctl authenticates with: a named
+    /// identity's after `login`, else the owner's.
+    pub fn client_identity(&self) -> anyhow::Result<(Vec<u8>, SigningKey)> {
+        Ok(match self.config.identity_cert()? {
             Some(cert) => (cert, self.config.require_identity_key()?),
             None => {
                 let cert = self.config.owner_cert()?.with_context(|| {
@@ -59,15 +73,7 @@ impl Ctx {
                 })?;
                 (cert, self.config.require_owner_key()?)
             }
-        };
-        self.channel(
-            ServerTrust::ClusterCa {
-                ca_der: ca,
-                node_id: None,
-            },
-            Some((cert, key)),
-        )
-        .await
+        })
     }
 
     pub async fn channel(

@@ -86,6 +86,30 @@ enum NodeCommand {
     /// Take a role away from nodes.
     #[command(subcommand)]
     Remove(RoleTarget),
+    /// Show a node's logs; -f follows new entries until Ctrl-C.
+    Logs {
+        id: String,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Log tree DN to read (with its children).
+        #[arg(long, default_value = "root")]
+        dn: String,
+        /// Only the last N entries of the backlog.
+        #[arg(long)]
+        backlog: Option<i64>,
+        /// Only leveled entries at or above this severity.
+        #[arg(long, value_enum)]
+        min_severity: Option<cmd::node::Severity>,
+    },
+    /// Restart a node's daemon as a fresh process (asks unless --yes).
+    Reboot {
+        id: String,
+        /// Ask for a kexec-style restart (same effect for a daemon).
+        #[arg(long)]
+        kexec: bool,
+    },
+    /// Stop a node's daemon; it stays down until started again (asks unless --yes).
+    Poweroff { id: String },
     /// Ask a node (without roles) to wipe its credentials and data and leave for good.
     Decommission { id: String },
     /// Remove a node from the cluster state; its certificate stops working at once.
@@ -260,6 +284,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd::node::set_role(&ctx, role, false, &ids).await
         }
         Command::Node(NodeCommand::Decommission { id }) => cmd::node::decommission(&ctx, &id).await,
+        Command::Node(NodeCommand::Logs {
+            id,
+            follow,
+            dn,
+            backlog,
+            min_severity,
+        }) => {
+            cmd::node::logs(
+                &ctx,
+                &id,
+                cmd::node::LogsArgs {
+                    follow,
+                    dn,
+                    backlog,
+                    min_severity,
+                },
+            )
+            .await
+        }
+        Command::Node(NodeCommand::Reboot { id, kexec }) => {
+            use metropolis_api::api::reboot_request::Type;
+            cmd::node::power(&ctx, &id, if kexec { Type::Kexec } else { Type::Firmware }).await
+        }
+        Command::Node(NodeCommand::Poweroff { id }) => {
+            cmd::node::power(
+                &ctx,
+                &id,
+                metropolis_api::api::reboot_request::Type::PowerOff,
+            )
+            .await
+        }
         Command::Node(NodeCommand::Delete {
             id,
             bypass_has_roles,

@@ -5,7 +5,9 @@
 //! credentials sealed in its data directory.
 
 mod datadir;
+mod logtree;
 mod membership;
+mod node_mgmt;
 mod params;
 mod serve;
 
@@ -50,14 +52,22 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     raise_fd_limit();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Logs go to stderr and into the log tree that NodeManagement.Logs serves.
+    let logs = logtree::LogTree::new();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let stderr = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(stderr)
+            .with(logtree::LogTreeLayer::new(logs.clone()))
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,8 +78,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(run(args, logs)) {
+        Ok(serve::Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(serve::Exit::Restart) => {
+            drop(runtime);
+            restart()
+        }
         Err(e) => {
             eprintln!("metropolis-node: {e:#}");
             ExitCode::FAILURE
@@ -94,7 +108,33 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// Replaces this process with a fresh copy of itself (a Reboot): same
+/// arguments, except the Node Parameters, which only the first start uses.
+/// Listening sockets are close-on-exec, so the new process can bind them.
+fn restart() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os().skip(1).peekable();
+    let mut keep = Vec::new();
+    while let Some(a) = args.next() {
+        if a == "--params" {
+            args.next();
+        } else if !a.to_string_lossy().starts_with("--params=") {
+            keep.push(a);
+        }
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("metropolis-node: cannot restart: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let err = std::process::Command::new(exe).args(keep).exec();
+    eprintln!("metropolis-node: cannot restart: {err}");
+    ExitCode::FAILURE
+}
+
+async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::Exit> {
     let data = DataDir::new(args.data_dir.clone());
     let (creds, store) = if data.is_member() {
         if let Some(p) = &args.params {
@@ -170,6 +210,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
         data_dir: args.data_dir.clone(),
+        logs,
     })
     .await
 }

@@ -26,10 +26,15 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Server;
 
 use crate::datadir::Credentials;
+use crate::logtree::LogTree;
 use crate::membership;
+use crate::node_mgmt::{NodeManagementService, PowerAction};
+use metropolis_api::api::node_management_server::NodeManagementServer;
 
 /// Port of AAA, Management, Curator and CuratorLocal.
 pub const CURATOR_PORT: u16 = 7835;
+/// Port of NodeManagement.
+pub const NODE_MANAGEMENT_PORT: u16 = 7839;
 
 /// How long a stopping node waits for open calls to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -44,9 +49,10 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub data_dir: std::path::PathBuf,
+    pub logs: Arc<LogTree>,
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let node_id = cfg.creds.node_id();
     let tls =
         metropolis_identity::server_config(cfg.creds.node_certificate.clone(), &cfg.creds.key)
@@ -76,15 +82,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (_leader_tx, leader_rx) = watch::channel(leader);
     let local = CuratorLocalServer::new(CuratorLocalService::new(ca.clone(), leader_rx));
 
+    let authorizer: Arc<dyn Authorizer> = match &cfg.cluster {
+        Some(cluster) => Arc::new(ClusterAuthorizer::new(cluster.clone())),
+        None => Arc::new(CertificateAuthorizer),
+    };
     let router = match &cfg.cluster {
         Some(cluster) => {
             let heartbeats = Arc::new(Heartbeats::new(cfg.heartbeat_timeout));
             let management = Arc::new(ManagementService::new(cluster.clone(), heartbeats.clone()));
-            let authorizer: Arc<dyn Authorizer> = Arc::new(ClusterAuthorizer::new(cluster.clone()));
             // Layers added first are outermost: authentication runs before
             // the audit layer, which needs the established caller.
             Server::builder()
-                .layer(AuthLayer::new(ca, authorizer))
+                .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::new(cluster.store().clone()))
                 .add_service(AaaServer::new(AaaService::new(cluster.clone())))
                 .add_service(ManagementServer::from_arc(management))
@@ -106,11 +115,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .join(", ");
             let msg =
                 format!("node {node_id} does not run the curator; connect to one of: {where_to}");
-            let authorizer: Arc<dyn Authorizer> = Arc::new(CertificateAuthorizer);
             // Nothing here mutates cluster state; the disabled audit layer
             // only gives both routers the same type.
             Server::builder()
-                .layer(AuthLayer::new(ca, authorizer))
+                .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::disabled())
                 .add_service(Redirect::<AaaServer<AaaService>>::new(msg.clone()))
                 .add_service(Redirect::<ManagementServer<ManagementService>>::new(
@@ -136,42 +144,72 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ended: ended_tx,
     }));
 
-    tracing::info!(node = %node_id, %addr, "serving");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = router.serve_with_incoming_shutdown(
-        metropolis_rpc::server::tls_incoming(listener, tls),
-        async {
-            shutdown_signal().await;
-            let _ = stop_tx.send(());
-        },
-    );
-    // Graceful shutdown waits for every connection to close, and long-lived
-    // streams (heartbeats, watches) never do on their own: give in-flight
-    // calls a grace period, then exit regardless.
-    let grace = async {
-        if stop_rx.await.is_ok() {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+    // NodeManagement: this node's own operations, same TLS and auth layer.
+    let mgmt_addr = SocketAddr::new(cfg.address, NODE_MANAGEMENT_PORT);
+    let mgmt_listener = metropolis_rpc::server::bind(mgmt_addr).await?;
+    let (power_tx, mut power_rx) = mpsc::channel(1);
+    let node_mgmt = Server::builder()
+        .layer(AuthLayer::new(ca.clone(), authorizer))
+        .add_service(NodeManagementServer::new(NodeManagementService::new(
+            cfg.logs.clone(),
+            power_tx,
+        )));
+
+    // Both servers stop on one signal.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    let result = tokio::select! {
-        served = serve => served.context("serving gRPC"),
-        _ = grace => {
-            tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
-            Ok(())
-        }
+    let mut curator_srv = tokio::spawn(router.serve_with_incoming_shutdown(
+        metropolis_rpc::server::tls_incoming(listener, tls.clone()),
+        stopped(stop_rx.clone()),
+    ));
+    let mut mgmt_srv = tokio::spawn(node_mgmt.serve_with_incoming_shutdown(
+        metropolis_rpc::server::tls_incoming(mgmt_listener, tls),
+        stopped(stop_rx),
+    ));
+    tracing::info!(node = %node_id, %addr, %mgmt_addr, "serving");
+
+    let outcome = tokio::select! {
+        r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
+        r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
+        _ = shutdown_signal() => Ok(Exit::Stopped),
+        Some(action) = power_rx.recv() => Ok(match action {
+            PowerAction::Restart => Exit::Restart,
+            PowerAction::PowerOff => Exit::Stopped,
+        }),
         Some(ended) = ended_rx.recv() => match ended {
             membership::Ended::Decommissioned(msg) => {
                 tracing::info!("{msg}");
-                Ok(())
+                Ok(Exit::Stopped)
             }
             membership::Ended::Fatal(e) => Err(e),
         },
     };
     membership.abort();
-    tracing::info!("shut down");
-    result
+    // Graceful shutdown waits for every connection to close, and long-lived
+    // streams (heartbeats, watches, log follows) never do on their own: give
+    // in-flight calls a grace period, then exit regardless.
+    let _ = stop_tx.send(true);
+    let both = async {
+        let _ = (&mut curator_srv).await;
+        let _ = (&mut mgmt_srv).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, both).await.is_err() {
+        tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+        curator_srv.abort();
+        mgmt_srv.abort();
+    }
+    tracing::info!(?outcome, "shut down");
+    outcome
+}
+
+/// How the daemon ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Stopped,
+    /// Start again as a fresh process (Reboot).
+    Restart,
 }
 
 /// Resolves on SIGINT or SIGTERM.

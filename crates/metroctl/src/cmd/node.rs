@@ -281,3 +281,187 @@ pub async fn delete(
     println!("Deleted node {id}; its certificate no longer works.");
     Ok(())
 }
+
+/// A channel to one node's NodeManagement port, verified as that node.
+async fn node_management(ctx: &Ctx, id: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let nodes = get_nodes(ctx, "", &[id.to_string()]).await?;
+    let node = nodes
+        .first()
+        .with_context(|| format!("node {id} not found"))?;
+    let host = node
+        .status
+        .as_ref()
+        .map(|s| s.external_address.clone())
+        .filter(|a| !a.is_empty())
+        .with_context(|| format!("node {id} has not reported its address yet"))?;
+    let ip: std::net::IpAddr = host
+        .parse()
+        .with_context(|| format!("node {id} reports a bad address {host:?}"))?;
+    let addr = std::net::SocketAddr::new(ip, NODE_MANAGEMENT_PORT);
+    let ca = ctx.pinned_ca()?;
+    let (cert, key) = ctx.client_identity()?;
+    let tls = metropolis_identity::client_config(
+        metropolis_identity::ServerTrust::ClusterCa {
+            ca_der: ca,
+            node_id: Some(id.to_string()),
+        },
+        Some((cert, key)),
+    )?;
+    Ok(metropolis_rpc::client::connect(addr, tls).await?)
+}
+
+/// Port of NodeManagement on every node.
+const NODE_MANAGEMENT_PORT: u16 = 7839;
+
+pub struct LogsArgs {
+    pub follow: bool,
+    pub dn: String,
+    pub backlog: Option<i64>,
+    pub min_severity: Option<Severity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    Fatal,
+}
+
+/// `metroctl node logs ID`: prints the backlog, then follows with -f until
+/// Ctrl-C.
+pub async fn logs(ctx: &Ctx, id: &str, a: LogsArgs) -> anyhow::Result<()> {
+    use metropolis_api::api::{
+        LogsRequest, logs_request, node_management_client::NodeManagementClient,
+    };
+    use metropolis_api::common::{LogFilter, log_filter};
+    use metropolis_api::osbase::logtree::proto::LeveledLogSeverity;
+    let mut filters = vec![LogFilter {
+        filter: Some(log_filter::Filter::WithChildren(
+            log_filter::WithChildren {},
+        )),
+    }];
+    if let Some(s) = a.min_severity {
+        let minimum = match s {
+            Severity::Info => LeveledLogSeverity::Info,
+            Severity::Warning => LeveledLogSeverity::Warning,
+            Severity::Error => LeveledLogSeverity::Error,
+            Severity::Fatal => LeveledLogSeverity::Fatal,
+        } as i32;
+        filters.push(LogFilter {
+            filter: Some(log_filter::Filter::LeveledWithMinimumSeverity(
+                log_filter::LeveledWithMinimumSeverity { minimum },
+            )),
+        });
+    }
+    let (backlog_mode, backlog_count) = match a.backlog {
+        Some(n) => (logs_request::BacklogMode::Count, n),
+        None => (logs_request::BacklogMode::All, 0),
+    };
+    let req = LogsRequest {
+        dn: a.dn,
+        filters,
+        backlog_mode: backlog_mode as i32,
+        backlog_count,
+        stream_mode: if a.follow {
+            logs_request::StreamMode::Unbuffered
+        } else {
+            logs_request::StreamMode::Disable
+        } as i32,
+    };
+    let mut client = NodeManagementClient::new(node_management(ctx, id).await?);
+    let mut stream = client
+        .logs(req)
+        .await
+        .map_err(|s| call_error("Logs", s))?
+        .into_inner();
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m.map_err(|s| call_error("Logs", s))?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(resp) = msg else { return Ok(()) };
+        for e in resp
+            .backlog_entries
+            .iter()
+            .chain(resp.stream_entries.iter())
+        {
+            print_entry(e);
+        }
+    }
+}
+
+fn print_entry(e: &metropolis_api::osbase::logtree::proto::LogEntry) {
+    use metropolis_api::osbase::logtree::proto::{LeveledLogSeverity, log_entry::Kind};
+    match &e.kind {
+        Some(Kind::Leveled(l)) => {
+            let sev = match LeveledLogSeverity::try_from(l.severity) {
+                Ok(LeveledLogSeverity::Info) => "I",
+                Ok(LeveledLogSeverity::Warning) => "W",
+                Ok(LeveledLogSeverity::Error) => "E",
+                Ok(LeveledLogSeverity::Fatal) => "F",
+                _ => "?",
+            };
+            let ts = l
+                .timestamp
+                .as_ref()
+                .map(|t| {
+                    time::OffsetDateTime::from_unix_timestamp_nanos(
+                        i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+                    )
+                    .ok()
+                    .and_then(|d| {
+                        d.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default()
+                })
+                .unwrap_or_default();
+            for line in &l.lines {
+                println!("{sev} {ts} {} {}] {line}", e.dn, l.location);
+            }
+        }
+        Some(Kind::Raw(r)) => {
+            let cut = if r.original_length as usize > r.data.len() {
+                " [cut]"
+            } else {
+                ""
+            };
+            println!("R {} {}{cut}", e.dn, r.data);
+        }
+        None => {}
+    }
+}
+
+/// `metroctl node reboot ID [--kexec]` and `node poweroff ID`.
+pub async fn power(
+    ctx: &Ctx,
+    id: &str,
+    kind: metropolis_api::api::reboot_request::Type,
+) -> anyhow::Result<()> {
+    use metropolis_api::api::{
+        RebootRequest, node_management_client::NodeManagementClient, reboot_request::Type,
+    };
+    let verb = if kind == Type::PowerOff {
+        "Power off"
+    } else {
+        "Reboot"
+    };
+    if !super::confirm(ctx, &format!("{verb} node {id}?"))? {
+        bail!("nothing was done");
+    }
+    let mut client = NodeManagementClient::new(node_management(ctx, id).await?);
+    client
+        .reboot(RebootRequest {
+            r#type: kind as i32,
+            next_boot: 0,
+        })
+        .await
+        .map_err(|s| call_error("Reboot", s))?;
+    if kind == Type::PowerOff {
+        println!("Node {id} is powering off; it stays down until started again.");
+    } else {
+        println!("Node {id} is restarting; it rejoins with a new boot ID.");
+    }
+    Ok(())
+}
