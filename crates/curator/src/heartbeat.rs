@@ -21,6 +21,7 @@ pub struct Heartbeats {
     /// are cut at the next beat. (After a restart the authentication layer
     /// refuses them before any stream opens.)
     removed: Mutex<HashSet<String>>,
+    received: std::sync::atomic::AtomicU64,
 }
 
 impl Heartbeats {
@@ -30,6 +31,7 @@ impl Heartbeats {
             timeout,
             last: Mutex::new(HashMap::new()),
             removed: Mutex::new(HashSet::new()),
+            received: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -37,7 +39,14 @@ impl Heartbeats {
         self.timeout
     }
 
+    /// Heartbeats received since this curator started (for metrics).
+    pub fn received_total(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn beat(&self, node_id: &str) {
+        self.received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.beat_at(node_id, Instant::now());
     }
 

@@ -110,6 +110,8 @@ enum NodeCommand {
     },
     /// Stop a node's daemon; it stays down until started again (asks unless --yes).
     Poweroff { id: String },
+    /// Print a node's metrics (Prometheus text format).
+    Metrics { id: String },
     /// Ask a node (without roles) to wipe its credentials and data and leave for good.
     Decommission { id: String },
     /// Remove a node from the cluster state; its certificate stops working at once.
@@ -307,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             use metropolis_api::api::reboot_request::Type;
             cmd::node::power(&ctx, &id, if kexec { Type::Kexec } else { Type::Firmware }).await
         }
+        Command::Node(NodeCommand::Metrics { id }) => cmd::node::metrics(&ctx, &id).await,
         Command::Node(NodeCommand::Poweroff { id }) => {
             cmd::node::power(
                 &ctx,

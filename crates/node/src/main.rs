@@ -7,6 +7,7 @@
 mod datadir;
 mod logtree;
 mod membership;
+mod metrics;
 mod node_mgmt;
 mod params;
 mod serve;
@@ -187,8 +188,9 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         }
     };
 
+    let metrics = metrics::Metrics::new()?;
     let cluster = match store {
-        Some(store) => Some(Cluster::open(store).await?),
+        Some(store) => Some(Cluster::open(metrics.instrument(store)).await?),
         None => None,
     };
     // Consensus members talk to their own curator; other nodes to the ones
@@ -211,6 +213,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         heartbeat_timeout: args.heartbeat_timeout,
         data_dir: args.data_dir.clone(),
         logs,
+        metrics,
     })
     .await
 }

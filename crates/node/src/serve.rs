@@ -20,6 +20,7 @@ use metropolis_curator::heartbeat::Heartbeats;
 use metropolis_curator::local::CuratorLocalService;
 use metropolis_curator::management::ManagementService;
 use metropolis_curator::nodes::CuratorService;
+use metropolis_rpc::observe::ObserveLayer;
 use metropolis_rpc::server::Redirect;
 use metropolis_rpc::{AuthLayer, Authorizer};
 use tokio::sync::{mpsc, watch};
@@ -50,6 +51,7 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub data_dir: std::path::PathBuf,
     pub logs: Arc<LogTree>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
@@ -86,13 +88,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         Some(cluster) => Arc::new(ClusterAuthorizer::new(cluster.clone())),
         None => Arc::new(CertificateAuthorizer),
     };
+    let heartbeats = Arc::new(Heartbeats::new(cfg.heartbeat_timeout));
+    let observe = ObserveLayer::new(cfg.metrics.rpc_observer());
     let router = match &cfg.cluster {
         Some(cluster) => {
-            let heartbeats = Arc::new(Heartbeats::new(cfg.heartbeat_timeout));
+            let heartbeats = heartbeats.clone();
             let management = Arc::new(ManagementService::new(cluster.clone(), heartbeats.clone()));
             // Layers added first are outermost: authentication runs before
             // the audit layer, which needs the established caller.
             Server::builder()
+                .layer(observe.clone())
                 .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::new(cluster.store().clone()))
                 .add_service(AaaServer::new(AaaService::new(cluster.clone())))
@@ -118,6 +123,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             // Nothing here mutates cluster state; the disabled audit layer
             // only gives both routers the same type.
             Server::builder()
+                .layer(observe.clone())
                 .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::disabled())
                 .add_service(Redirect::<AaaServer<AaaService>>::new(msg.clone()))
@@ -149,6 +155,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let mgmt_listener = metropolis_rpc::server::bind(mgmt_addr).await?;
     let (power_tx, mut power_rx) = mpsc::channel(1);
     let node_mgmt = Server::builder()
+        .layer(observe)
         .layer(AuthLayer::new(ca.clone(), authorizer))
         .add_service(NodeManagementServer::new(NodeManagementService::new(
             cfg.logs.clone(),
@@ -166,13 +173,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     ));
     let mut mgmt_srv = tokio::spawn(node_mgmt.serve_with_incoming_shutdown(
         metropolis_rpc::server::tls_incoming(mgmt_listener, tls),
+        stopped(stop_rx.clone()),
+    ));
+    let metrics_addr = SocketAddr::new(cfg.address, crate::metrics::METRICS_PORT);
+    let metrics_state = cfg.cluster.clone().map(|c| (c, heartbeats.clone()));
+    let mut metrics_srv = tokio::spawn(crate::metrics::serve(
+        metrics_addr,
+        cfg.metrics.clone(),
+        metrics_state,
         stopped(stop_rx),
     ));
-    tracing::info!(node = %node_id, %addr, %mgmt_addr, "serving");
+    tracing::info!(node = %node_id, %addr, %mgmt_addr, %metrics_addr, "serving");
 
     let outcome = tokio::select! {
         r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
         r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
+        r = &mut metrics_srv => Err(anyhow::anyhow!("the metrics server stopped: {:?}", r)),
         _ = shutdown_signal() => Ok(Exit::Stopped),
         Some(action) = power_rx.recv() => Ok(match action {
             PowerAction::Restart => Exit::Restart,
@@ -194,11 +210,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let both = async {
         let _ = (&mut curator_srv).await;
         let _ = (&mut mgmt_srv).await;
+        let _ = (&mut metrics_srv).await;
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, both).await.is_err() {
         tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
         curator_srv.abort();
         mgmt_srv.abort();
+        metrics_srv.abort();
     }
     tracing::info!(?outcome, "shut down");
     outcome

@@ -48,6 +48,45 @@ fn launch_three_nodes_then_stop() {
         3
     );
 
+    // Metrics of a curator node, in the Prometheus text format.
+    let first = stdout(&out)
+        .lines()
+        .find(|l| l.starts_with("metropolis-"))
+        .map(str::to_string)
+        .expect("an id");
+    let cm = stdout(&metroctl(
+        &cfg,
+        &[
+            "node",
+            "list",
+            "--filter",
+            "has(node.roles.consensus_member)",
+        ],
+    ))
+    .trim()
+    .to_string();
+    let m = metroctl(&cfg, &["node", "metrics", &cm]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    let text = stdout(&m);
+    assert!(
+        text.contains("metropolis_nodes{health=\"HEALTH_HEALTHY\",state=\"NODE_STATE_UP\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("metropolis_heartbeats_received_total"),
+        "{text}"
+    );
+    assert!(text.contains("metropolis_rpc_calls_total{code=\"Ok\",method=\"/metropolis.proto.api.Management/GetNodes\"}"), "{text}");
+    assert!(
+        text.contains("metropolis_store_operation_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    assert!(
+        stdout(&metroctl(&cfg, &["node", "metrics", &first]))
+            .contains("process_resident_memory_bytes")
+    );
+
     // Launching into the same directory again is refused.
     let again = metroctl(
         &cfg,

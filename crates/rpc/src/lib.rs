@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod observe;
 pub mod server;
 
 pub use auth::{AuthLayer, Authorizer, Caller, Permissions, Principal};

@@ -465,3 +465,37 @@ pub async fn power(
     }
     Ok(())
 }
+
+/// `metroctl node metrics ID`: the node's Prometheus metrics.
+pub async fn metrics(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let nodes = get_nodes(ctx, "", &[id.to_string()]).await?;
+    let host = nodes
+        .first()
+        .and_then(|n| n.status.as_ref())
+        .map(|s| s.external_address.clone())
+        .filter(|a| !a.is_empty())
+        .with_context(|| format!("node {id} has not reported its address yet"))?;
+    let ip: std::net::IpAddr = host
+        .parse()
+        .with_context(|| format!("node {id} reports a bad address {host:?}"))?;
+    let url: hyper::Uri =
+        format!("http://{}/metrics", std::net::SocketAddr::new(ip, 7840)).parse()?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+    let resp = client
+        .get(url.clone())
+        .await
+        .with_context(|| format!("cannot fetch {url}"))?;
+    if !resp.status().is_success() {
+        bail!("{url} answered {}", resp.status());
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("reading {url}"))?
+        .to_bytes();
+    print!("{}", String::from_utf8_lossy(&body));
+    Ok(())
+}
