@@ -226,6 +226,20 @@ impl Cluster {
         &self.store
     }
 
+    /// Every write of cluster state goes through here, so one failpoint
+    /// (`curator::store_commit`, debug builds) can fail or delay them all.
+    async fn commit(&self, txn: Txn) -> Result<metropolis_store::TxnResponse, CuratorError> {
+        fail::fail_point!("curator::store_commit", |arg| {
+            if arg.as_deref() == Some("crash") {
+                std::process::abort();
+            }
+            Err(CuratorError::Internal(
+                "failpoint curator::store_commit".into(),
+            ))
+        });
+        Ok(self.store.txn(txn).await?)
+    }
+
     pub fn ca(&self) -> &CertificateAuthority {
         &self.ca
     }
@@ -450,7 +464,7 @@ impl Cluster {
             let txn = Txn::new()
                 .when(Compare::mod_revision(key.clone(), entry.mod_revision))
                 .and_then(Op::put(key, node.encode_to_vec()));
-            if self.store.txn(txn).await?.succeeded {
+            if self.commit(txn).await?.succeeded {
                 return Ok(out);
             }
         }
@@ -494,7 +508,7 @@ impl Cluster {
             .when(Compare::value_equals(KEY_TICKET, current))
             .when(Compare::absent(key.clone()))
             .and_then(Op::put(key, node.encode_to_vec()));
-        if self.store.txn(txn).await?.succeeded {
+        if self.commit(txn).await?.succeeded {
             return Ok(id);
         }
         match self.node(&id).await? {
@@ -820,7 +834,7 @@ impl Cluster {
             let txn = Txn::new()
                 .when(Compare::mod_revision(KEY_CONFIG, kv.mod_revision))
                 .and_then(Op::put(KEY_CONFIG, cfg.encode_to_vec()));
-            if self.store.txn(txn).await?.succeeded {
+            if self.commit(txn).await?.succeeded {
                 return Ok(cfg);
             }
         }
@@ -1082,7 +1096,7 @@ impl Cluster {
                 }
             }
             let txn = txn.and_then(Op::put(key, node.encode_to_vec()));
-            if self.store.txn(txn).await?.succeeded {
+            if self.commit(txn).await?.succeeded {
                 return Ok(());
             }
         }
@@ -1175,7 +1189,7 @@ impl Cluster {
         let txn = txn
             .and_then(Op::delete(node_key(id)))
             .and_then(Op::put(tombstone_key(id), entry.node.public_key.clone()));
-        if !self.store.txn(txn).await?.succeeded {
+        if !self.commit(txn).await?.succeeded {
             return Err(CuratorError::FailedPrecondition(format!(
                 "node {id} or the consensus members changed while deleting; retry"
             )));

@@ -5,6 +5,8 @@
 //! credentials sealed in its data directory.
 
 mod datadir;
+#[cfg(feature = "debug")]
+mod debug;
 mod logtree;
 mod membership;
 mod metrics;
@@ -136,6 +138,16 @@ fn restart() -> ExitCode {
 }
 
 async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::Exit> {
+    #[cfg(feature = "debug")]
+    let view: debug::View = {
+        let view = Arc::new(std::sync::Mutex::new(serde_json::json!({
+            "address": args.address.to_string(),
+            "data_dir": args.data_dir.display().to_string(),
+            "phase": "starting",
+        })));
+        debug::start(args.address, logs.clone(), view.clone()).await?;
+        view
+    };
     let data = DataDir::new(args.data_dir.clone());
     let (creds, store) = if data.is_member() {
         if let Some(p) = &args.params {
@@ -188,6 +200,13 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         }
     };
 
+    #[cfg(feature = "debug")]
+    if let Ok(mut v) = view.lock() {
+        v["phase"] = "member".into();
+        v["node_id"] = creds.node_id().into();
+        v["ca_fingerprint"] = metropolis_identity::fingerprint_sha256(&creds.ca_certificate).into();
+        v["runs_curator"] = store.is_some().into();
+    }
     let metrics = metrics::Metrics::new()?;
     let cluster = match store {
         Some(store) => Some(Cluster::open(metrics.instrument(store)).await?),

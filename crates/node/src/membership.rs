@@ -371,7 +371,19 @@ fn async_stream_interval(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     futures::stream::unfold(ticker, |mut t| async move {
-        t.tick().await;
+        loop {
+            t.tick().await;
+            if !heartbeat_dropped() {
+                break;
+            }
+        }
         Some((HeartbeatUpdateRequest {}, t))
     })
+}
+
+/// Debug builds: the `node::heartbeat_send` failpoint drops beats ("return")
+/// or delays them ("sleep(MS)"). A no-op otherwise.
+fn heartbeat_dropped() -> bool {
+    fail::fail_point!("node::heartbeat_send", |_| true);
+    false
 }

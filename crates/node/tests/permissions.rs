@@ -80,7 +80,8 @@ fn handler_code(path: &str, who: Who) -> Code {
     match (service, method) {
         // Not served on the curator port: the router answers.
         ("/metropolis.proto.api.NodeManagement", _)
-        | ("/metropolis.proto.api.NodeDebugService", _) => Code::Unimplemented,
+        | ("/metropolis.proto.api.NodeDebugService", _)
+        | ("/metropolis.proto.admin.NodeFaults", _) => Code::Unimplemented,
         ("/metropolis.proto.api.AAA", "Escrow") => Code::InvalidArgument,
         ("/metropolis.node.core.curator.proto.api.CuratorLocal", _) => Code::Ok,
         ("/metropolis.node.core.curator.proto.api.Curator", m) => match m {
