@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use metropolis_api::admin::{
-    DumpStateRequest, DumpStateResponse, ListFailpointsRequest, ListFailpointsResponse,
-    SetFailpointRequest, SetFailpointResponse,
+    DumpStateRequest, DumpStateResponse, EmitLogsRequest, EmitLogsResponse, ListFailpointsRequest,
+    ListFailpointsResponse, SetFailpointRequest, SetFailpointResponse,
     list_failpoints_response::Failpoint,
     node_faults_server::{NodeFaults, NodeFaultsServer},
 };
@@ -109,6 +109,40 @@ impl NodeFaults for Debug {
                 .collect(),
             known: FAILPOINTS.iter().map(|s| s.to_string()).collect(),
         }))
+    }
+
+    async fn emit_logs(
+        &self,
+        request: Request<EmitLogsRequest>,
+    ) -> Result<Response<EmitLogsResponse>, Status> {
+        let req = request.into_inner();
+        if req.lines_per_second == 0
+            || req.lines_per_second > 1_000_000
+            || req.seconds == 0
+            || req.seconds > 3600
+        {
+            return Err(Status::invalid_argument(
+                "lines_per_second must be 1..=1000000 and seconds 1..=3600",
+            ));
+        }
+        tokio::spawn(async move {
+            // Ten batches a second keep the rate smooth without a timer per line.
+            let per_tick = (req.lines_per_second / 10).max(1);
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            let mut n: u64 = 0;
+            for _ in 0..(u64::from(req.seconds) * 10) {
+                tick.tick().await;
+                for _ in 0..per_tick {
+                    n += 1;
+                    tracing::info!(
+                        dn = "root.debug.spam",
+                        n,
+                        "synthetic log line for load tests"
+                    );
+                }
+            }
+        });
+        Ok(Response::new(EmitLogsResponse {}))
     }
 
     async fn dump_state(

@@ -307,3 +307,102 @@ async fn debug_build_serves_logs_before_joining_and_failpoints() {
     let _ = node.kill();
     let _ = node.wait();
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Soak: a node producing 10,000 log lines a second for a minute while a
+/// client follows its logs; prints the node's RSS over time. A measurement,
+/// not a check of speed: run it with
+/// `cargo test -p metropolis-node --test debug_service -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn log_soak_memory_stays_bounded() {
+    use metropolis_api::admin::EmitLogsRequest;
+    let binary = debug_binary();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let owner = metropolis_identity::generate_key();
+    let bp = tmp.path().join("bootstrap.pb");
+    write_bootstrap_params(&bp, &owner);
+    let addr = fresh_address();
+    let mut node = std::process::Command::new(&binary)
+        .args([
+            "--data-dir",
+            tmp.path().join("n").to_str().expect("utf8"),
+            "--address",
+            &addr.to_string(),
+            "--params",
+        ])
+        .arg(&bp)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ch = loop {
+        if let Ok(ch) = debug_channel(addr).await {
+            break ch;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut follow = NodeDebugServiceClient::new(ch.clone())
+        .logs(LogsRequest {
+            dn: "root".into(),
+            filters: vec![LogFilter {
+                filter: Some(log_filter::Filter::WithChildren(
+                    log_filter::WithChildren {},
+                )),
+            }],
+            backlog_mode: logs_request::BacklogMode::Disable as i32,
+            backlog_count: 0,
+            stream_mode: logs_request::StreamMode::Unbuffered as i32,
+        })
+        .await
+        .expect("follow")
+        .into_inner();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let r = received.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = follow.message().await {
+            r.fetch_add(
+                m.stream_entries.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    });
+    let start_rss = rss_kib(node.id());
+    NodeFaultsClient::new(ch)
+        .emit_logs(EmitLogsRequest {
+            lines_per_second: 10_000,
+            seconds: 60,
+        })
+        .await
+        .expect("emit");
+    let mut samples = Vec::new();
+    for i in 1..=13 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss = rss_kib(node.id());
+        let got = received.load(std::sync::atomic::Ordering::Relaxed);
+        println!("t={:>3}s rss={:>7} KiB followed_entries={got}", i * 5, rss);
+        samples.push(rss);
+    }
+    println!(
+        "rss before: {start_rss} KiB, max during: {} KiB",
+        samples.iter().max().copied().unwrap_or(0)
+    );
+    let _ = node.kill();
+    let _ = node.wait();
+    // Bounded: after the ring buffers fill (first seconds), RSS stops growing.
+    let settled = samples[2];
+    let last = *samples.last().unwrap_or(&0);
+    assert!(last < settled + 32 * 1024, "RSS kept growing: {samples:?}");
+}
