@@ -1,0 +1,499 @@
+//! The figures of one run and the plain-text report they print as.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::getnodes::{HealthCount, HealthReport, Timings, UP_FILTER};
+use crate::stats::{ErrorTally, Samples, fmt_bytes, fmt_duration, fmt_opt_duration};
+
+/// GetNodes with a filter must answer within this.
+const FILTERED_TARGET: Duration = Duration::from_millis(100);
+/// ... and take at most this many times as long as without one.
+const RATIO_TARGET: f64 = 1.5;
+/// Curator memory per node.
+const BYTES_PER_NODE_TARGET: f64 = 4096.0;
+
+#[derive(Default)]
+pub struct Report {
+    pub command_line: String,
+    pub node_binary: String,
+    pub node_addr: String,
+    pub node_pid: u32,
+    pub data_dir: String,
+    /// The data directory survives the run (--keep).
+    pub kept: bool,
+    pub nodes: usize,
+    pub concurrency: usize,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub duration: Duration,
+    pub node_ready_after: Option<Duration>,
+
+    pub registration: Option<Registration>,
+    pub connections: Option<Connections>,
+    pub heartbeats: Option<Heartbeats>,
+    pub get_nodes: Option<Timings>,
+    pub health: Option<HealthReport>,
+    pub memory: Memory,
+    pub node_nofile: Option<(String, String)>,
+    pub node_fds_during_heartbeats: Option<usize>,
+    pub node_threads: Option<u64>,
+    pub loadgen_nofile: Option<(crate::node::Rlim, crate::node::Rlim)>,
+    pub loadgen_rss: Option<u64>,
+    pub loadgen_cpu: Option<Duration>,
+    pub wall: Duration,
+    pub node_exit: Option<String>,
+
+    /// Things that went wrong; any makes the run fail.
+    pub failures: Vec<String>,
+    /// Things worth knowing that are not failures.
+    pub notes: Vec<String>,
+}
+
+pub struct Registration {
+    pub admitted: usize,
+    pub errors: ErrorTally,
+    pub wall: Duration,
+    pub cycle: Samples,
+    pub connect: Samples,
+    pub register: Samples,
+    pub approve: Samples,
+    pub commit: Samples,
+    pub node_cpu: Option<Duration>,
+}
+
+pub struct Connections {
+    pub attempted: usize,
+    pub opened: usize,
+    pub errors: ErrorTally,
+    pub wall: Duration,
+    pub total: Samples,
+    pub connect: Samples,
+    pub join: Samples,
+    pub status: Samples,
+    pub open: Samples,
+    pub node_cpu: Option<Duration>,
+}
+
+pub struct Heartbeats {
+    /// From all streams open to the stop.
+    pub window: Duration,
+    pub first_beats_after: Duration,
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: ErrorTally,
+    /// Beat round trips by when the beat was sent.
+    pub round_trips: RoundTrips,
+    pub unclosed: usize,
+    /// The part of the window without GetNodes calls.
+    pub steady: Option<Steady>,
+}
+
+#[derive(Default)]
+pub struct RoundTrips {
+    pub all: Samples,
+    /// Sent while other nodes were still connecting.
+    pub connecting: Samples,
+    /// Sent while waiting for first beats and during the GetNodes calls.
+    pub measuring: Samples,
+    /// Sent in the steady state: heartbeats only.
+    pub steady: Samples,
+}
+
+pub struct Steady {
+    pub length: Duration,
+    pub acked: u64,
+    pub node_cpu: Option<Duration>,
+    pub loadgen_cpu: Option<Duration>,
+}
+
+#[derive(Default)]
+pub struct Memory {
+    pub baseline: Option<u64>,
+    pub after_registration: Option<u64>,
+    pub during_heartbeats: Option<u64>,
+    pub after_get_nodes: Option<u64>,
+    pub peak: Option<u64>,
+}
+
+impl Report {
+    pub fn failed(&self) -> bool {
+        !self.failures.is_empty()
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        self.render_into(&mut o);
+        o
+    }
+
+    fn render_into(&self, o: &mut String) {
+        // Writing to a String cannot fail; the results are ignored below.
+        let _ = writeln!(o, "\n=== metropolis-loadgen report ===");
+        let _ = writeln!(o, "command:      {}", self.command_line);
+        let _ = writeln!(
+            o,
+            "node:         {} (pid {}) on {}, --heartbeat-timeout {}",
+            self.node_binary,
+            self.node_pid,
+            self.node_addr,
+            humantime::format_duration(self.heartbeat_timeout)
+        );
+        let _ = writeln!(
+            o,
+            "data dir:     {} ({})",
+            self.data_dir,
+            if self.kept {
+                "kept"
+            } else {
+                "removed at exit; --keep keeps it"
+            }
+        );
+        let _ = writeln!(
+            o,
+            "simulated:    {} nodes, {} in flight, heartbeat every {}, heartbeats run {}",
+            self.nodes,
+            self.concurrency,
+            humantime::format_duration(self.heartbeat_interval),
+            humantime::format_duration(self.duration)
+        );
+        if let Some(d) = self.node_ready_after {
+            let _ = writeln!(o, "node serving after {}", fmt_duration(d));
+        }
+        let _ = writeln!(o, "total wall time: {}", fmt_duration(self.wall));
+
+        if let Some(r) = &self.registration {
+            let _ = writeln!(
+                o,
+                "\n-- Registration (key + self-signed cert + TLS + RegisterNode + owner ApproveNode + CommitNode)"
+            );
+            let _ = writeln!(
+                o,
+                "  admitted {} of {}, errors {}, in {}",
+                r.admitted,
+                self.nodes,
+                r.errors.total(),
+                fmt_duration(r.wall)
+            );
+            let _ = writeln!(
+                o,
+                "  throughput  {:.1} nodes/s (full cycles completed / wall time)",
+                r.admitted as f64 / r.wall.as_secs_f64().max(1e-9)
+            );
+            cpu_line(o, "  node CPU   ", r.node_cpu, r.wall);
+            latency_header(o);
+            latency_row(o, "full cycle", &mut r.cycle.clone());
+            latency_row(o, "TLS connect", &mut r.connect.clone());
+            latency_row(o, "RegisterNode", &mut r.register.clone());
+            latency_row(o, "ApproveNode", &mut r.approve.clone());
+            latency_row(o, "CommitNode", &mut r.commit.clone());
+            errors(o, &r.errors);
+        }
+
+        if let Some(c) = &self.connections {
+            let _ = writeln!(
+                o,
+                "\n-- Heartbeat connections (TLS with node cert + JoinNode + UpdateNodeStatus + open Heartbeat stream)"
+            );
+            let _ = writeln!(
+                o,
+                "  opened {} of {}, errors {}, in {} ({:.1} connections/s)",
+                c.opened,
+                c.attempted,
+                c.errors.total(),
+                fmt_duration(c.wall),
+                c.opened as f64 / c.wall.as_secs_f64().max(1e-9)
+            );
+            cpu_line(o, "  node CPU   ", c.node_cpu, c.wall);
+            latency_header(o);
+            latency_row(o, "whole setup", &mut c.total.clone());
+            latency_row(o, "TLS connect", &mut c.connect.clone());
+            latency_row(o, "JoinNode", &mut c.join.clone());
+            latency_row(o, "UpdateNodeStatus", &mut c.status.clone());
+            latency_row(o, "open Heartbeat", &mut c.open.clone());
+            errors(o, &c.errors);
+        }
+
+        if let Some(h) = &self.heartbeats {
+            let _ = writeln!(
+                o,
+                "\n-- Heartbeats (one stream per node, jittered start, window from all streams open to stop)"
+            );
+            let _ = writeln!(
+                o,
+                "  window {}, every node's first beat acknowledged after {}",
+                fmt_duration(h.window),
+                fmt_duration(h.first_beats_after)
+            );
+            let _ = writeln!(
+                o,
+                "  beats sent {}, acknowledged {}, unacknowledged {}, errors {}, streams not closed after stop {}",
+                h.sent,
+                h.acked,
+                h.sent.saturating_sub(h.acked),
+                h.errors.total(),
+                h.unclosed
+            );
+            if let Some(s) = &h.steady {
+                let expected = self.connections.as_ref().map_or(0, |c| c.opened) as f64
+                    / self.heartbeat_interval.as_secs_f64().max(1e-9);
+                let _ = writeln!(
+                    o,
+                    "  steady state ({} without GetNodes): {:.0} beats/s acknowledged (expected {:.0})",
+                    fmt_duration(s.length),
+                    s.acked as f64 / s.length.as_secs_f64().max(1e-9),
+                    expected
+                );
+                cpu_line(o, "  node CPU    ", s.node_cpu, s.length);
+                cpu_line(o, "  loadgen CPU ", s.loadgen_cpu, s.length);
+            }
+            latency_header(o);
+            let rt = &h.round_trips;
+            latency_row(o, "beat round trip", &mut rt.all.clone());
+            latency_row(o, "  while connecting", &mut rt.connecting.clone());
+            latency_row(o, "  wait + GetNodes", &mut rt.measuring.clone());
+            latency_row(o, "  steady state", &mut rt.steady.clone());
+            errors(o, &h.errors);
+        }
+
+        if let Some(g) = &self.get_nodes {
+            let mut unf = g.unfiltered.clone();
+            let mut fil = g.filtered.clone();
+            let _ = writeln!(
+                o,
+                "\n-- Management.GetNodes as owner ({} calls each, alternating, stream fully read, during heartbeats)",
+                unf.len()
+            );
+            let _ = writeln!(
+                o,
+                "  {:<30} {:>10} {:>10} {:>10} {:>10} {:>8}",
+                "filter", "median", "p90", "min", "max", "nodes"
+            );
+            for (name, s, n) in [
+                ("(none)", &mut unf, g.unfiltered_count),
+                (UP_FILTER, &mut fil, g.filtered_count),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "  {:<30} {:>10} {:>10} {:>10} {:>10} {:>8}",
+                    name,
+                    fmt_opt_duration(s.median()),
+                    fmt_opt_duration(s.percentile(90.0)),
+                    fmt_opt_duration(s.min()),
+                    fmt_opt_duration(s.max()),
+                    n
+                );
+            }
+            if let (Some(f), Some(u)) = (fil.median(), unf.median()) {
+                let ratio = f.as_secs_f64() / u.as_secs_f64().max(1e-9);
+                let _ = writeln!(
+                    o,
+                    "  filtered median {}   target < {}: {}",
+                    fmt_duration(f),
+                    fmt_duration(FILTERED_TARGET),
+                    verdict(f < FILTERED_TARGET)
+                );
+                let _ = writeln!(
+                    o,
+                    "  ratio filtered/unfiltered (medians) {ratio:.2}   target <= {RATIO_TARGET}: {}",
+                    verdict(ratio <= RATIO_TARGET)
+                );
+            }
+            let reads = &g.unhealthy_per_read;
+            let _ = writeln!(
+                o,
+                "  nodes not HEALTHY per unfiltered read: {} (reads with any: {} of {})",
+                reads
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                reads.iter().filter(|&&n| n > 0).count(),
+                reads.len()
+            );
+        }
+
+        if let Some(h) = &self.health {
+            let _ = writeln!(
+                o,
+                "\n-- Health (one unfiltered GetNodes at node uptime {})",
+                fmt_duration(h.at_uptime)
+            );
+            let _ = writeln!(
+                o,
+                "  {:<22} {:>8} {:>18} {:>8} {:>8} {:>8}",
+                "", "HEALTHY", "HEARTBEAT_TIMEOUT", "UNKNOWN", "other", "missing"
+            );
+            health_row(o, "simulated nodes", &h.simulated, Some(h.missing));
+            health_row(o, "other (bootstrap node)", &h.others, None);
+            let _ = writeln!(
+                o,
+                "  largest time since heartbeat among simulated nodes: {}",
+                fmt_opt_duration(h.max_since_heartbeat)
+            );
+            let all = h.simulated.healthy == self.nodes && h.missing == 0;
+            let _ = writeln!(
+                o,
+                "  target all {} simulated nodes HEALTHY: {}",
+                self.nodes,
+                verdict(all)
+            );
+        }
+
+        let m = &self.memory;
+        let _ = writeln!(
+            o,
+            "\n-- Node process memory (VmRSS from /proc/{}/status)",
+            self.node_pid
+        );
+        let admitted = self.registration.as_ref().map_or(0, |r| r.admitted).max(1) as i64;
+        let per_node = |v: Option<u64>| -> Option<f64> {
+            Some((v? as i64 - m.baseline? as i64) as f64 / admitted as f64)
+        };
+        let row = |o: &mut String, label: &str, v: Option<u64>, per: Option<f64>| {
+            // Exact bytes: the figure is compared with the target, and a
+            // rounded "4.0 KiB" next to "met" would read as a contradiction.
+            let per = per.map_or(String::new(), |p| {
+                format!(
+                    "  {:>7.0} B = {:>5.2} KiB/node  target < 4 KiB: {}",
+                    p,
+                    p / 1024.0,
+                    verdict(p < BYTES_PER_NODE_TARGET)
+                )
+            });
+            let _ = writeln!(
+                o,
+                "  {:<58} {:>10}{per}",
+                label,
+                v.map_or("-".into(), fmt_bytes)
+            );
+        };
+        row(
+            o,
+            "baseline: after bootstrap, before any registration",
+            m.baseline,
+            None,
+        );
+        row(
+            o,
+            "after all registrations (before heartbeat connections)",
+            m.after_registration,
+            per_node(m.after_registration),
+        );
+        row(
+            o,
+            "during heartbeats, all connections open (incl. TLS/HTTP2)",
+            m.during_heartbeats,
+            per_node(m.during_heartbeats),
+        );
+        row(
+            o,
+            "after the GetNodes calls (heartbeats still running)",
+            m.after_get_nodes,
+            None,
+        );
+        row(o, "peak (VmHWM)", m.peak, None);
+        let _ = writeln!(
+            o,
+            "  (per node = (figure - baseline) / {admitted} admitted nodes)"
+        );
+        if let Some(fds) = self.node_fds_during_heartbeats {
+            let _ = writeln!(o, "  node open fds during heartbeats: {fds}");
+        }
+        if let Some((soft, hard)) = &self.node_nofile {
+            let _ = writeln!(o, "  node RLIMIT_NOFILE: soft {soft}, hard {hard}");
+        }
+        if let Some(t) = self.node_threads {
+            let _ = writeln!(o, "  node threads: {t}");
+        }
+
+        let _ = writeln!(o, "\n-- Load generator");
+        if let Some((soft, hard)) = self.loadgen_nofile {
+            let _ = writeln!(o, "  RLIMIT_NOFILE soft raised from {soft} to {hard}");
+        }
+        if let Some(rss) = self.loadgen_rss {
+            let _ = writeln!(
+                o,
+                "  VmRSS at the end of the heartbeats: {}",
+                fmt_bytes(rss)
+            );
+        }
+        if let Some(cpu) = self.loadgen_cpu {
+            let _ = writeln!(o, "  CPU time: {}", fmt_duration(cpu));
+        }
+        if let Some(e) = &self.node_exit {
+            let _ = writeln!(o, "  node stop: {e}");
+        }
+
+        if !self.notes.is_empty() {
+            let _ = writeln!(o, "\n-- Notes");
+            for n in &self.notes {
+                let _ = writeln!(o, "  * {n}");
+            }
+        }
+        let _ = writeln!(o);
+        if self.failures.is_empty() {
+            let _ = writeln!(o, "RESULT: OK (no errors; targets above are informational)");
+        } else {
+            let _ = writeln!(o, "RESULT: FAILED");
+            for f in &self.failures {
+                let _ = writeln!(o, "  - {f}");
+            }
+        }
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+fn cpu_line(o: &mut String, label: &str, cpu: Option<Duration>, over: Duration) {
+    if let Some(cpu) = cpu {
+        let _ = writeln!(
+            o,
+            "{label} {} ({:.0}% of one core)",
+            fmt_duration(cpu),
+            100.0 * cpu.as_secs_f64() / over.as_secs_f64().max(1e-9)
+        );
+    }
+}
+
+fn latency_header(o: &mut String) {
+    let _ = writeln!(
+        o,
+        "  {:<18} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "latency", "p50", "p90", "p99", "max", "samples"
+    );
+}
+
+fn latency_row(o: &mut String, name: &str, s: &mut Samples) {
+    let _ = writeln!(
+        o,
+        "  {:<18} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        name,
+        fmt_opt_duration(s.percentile(50.0)),
+        fmt_opt_duration(s.percentile(90.0)),
+        fmt_opt_duration(s.percentile(99.0)),
+        fmt_opt_duration(s.max()),
+        s.len()
+    );
+}
+
+fn health_row(o: &mut String, name: &str, h: &HealthCount, missing: Option<usize>) {
+    let _ = writeln!(
+        o,
+        "  {:<22} {:>8} {:>18} {:>8} {:>8} {:>8}",
+        name,
+        h.healthy,
+        h.timeout,
+        h.unknown,
+        h.other,
+        missing.map_or("-".into(), |m| m.to_string())
+    );
+}
+
+fn errors(o: &mut String, tally: &ErrorTally) {
+    for (message, n) in tally.messages() {
+        let _ = writeln!(o, "  error x{n}: {message}");
+    }
+}
