@@ -30,7 +30,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -97,6 +97,10 @@ pub struct AuditLog {
     appended: AtomicU64,
     /// Set while a trim runs, so that trims never pile up.
     trimming: AtomicBool,
+    /// Records in the store as of the last trim plus appends since (-1:
+    /// not known yet). A trim reads the whole prefix, so it only runs when
+    /// this says there is something to delete (or on the first append).
+    count: AtomicI64,
 }
 
 impl AuditLog {
@@ -112,6 +116,7 @@ impl AuditLog {
             trim_every: trim_every.max(1),
             appended: AtomicU64::new(0),
             trimming: AtomicBool::new(false),
+            count: AtomicI64::new(-1),
         })
     }
 
@@ -136,7 +141,13 @@ impl AuditLog {
             .txn(Txn::new().and_then(Op::put(key, record.encode_to_vec())))
             .await?;
         let n = self.appended.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(self.trim_every) && !self.trimming.swap(true, Ordering::AcqRel) {
+        let known = self.count.load(Ordering::Relaxed);
+        if known >= 0 {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        let over = known < 0 || usize::try_from(known + 1).unwrap_or(usize::MAX) > self.retention;
+        if n.is_multiple_of(self.trim_every) && over && !self.trimming.swap(true, Ordering::AcqRel)
+        {
             let log = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = log.trim().await {
@@ -161,6 +172,12 @@ impl AuditLog {
             self.store.txn(txn).await?;
             deleted += chunk.len();
         }
+        // Appends that raced with this read are counted again by the next
+        // trim; the count only decides when to look.
+        self.count.store(
+            i64::try_from(range.kvs.len() - deleted).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
         Ok(deleted)
     }
 }

@@ -9,7 +9,7 @@ use metropolis_api::api::{
     management_client::ManagementClient, proof_request::Kind,
 };
 use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
-use metropolis_identity::ServerTrust;
+use metropolis_identity::{ServerTrust, SigningKey};
 
 use crate::cmd::confirm;
 use crate::config::{CA_CERT, ClusterFile, OWNER_CERT};
@@ -52,63 +52,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         }
     }
 
-    // Escrow: present a self-signed certificate over the owner key at the TLS
-    // layer, ask for the owner identity with the same key.
-    let self_signed = metropolis_identity::self_signed_certificate(&key, "")?;
-    let channel = ctx
-        .channel(
-            ServerTrust::ClusterCa {
-                ca_der: ca.clone(),
-                node_id: None,
-            },
-            Some((self_signed, key.clone())),
-        )
-        .await?;
-    let request = EscrowRequest {
-        parameters: Some(Parameters {
-            requested_identity_name: OWNER.into(),
-            public_key: key.verifying_key().to_bytes().to_vec(),
-        }),
-        proofs: None,
-    };
-    let mut responses = AaaClient::new(channel)
-        .escrow(tokio_stream::iter([request]))
-        .await
-        .map_err(|s| call_error("Escrow", s))?
-        .into_inner();
-    let resp = responses
-        .message()
-        .await
-        .map_err(|s| call_error("Escrow", s))?
-        .context("the cluster closed Escrow without an answer")?;
-    if resp.emitted_certificate.is_empty() {
-        let needed: Vec<String> = resp
-            .needed
-            .iter()
-            .map(|p| {
-                Kind::try_from(p.kind)
-                    .map(|k| k.as_str_name().to_string())
-                    .unwrap_or_else(|_| p.kind.to_string())
-            })
-            .collect();
-        bail!(
-            "the cluster asks for proofs metroctl cannot give: {}",
-            needed.join(", ")
-        );
-    }
-    let cert = metropolis_identity::parse_certificate(&resp.emitted_certificate)
-        .context("the cluster sent an invalid certificate")?;
-    metropolis_identity::verify_signed_by(&cert, &ca, time_now())
-        .context("the certificate the cluster sent does not chain to its CA")?;
-    if cert.public_key != key.verifying_key().to_bytes() {
-        bail!("the certificate the cluster sent is for another key");
-    }
+    let emitted = escrow(ctx, &ca, OWNER, &key).await?;
 
     ctx.config
         .write(CA_CERT, metropolis_identity::cert_to_pem(&ca).as_bytes())?;
     ctx.config.write(
         OWNER_CERT,
-        metropolis_identity::cert_to_pem(&resp.emitted_certificate).as_bytes(),
+        metropolis_identity::cert_to_pem(&emitted).as_bytes(),
     )?;
     remember_endpoints(ctx, &endpoints)?;
     println!(
@@ -157,4 +107,74 @@ pub async fn fetch_ca_trust_on_first_use(endpoints: &[SocketAddr]) -> anyhow::Re
     metropolis_identity::verify_signed_by(&server, &ca, time_now())
         .context("the node's certificate is not signed by the CA it sent; refusing to pin it")?;
     Ok(ca)
+}
+
+/// Escrow for `name`: a self-signed certificate over the key at the TLS
+/// layer, the same key in the request; returns the certificate the cluster
+/// issued, checked against the pinned CA. Used for the owner and for named
+/// identities (`metroctl login`).
+pub async fn escrow(ctx: &Ctx, ca: &[u8], name: &str, key: &SigningKey) -> anyhow::Result<Vec<u8>> {
+    let self_signed = metropolis_identity::self_signed_certificate(key, "")?;
+    let channel = ctx
+        .channel(
+            ServerTrust::ClusterCa {
+                ca_der: ca.to_vec(),
+                node_id: None,
+            },
+            Some((self_signed, key.clone())),
+        )
+        .await?;
+    let request = EscrowRequest {
+        parameters: Some(Parameters {
+            requested_identity_name: name.to_string(),
+            public_key: key.verifying_key().to_bytes().to_vec(),
+        }),
+        proofs: None,
+    };
+    let hint = |s: tonic::Status| {
+        let extra = match s.code() {
+            _ if name == OWNER => "",
+            tonic::Code::Unimplemented => {
+                " (ask the cluster owner to add the identity with `metroctl user add`)"
+            }
+            tonic::Code::PermissionDenied => {
+                " (the owner registered another public key for this name; send them yours)"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("{:#}{extra}", call_error("Escrow", s))
+    };
+    let mut responses = AaaClient::new(channel)
+        .escrow(tokio_stream::iter([request]))
+        .await
+        .map_err(hint)?
+        .into_inner();
+    let resp = responses
+        .message()
+        .await
+        .map_err(hint)?
+        .context("the cluster closed Escrow without an answer")?;
+    if resp.emitted_certificate.is_empty() {
+        let needed: Vec<String> = resp
+            .needed
+            .iter()
+            .map(|p| {
+                Kind::try_from(p.kind)
+                    .map(|k| k.as_str_name().to_string())
+                    .unwrap_or_else(|_| p.kind.to_string())
+            })
+            .collect();
+        bail!(
+            "the cluster asks for proofs metroctl cannot give: {}",
+            needed.join(", ")
+        );
+    }
+    let cert = metropolis_identity::parse_certificate(&resp.emitted_certificate)
+        .context("the cluster sent an invalid certificate")?;
+    metropolis_identity::verify_signed_by(&cert, ca, time_now())
+        .context("the certificate the cluster sent does not chain to its CA")?;
+    if cert.public_key != key.verifying_key().to_bytes() || cert.common_name != name {
+        bail!("the certificate the cluster sent is for another identity or key");
+    }
+    Ok(resp.emitted_certificate)
 }

@@ -22,10 +22,6 @@ use metropolis_api::admin::{
     AddIdentityRequest, Identity, ListIdentitiesRequest, RemoveIdentityRequest, Role,
     cluster_admin_client::ClusterAdminClient,
 };
-use metropolis_api::api::{
-    EscrowRequest, aaa_client::AaaClient, escrow_request::Parameters, proof_request::Kind,
-};
-use metropolis_identity::{ServerTrust, SigningKey};
 
 use crate::cmd::confirm;
 use crate::cmd::takeownership::fetch_ca_trust_on_first_use;
@@ -278,7 +274,7 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<()> {
             ca
         }
     };
-    let cert = escrow(ctx, &ca, &name, &key).await?;
+    let cert = super::takeownership::escrow(ctx, &ca, &name, &key).await?;
     ctx.config
         .write(CA_CERT, metropolis_identity::cert_to_pem(&ca).as_bytes())?;
     ctx.config.write(
@@ -301,73 +297,6 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<()> {
         ctx.config.root().display()
     );
     Ok(())
-}
-
-/// Escrow for `name`: a self-signed certificate over the key at the TLS
-/// layer, the same key in the request.
-async fn escrow(ctx: &Ctx, ca: &[u8], name: &str, key: &SigningKey) -> anyhow::Result<Vec<u8>> {
-    let self_signed = metropolis_identity::self_signed_certificate(key, "")?;
-    let channel = ctx
-        .channel(
-            ServerTrust::ClusterCa {
-                ca_der: ca.to_vec(),
-                node_id: None,
-            },
-            Some((self_signed, key.clone())),
-        )
-        .await?;
-    let request = EscrowRequest {
-        parameters: Some(Parameters {
-            requested_identity_name: name.to_string(),
-            public_key: key.verifying_key().to_bytes().to_vec(),
-        }),
-        proofs: None,
-    };
-    let hint = |s: tonic::Status| {
-        let extra = match s.code() {
-            tonic::Code::Unimplemented => {
-                " (ask the cluster owner to add the identity with `metroctl user add`)"
-            }
-            tonic::Code::PermissionDenied => {
-                " (the owner registered another public key for this name; send them yours)"
-            }
-            _ => "",
-        };
-        anyhow::anyhow!("{:#}{extra}", call_error("Escrow", s))
-    };
-    let mut responses = AaaClient::new(channel)
-        .escrow(tokio_stream::iter([request]))
-        .await
-        .map_err(hint)?
-        .into_inner();
-    let resp = responses
-        .message()
-        .await
-        .map_err(hint)?
-        .context("the cluster closed Escrow without an answer")?;
-    if resp.emitted_certificate.is_empty() {
-        let needed: Vec<String> = resp
-            .needed
-            .iter()
-            .map(|p| {
-                Kind::try_from(p.kind)
-                    .map(|k| k.as_str_name().to_string())
-                    .unwrap_or_else(|_| p.kind.to_string())
-            })
-            .collect();
-        bail!(
-            "the cluster asks for proofs metroctl cannot give: {}",
-            needed.join(", ")
-        );
-    }
-    let cert = metropolis_identity::parse_certificate(&resp.emitted_certificate)
-        .context("the cluster sent an invalid certificate")?;
-    metropolis_identity::verify_signed_by(&cert, ca, time::OffsetDateTime::now_utc())
-        .context("the certificate the cluster sent does not chain to its CA")?;
-    if cert.public_key != key.verifying_key().to_bytes() || cert.common_name != name {
-        bail!("the certificate the cluster sent is for another identity or key");
-    }
-    Ok(resp.emitted_certificate)
 }
 
 #[cfg(test)]
