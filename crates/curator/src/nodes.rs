@@ -252,32 +252,13 @@ impl Curator for CuratorService {
 mod tests {
     use super::*;
     use metropolis_api::common::NodeLabels;
-    use metropolis_store::{EmbeddedStore, Op, Store, Txn};
+    use metropolis_store::{Op, Txn};
     use std::time::Duration;
 
     #[tokio::test]
     async fn watch_sends_backlog_then_changes_and_tombstones() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
-        let key = metropolis_identity::generate_key()
-            .verifying_key()
-            .to_bytes();
-        crate::state::bootstrap(
-            store.as_ref(),
-            crate::state::BootstrapRequest {
-                owner_public_key: [1; 32],
-                initial_configuration: None,
-                labels: NodeLabels::default(),
-                node_public_key: key,
-                node_address: "127.0.0.2".into(),
-            },
-        )
-        .await
-        .expect("bootstrap");
-        let cluster = Cluster::open(store.clone()).await.expect("cluster");
-        let id = metropolis_identity::node_id(&key);
+        let t = crate::state::test_support::bootstrapped().await;
+        let (store, cluster, id) = (t.store.clone(), t.cluster.clone(), t.first_id.clone());
         let svc = CuratorService::new(
             cluster.clone(),
             Arc::new(Heartbeats::new(Duration::from_secs(5))),

@@ -603,32 +603,59 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A fresh cluster for the curator's unit tests.
 #[cfg(test)]
-mod register_tests {
+pub(crate) mod test_support {
     use super::*;
     use metropolis_store::EmbeddedStore;
 
-    async fn cluster() -> (tempfile::TempDir, Arc<Cluster>) {
+    pub(crate) struct TestCluster {
+        /// Keeps the store's directory alive.
+        pub dir: tempfile::TempDir,
+        pub store: Arc<dyn Store>,
+        pub cluster: Arc<Cluster>,
+        /// The bootstrap node.
+        pub first_id: String,
+    }
+
+    /// A single-node cluster bootstrapped on an embedded store in a temp dir.
+    pub(crate) async fn bootstrapped() -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
             .await
             .expect("open");
+        let key = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
         bootstrap(
             store.as_ref(),
             BootstrapRequest {
                 owner_public_key: [7; 32],
                 initial_configuration: None,
                 labels: NodeLabels::default(),
-                node_public_key: metropolis_identity::generate_key()
-                    .verifying_key()
-                    .to_bytes(),
+                node_public_key: key,
                 node_address: "127.0.0.2".into(),
             },
         )
         .await
         .expect("bootstrap");
-        let c = Cluster::open(store).await.expect("open");
-        (dir, c)
+        let cluster = Cluster::open(store.clone()).await.expect("open");
+        TestCluster {
+            dir,
+            store,
+            cluster,
+            first_id: metropolis_identity::node_id(&key),
+        }
+    }
+}
+
+#[cfg(test)]
+mod register_tests {
+    use super::*;
+
+    async fn cluster() -> (tempfile::TempDir, Arc<Cluster>) {
+        let t = test_support::bootstrapped().await;
+        (t.dir, t.cluster)
     }
 
     #[tokio::test]
@@ -862,33 +889,10 @@ mod operate_tests {
     use metropolis_api::common::cluster_configuration::{
         Kubernetes, kubernetes::NodeLabelsToSynchronize,
     };
-    use metropolis_store::EmbeddedStore;
 
     async fn cluster() -> (tempfile::TempDir, Arc<Cluster>, String) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
-        let key = metropolis_identity::generate_key()
-            .verifying_key()
-            .to_bytes();
-        bootstrap(
-            store.as_ref(),
-            BootstrapRequest {
-                owner_public_key: [7; 32],
-                initial_configuration: None,
-                labels: NodeLabels::default(),
-                node_public_key: key,
-                node_address: "127.0.0.2".into(),
-            },
-        )
-        .await
-        .expect("bootstrap");
-        (
-            dir,
-            Cluster::open(store).await.expect("open"),
-            metropolis_identity::node_id(&key),
-        )
+        let t = test_support::bootstrapped().await;
+        (t.dir, t.cluster, t.first_id)
     }
 
     fn kv(k: &str, v: &str) -> (String, String) {
@@ -1209,38 +1213,19 @@ impl Cluster {
 #[cfg(test)]
 mod lifecycle_tests {
     use super::*;
-    use metropolis_store::EmbeddedStore;
 
     async fn cluster_with_worker() -> (tempfile::TempDir, Arc<Cluster>, String, String, [u8; 32]) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
-        let first = metropolis_identity::generate_key()
-            .verifying_key()
-            .to_bytes();
-        bootstrap(
-            store.as_ref(),
-            BootstrapRequest {
-                owner_public_key: [7; 32],
-                initial_configuration: None,
-                labels: NodeLabels::default(),
-                node_public_key: first,
-                node_address: "127.0.0.2".into(),
-            },
-        )
-        .await
-        .expect("bootstrap");
-        let c = Cluster::open(store).await.expect("open");
+        let t = test_support::bootstrapped().await;
         let key = metropolis_identity::generate_key()
             .verifying_key()
             .to_bytes();
-        let t = c.register_ticket().await.expect("ticket");
-        let id = c
-            .register_node(key, &t, NodeLabels::default())
+        let ticket = t.cluster.register_ticket().await.expect("ticket");
+        let id = t
+            .cluster
+            .register_node(key, &ticket, NodeLabels::default())
             .await
             .expect("register");
-        (dir, c, metropolis_identity::node_id(&first), id, key)
+        (t.dir, t.cluster, t.first_id, id, key)
     }
 
     fn set(w: Option<bool>, k: Option<bool>, cm: Option<bool>) -> RoleChange {

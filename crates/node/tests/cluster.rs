@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -12,10 +11,9 @@ use metropolis_api::admin::{
 };
 use metropolis_api::api::{
     ApproveNodeRequest, GetClusterInfoRequest, GetNodesRequest, GetRegisterTicketRequest, Node,
-    NodeParameters, management_client::ManagementClient, node::Health, node_parameters,
+    management_client::ManagementClient, node::Health,
 };
-use metropolis_api::common::{ClusterDirectory, NodeLabels, NodeState, node_labels::Pair};
-use prost::Message;
+use metropolis_api::common::NodeState;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -28,34 +26,6 @@ const FAST: &[&str] = &[
     "--heartbeat-timeout",
     "1500ms",
 ];
-
-fn write_register_params(
-    path: &Path,
-    dir: &ClusterDirectory,
-    ticket: &[u8],
-    ca: &[u8],
-    labels: &[(&str, &str)],
-) {
-    let params = NodeParameters {
-        cluster: Some(node_parameters::Cluster::ClusterRegister(
-            node_parameters::ClusterRegister {
-                cluster_directory: Some(dir.clone()),
-                register_ticket: ticket.to_vec(),
-                ca_certificate: ca.to_vec(),
-                labels: Some(NodeLabels {
-                    pairs: labels
-                        .iter()
-                        .map(|(k, v)| Pair {
-                            key: k.to_string(),
-                            value: v.to_string(),
-                        })
-                        .collect(),
-                }),
-            },
-        )),
-    };
-    std::fs::write(path, params.encode_to_vec()).expect("write params");
-}
 
 async fn nodes(
     mgmt: &mut ManagementClient<Channel>,

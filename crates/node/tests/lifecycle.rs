@@ -9,12 +9,10 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use metropolis_api::api::{
     ApproveNodeRequest, DecommissionNodeRequest, DeleteNodeRequest, GetClusterInfoRequest,
-    GetNodesRequest, GetRegisterTicketRequest, Node, NodeParameters, UpdateNodeRolesRequest,
-    decommission_node_request, delete_node_request, management_client::ManagementClient,
-    node::Health, node_parameters, update_node_roles_request,
+    GetNodesRequest, Node, UpdateNodeRolesRequest, decommission_node_request, delete_node_request,
+    management_client::ManagementClient, node::Health, update_node_roles_request,
 };
 use metropolis_api::common::NodeState;
-use prost::Message;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -107,29 +105,8 @@ async fn roles_decommission_and_delete() {
     first.wait_serving().await;
     let ca = fetch_ca(first.endpoint()).await.expect("ca");
     let mut mgmt = ManagementClient::new(owner_channel(first.endpoint(), &ca, &owner).await);
-    let info = mgmt
-        .get_cluster_info(GetClusterInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
-    let ticket = mgmt
-        .get_register_ticket(GetRegisterTicketRequest {})
-        .await
-        .expect("t")
-        .into_inner()
-        .ticket;
     let register = tmp.path().join("register.pb");
-    let params = NodeParameters {
-        cluster: Some(node_parameters::Cluster::ClusterRegister(
-            node_parameters::ClusterRegister {
-                cluster_directory: info.cluster_directory,
-                register_ticket: ticket,
-                ca_certificate: ca.clone(),
-                labels: None,
-            },
-        )),
-    };
-    std::fs::write(&register, params.encode_to_vec()).expect("params");
+    fetch_register_params(&mut mgmt, &ca, &register).await;
     let mut second = TestNode::spawn_with(
         fresh_address(),
         &tmp.path().join("n2"),

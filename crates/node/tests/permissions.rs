@@ -12,16 +12,14 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use metropolis_api::admin::{AddIdentityRequest, Role, cluster_admin_client::ClusterAdminClient};
 use metropolis_api::api::{
-    ApproveNodeRequest, DeleteNodeRequest, GetClusterInfoRequest, GetNodesRequest,
-    GetRegisterTicketRequest, Node, NodeParameters, delete_node_request,
-    management_client::ManagementClient, node_parameters,
+    ApproveNodeRequest, DeleteNodeRequest, GetNodesRequest, Node, delete_node_request,
+    management_client::ManagementClient,
 };
 use metropolis_api::authorization::{METHODS, MethodAuthorization};
 use metropolis_api::common::NodeState;
 use metropolis_api::ext::Permission;
 use metropolis_identity::SigningKey;
 use metropolis_rpc::Permissions;
-use prost::Message;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -230,29 +228,8 @@ async fn every_method_refuses_every_caller_that_may_not_use_it() {
     );
 
     // A second node that comes up and is then deleted.
-    let info = mgmt
-        .get_cluster_info(GetClusterInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
-    let ticket = mgmt
-        .get_register_ticket(GetRegisterTicketRequest {})
-        .await
-        .expect("t")
-        .into_inner()
-        .ticket;
     let register = tmp.path().join("register.pb");
-    let params = NodeParameters {
-        cluster: Some(node_parameters::Cluster::ClusterRegister(
-            node_parameters::ClusterRegister {
-                cluster_directory: info.cluster_directory,
-                register_ticket: ticket,
-                ca_certificate: ca.clone(),
-                labels: None,
-            },
-        )),
-    };
-    std::fs::write(&register, params.encode_to_vec()).expect("params");
+    fetch_register_params(&mut mgmt, &ca, &register).await;
     let mut doomed = TestNode::spawn(fresh_address(), &tmp.path().join("doomed"), Some(&register));
     let doomed_node = loop {
         let nodes: Vec<Node> = mgmt

@@ -296,3 +296,61 @@ pub fn node_credentials(data_dir: &Path) -> (Vec<u8>, SigningKey) {
     let seed: [u8; 32] = sealed.node_key_seed.as_slice().try_into().expect("seed");
     (sealed.node_certificate, SigningKey::from_bytes(&seed))
 }
+
+/// Writes ClusterRegister parameters.
+pub fn write_register_params(
+    path: &Path,
+    dir: &metropolis_api::common::ClusterDirectory,
+    ticket: &[u8],
+    ca: &[u8],
+    labels: &[(&str, &str)],
+) {
+    use metropolis_api::common::{NodeLabels, node_labels::Pair};
+    let params = NodeParameters {
+        cluster: Some(Cluster::ClusterRegister(
+            metropolis_api::api::node_parameters::ClusterRegister {
+                cluster_directory: Some(dir.clone()),
+                register_ticket: ticket.to_vec(),
+                ca_certificate: ca.to_vec(),
+                labels: Some(NodeLabels {
+                    pairs: labels
+                        .iter()
+                        .map(|(k, v)| Pair {
+                            key: k.to_string(),
+                            value: v.to_string(),
+                        })
+                        .collect(),
+                }),
+            },
+        )),
+    };
+    std::fs::write(path, params.encode_to_vec()).expect("write params");
+}
+
+/// Register parameters for the cluster `mgmt` talks to, made the way
+/// `metroctl install params --register` makes them.
+pub async fn fetch_register_params(
+    mgmt: &mut metropolis_api::api::management_client::ManagementClient<Channel>,
+    ca: &[u8],
+    path: &Path,
+) {
+    use metropolis_api::api::{GetClusterInfoRequest, GetRegisterTicketRequest};
+    let info = mgmt
+        .get_cluster_info(GetClusterInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    let ticket = mgmt
+        .get_register_ticket(GetRegisterTicketRequest {})
+        .await
+        .expect("ticket")
+        .into_inner()
+        .ticket;
+    write_register_params(
+        path,
+        &info.cluster_directory.unwrap_or_default(),
+        &ticket,
+        ca,
+        &[],
+    );
+}
