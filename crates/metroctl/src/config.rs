@@ -234,18 +234,36 @@ impl ConfigDir {
 
     /// Forgets a cluster's CA, owner and identity certificates and endpoints
     /// (the keys stay).
-    pub fn forget_cluster(&self) -> anyhow::Result<()> {
-        for name in [CA_CERT, OWNER_CERT, IDENTITY_CERT, CLUSTER] {
-            match fs::remove_file(self.path(name)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("removing {}", self.path(name).display()));
-                }
-            }
+    pub fn forget_cluster(&self) -> anyhow::Result<Option<PathBuf>> {
+        // Credentials are never destroyed: they move to `previous-<unix time>/`
+        // so a cluster pinned before can still be reached.
+        let present: Vec<&str> = [CA_CERT, OWNER_CERT, IDENTITY_CERT, CLUSTER]
+            .into_iter()
+            .filter(|n| self.path(n).exists())
+            .collect();
+        if present.is_empty() {
+            return Ok(None);
         }
-        Ok(())
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let backup = self.root.join(format!("previous-{stamp}"));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&backup)
+            .with_context(|| format!("creating {}", backup.display()))?;
+        for name in present {
+            fs::rename(self.path(name), backup.join(name)).with_context(|| {
+                format!(
+                    "moving {} to {}",
+                    self.path(name).display(),
+                    backup.display()
+                )
+            })?;
+        }
+        Ok(Some(backup))
     }
 }
 
@@ -300,5 +318,18 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn forgetting_a_cluster_keeps_its_credentials() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cfg = ConfigDir::locate(Some(tmp.path().join("m"))).expect("dir");
+        assert!(cfg.forget_cluster().expect("nothing to forget").is_none());
+        cfg.write(CA_CERT, b"ca").expect("ca");
+        cfg.write(OWNER_CERT, b"owner").expect("owner");
+        let moved = cfg.forget_cluster().expect("forget").expect("moved");
+        assert!(!cfg.path(CA_CERT).exists() && !cfg.path(OWNER_CERT).exists());
+        assert_eq!(fs::read(moved.join(CA_CERT)).expect("kept"), b"ca");
+        assert_eq!(fs::read(moved.join(OWNER_CERT)).expect("kept"), b"owner");
     }
 }

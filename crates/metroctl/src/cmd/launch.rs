@@ -51,13 +51,12 @@ pub async fn launch(
 
     // A new cluster gets a new CA: forget the previous cluster's credentials
     // (the owner key stays).
-    if ctx.config.ca()?.is_some() {
+    if let Some(moved) = ctx.config.forget_cluster()? {
         eprintln!(
-            "Forgetting the cluster previously pinned in {}",
-            ctx.config.root().display()
+            "The credentials of the cluster pinned before were moved to {} (the owner key stays).",
+            moved.display()
         );
     }
-    ctx.config.forget_cluster()?;
     let params = dir.join("bootstrap-params.pb");
     super::install::bootstrap_params(ctx, &params)?;
 
