@@ -84,7 +84,46 @@ impl Ctx {
         let tls = metropolis_identity::client_config(trust, identity)
             .context("building TLS configuration")?;
         let endpoints = self.endpoints()?;
-        Ok(metropolis_rpc::client::connect_any(&endpoints, tls).await?)
+        let channel = metropolis_rpc::client::connect_any(&endpoints, tls.clone()).await?;
+        Ok(follow_leader(channel, tls).await)
+    }
+}
+
+/// Any node answers, but only the curator serves the cluster API: ask the
+/// node we reached who leads (CuratorLocal.GetCurrentLeader) and go there
+/// when it is another node. If the question fails, keep the channel we have;
+/// the call itself then says what is wrong.
+async fn follow_leader(channel: Channel, tls: Arc<rustls::ClientConfig>) -> Channel {
+    use metropolis_api::curator::{
+        GetCurrentLeaderRequest, curator_local_client::CuratorLocalClient,
+    };
+    let ask = async {
+        let mut stream = CuratorLocalClient::new(channel.clone())
+            .get_current_leader(GetCurrentLeaderRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        stream.message().await.ok().flatten()
+    };
+    let Ok(Some(leader)) = tokio::time::timeout(std::time::Duration::from_secs(3), ask).await
+    else {
+        return channel;
+    };
+    if leader.leader_node_id == leader.this_node_id && !leader.leader_node_id.is_empty() {
+        return channel;
+    }
+    let (Ok(ip), Ok(port)) = (
+        leader.leader_host.parse::<std::net::IpAddr>(),
+        u16::try_from(leader.leader_port),
+    ) else {
+        return channel;
+    };
+    match metropolis_rpc::client::connect(SocketAddr::new(ip, port), tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "the leader named by the node is unreachable; staying");
+            channel
+        }
     }
 }
 

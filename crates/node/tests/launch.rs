@@ -87,6 +87,28 @@ fn launch_three_nodes_then_stop() {
             .contains("process_resident_memory_bytes")
     );
 
+    // Any node's address will do: a node that does not run the curator
+    // names the leader, and metroctl goes there.
+    let json: serde_json::Value = serde_json::from_str(&stdout(&metroctl(
+        &cfg,
+        &[
+            "node",
+            "describe",
+            "--filter",
+            "!has(node.roles.consensus_member)",
+            "-o",
+            "json",
+        ],
+    )))
+    .expect("json");
+    let worker = json[0]["status"]["externalAddress"]
+        .as_str()
+        .expect("a worker address")
+        .to_string();
+    let via_worker = metroctl(&cfg, &["--endpoints", &worker, "node", "list"]);
+    assert!(via_worker.status.success(), "{}", stderr(&via_worker));
+    assert_eq!(stdout(&via_worker).lines().count(), 3);
+
     // Launching into the same directory again is refused.
     let again = metroctl(
         &cfg,
