@@ -22,20 +22,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let key = ctx.config.require_owner_key()?;
     let endpoints = ctx.endpoints()?;
 
-    let (ca, newly_pinned) = match ctx.config.ca()? {
-        Some(ca) => (ca, false),
-        None => {
-            let ca = fetch_ca_trust_on_first_use(&endpoints).await?;
-            println!(
-                "Cluster CA certificate fingerprint (SHA-256): {}",
-                metropolis_identity::fingerprint_sha256(&ca)
-            );
-            if !confirm(ctx, "Trust this CA and pin it?")? {
-                bail!("the CA was not trusted; nothing was changed");
-            }
-            (ca, true)
-        }
-    };
+    let (ca, newly_pinned) = pinned_or_confirmed_ca(ctx, &endpoints).await?;
 
     if ctx.config.owner_cert()?.is_some() && !newly_pinned {
         // Already holding credentials: prove they work instead of asking for
@@ -72,7 +59,9 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-fn remember_endpoints(ctx: &Ctx, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
+/// Saves the endpoints in the configuration directory, so later commands
+/// need no `--endpoints`.
+pub fn remember_endpoints(ctx: &Ctx, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
     let endpoints = endpoints
         .iter()
         .map(|a| {
@@ -177,4 +166,25 @@ pub async fn escrow(ctx: &Ctx, ca: &[u8], name: &str, key: &SigningKey) -> anyho
         bail!("the certificate the cluster sent is for another identity or key");
     }
     Ok(resp.emitted_certificate)
+}
+
+/// The pinned CA, or on first use the CA the cluster presents, after the
+/// operator confirmed its fingerprint. The bool says whether it is new (the
+/// caller writes it once the escrow it is for has worked).
+pub async fn pinned_or_confirmed_ca(
+    ctx: &Ctx,
+    endpoints: &[SocketAddr],
+) -> anyhow::Result<(Vec<u8>, bool)> {
+    if let Some(ca) = ctx.config.ca()? {
+        return Ok((ca, false));
+    }
+    let ca = fetch_ca_trust_on_first_use(endpoints).await?;
+    println!(
+        "Cluster CA certificate fingerprint (SHA-256): {}",
+        metropolis_identity::fingerprint_sha256(&ca)
+    );
+    if !confirm(ctx, "Trust this CA and pin it?")? {
+        bail!("the CA was not trusted; nothing was changed");
+    }
+    Ok((ca, true))
 }

@@ -24,10 +24,7 @@ use metropolis_api::admin::{
 };
 
 use crate::cmd::confirm;
-use crate::cmd::takeownership::fetch_ca_trust_on_first_use;
-use crate::config::{
-    CA_CERT, ClusterFile, IDENTITY_CERT, IDENTITY_KEY, OWNER_CERT, encode_identity_key_pem,
-};
+use crate::config::{CA_CERT, IDENTITY_CERT, IDENTITY_KEY, OWNER_CERT, encode_identity_key_pem};
 use crate::conn::{Ctx, call_error};
 use crate::output::{self, Format};
 
@@ -260,20 +257,7 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<()> {
         );
     }
     let endpoints = ctx.endpoints()?;
-    let ca = match ctx.config.ca()? {
-        Some(ca) => ca,
-        None => {
-            let ca = fetch_ca_trust_on_first_use(&endpoints).await?;
-            println!(
-                "Cluster CA certificate fingerprint (SHA-256): {}",
-                metropolis_identity::fingerprint_sha256(&ca)
-            );
-            if !confirm(ctx, "Trust this CA and pin it?")? {
-                bail!("the CA was not trusted; nothing was changed");
-            }
-            ca
-        }
-    };
+    let (ca, _) = super::takeownership::pinned_or_confirmed_ca(ctx, &endpoints).await?;
     let cert = super::takeownership::escrow(ctx, &ca, &name, &key).await?;
     ctx.config
         .write(CA_CERT, metropolis_identity::cert_to_pem(&ca).as_bytes())?;
@@ -281,17 +265,7 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<()> {
         IDENTITY_CERT,
         metropolis_identity::cert_to_pem(&cert).as_bytes(),
     )?;
-    let endpoints = endpoints
-        .iter()
-        .map(|a| {
-            if a.port() == crate::config::CURATOR_PORT {
-                a.ip().to_string()
-            } else {
-                a.to_string()
-            }
-        })
-        .collect();
-    ctx.config.save_cluster(&ClusterFile { endpoints })?;
+    super::takeownership::remember_endpoints(ctx, &endpoints)?;
     println!(
         "Logged in as {name}. Credentials are in {}; commands now act as {name}.",
         ctx.config.root().display()
