@@ -8,9 +8,13 @@
 //! clusters.
 
 mod embedded;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod types;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 pub use types::*;
 
 use async_trait::async_trait;

@@ -1,0 +1,508 @@
+//! The etcd backend: [`Store`] on a real etcd (v3 API) cluster, through
+//! `etcd-client`.
+//!
+//! The trait is modelled on etcd, so almost everything maps one to one:
+//!
+//! * [`Store::get`] / [`Store::range`] are etcd ranges; the range revision is
+//!   the response header's revision. An empty prefix means every key
+//!   (`key = "\0"`, `range_end = "\0"`).
+//! * [`Store::txn`] is exactly one etcd `Txn`, so the whole transaction gets a
+//!   single revision and later operations see earlier writes of the same
+//!   transaction, as in the embedded store.
+//! * [`Store::watch`] is one etcd watch (on its own gRPC stream). Dropping the
+//!   returned stream closes that gRPC stream, which cancels the watch on the
+//!   server. A compacted start revision is reported as
+//!   [`StoreError::Compacted`] (with `oldest` = etcd's `compact_revision`, the
+//!   oldest revision a watch may still start at) and ends the stream.
+//! * Leases are etcd leases. See [`EtcdStore::grant_lease`] for how TTLs are
+//!   rounded.
+//!
+//! Differences from the embedded store callers must know about:
+//!
+//! * etcd rejects a transaction that writes (puts or deletes) the same key more
+//!   than once in one branch ("duplicate key given in txn request"); the
+//!   embedded store allows it. Such a transaction fails with
+//!   [`StoreError::Invalid`].
+//! * Lease TTLs are whole seconds, and etcd enforces a minimum TTL of its own
+//!   (about 1.5 × the election timeout, so 2 s with default settings): a lease
+//!   may live somewhat longer than asked. Expired leases are revoked by the
+//!   leader's periodic check (every 500 ms), not at the exact deadline.
+//! * Responses are bounded by gRPC message size limits (etcd's
+//!   `--max-request-bytes` and the client's decode limit), so very large
+//!   ranges or transactions can fail where the embedded store succeeds.
+//!
+//! Not done yet: TLS (client certificates) and unix-socket endpoints; only
+//! plain `http://host:port` endpoints are supported by [`EtcdStore::connect`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::proto::{PbKeyValue, PbTxnOpResponse};
+use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions, PutOptions, WatchOptions};
+use tonic::Code;
+
+use crate::{
+    Compare, CompareOp, CompareTarget, EventKind, KeyValue, LeaseId, Op, OpResult, RangeResponse,
+    Store, StoreError, Txn, TxnResponse, WatchEvent, WatchStream,
+};
+
+/// How long establishing a connection to an endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 keep-alive, so that a dead connection is noticed by open watches.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Store`] backed by an etcd cluster.
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to an etcd cluster over plain HTTP (`http://host:port`
+    /// endpoints) and checks that it answers. TLS and unix sockets are not
+    /// supported yet.
+    pub async fn connect(endpoints: &[String]) -> Result<Arc<EtcdStore>, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid("no etcd endpoints given".into()));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot connect to etcd at {}: {e}",
+                    endpoints.join(", ")
+                ))
+            })?;
+        let store = EtcdStore {
+            client,
+            endpoints: endpoints.to_vec(),
+        };
+        // The channel connects lazily; make a bad endpoint fail here, with a
+        // message that names it, rather than at the first real request.
+        store.revision().await.map_err(|e| match e {
+            StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
+                "etcd at {} does not answer: {msg}",
+                endpoints.join(", ")
+            )),
+            other => other,
+        })?;
+        Ok(Arc::new(store))
+    }
+
+    /// The endpoints this store was connected to.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn client(&self) -> Client {
+        // Cheap: clones share the underlying channel.
+        self.client.clone()
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        // etcd rejects empty keys; none can exist, as in the embedded store.
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let resp = self.client().get(key, None).await.map_err(map_err)?;
+        Ok(resp.0.kvs.into_iter().next().map(convert_kv))
+    }
+
+    async fn range(&self, prefix: &[u8]) -> Result<RangeResponse, StoreError> {
+        let (key, end) = prefix_range(prefix);
+        let resp = self
+            .client()
+            .get(key, Some(GetOptions::new().with_range(end)))
+            .await
+            .map_err(map_err)?;
+        let revision = header_revision(resp.0.header.as_ref())?;
+        Ok(RangeResponse {
+            kvs: resp.0.kvs.into_iter().map(convert_kv).collect(),
+            revision,
+        })
+    }
+
+    /// One etcd transaction. Note etcd's rule that a key may be written at most
+    /// once per branch (the embedded store allows duplicates): such a
+    /// transaction fails with [`StoreError::Invalid`].
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        validate_txn(&txn)?;
+        let leased = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .find_map(|op| match op {
+                Op::Put { lease, .. } if *lease != 0 => Some(*lease),
+                _ => None,
+            });
+        let request = etcd_client::Txn::new()
+            .when(txn.compares.iter().map(convert_compare).collect::<Vec<_>>())
+            .and_then(txn.success.iter().map(convert_op).collect::<Vec<_>>())
+            .or_else(txn.failure.iter().map(convert_op).collect::<Vec<_>>());
+        let resp = match self.client().txn(request).await {
+            Ok(resp) => resp.0,
+            Err(e) if is_lease_not_found(&e) => {
+                return Err(StoreError::LeaseNotFound(leased.unwrap_or_default()));
+            }
+            Err(e) => return Err(map_err(e)),
+        };
+        let revision = header_revision(resp.header.as_ref())?;
+        let results = resp
+            .responses
+            .into_iter()
+            .map(|op| match op.response {
+                Some(PbTxnOpResponse::ResponsePut(_)) => Ok(OpResult::Put),
+                Some(PbTxnOpResponse::ResponseDeleteRange(d)) => Ok(OpResult::Delete(d.deleted)),
+                Some(PbTxnOpResponse::ResponseRange(r)) => {
+                    Ok(OpResult::Get(r.kvs.into_iter().map(convert_kv).collect()))
+                }
+                Some(PbTxnOpResponse::ResponseTxn(_)) => Err(StoreError::Backend(
+                    "etcd returned a nested transaction result that was never requested".into(),
+                )),
+                None => Err(StoreError::Backend(
+                    "etcd returned an empty transaction operation result".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TxnResponse {
+            succeeded: resp.succeeded,
+            revision,
+            results,
+        })
+    }
+
+    async fn watch(&self, prefix: &[u8], start_revision: i64) -> Result<WatchStream, StoreError> {
+        if start_revision < 0 {
+            return Err(StoreError::Invalid(format!(
+                "watch start revision {start_revision} is negative"
+            )));
+        }
+        let (key, end) = prefix_range(prefix);
+        let mut options = WatchOptions::new().with_range(end);
+        if start_revision > 0 {
+            options = options.with_start_revision(start_revision);
+        }
+        let stream = self
+            .client()
+            .watch(key, Some(options))
+            .await
+            .map_err(map_err)?;
+        let mut watcher = Watcher {
+            stream,
+            requested: start_revision,
+            pending: VecDeque::new(),
+            finished: false,
+        };
+        // Wait until etcd confirms the watch, so that with start revision 0
+        // every change committed after this call returns is delivered.
+        watcher.wait_created().await?;
+        Ok(Box::pin(futures::stream::unfold(watcher, Watcher::step)))
+    }
+
+    /// Grants an etcd lease. etcd TTLs are whole seconds: `ttl` is rounded up,
+    /// to at least 1 s (and etcd may raise it further to its minimum TTL).
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        if ttl.is_zero() {
+            return Err(StoreError::Invalid("lease TTL must be positive".into()));
+        }
+        let secs = ttl
+            .as_secs()
+            .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+            .max(1);
+        let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+        let resp = self
+            .client()
+            .lease_grant(secs, None)
+            .await
+            .map_err(map_err)?;
+        if !resp.0.error.is_empty() {
+            return Err(StoreError::Backend(format!(
+                "etcd refused to grant a lease: {}",
+                resp.0.error
+            )));
+        }
+        Ok(resp.0.id)
+    }
+
+    /// One keep-alive round trip on a short-lived keep-alive stream.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self.client().lease_keep_alive(lease).await {
+            // The keeper and the response stream are dropped here, which ends
+            // the keep-alive stream on the server.
+            Ok(_) => Ok(()),
+            // etcd answers a keep-alive for an unknown or expired lease with
+            // TTL 0, which etcd-client reports as this error.
+            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg.contains("not found") => {
+                Err(StoreError::LeaseNotFound(lease))
+            }
+            Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease)),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self.client().lease_revoke(lease).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease)),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        // A count-only read of one key: the header carries the store revision.
+        let resp = self
+            .client()
+            .get(vec![0u8], Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(map_err)?;
+        header_revision(resp.0.header.as_ref())
+    }
+}
+
+/// State of one watch stream.
+struct Watcher {
+    stream: etcd_client::WatchStream,
+    requested: i64,
+    pending: VecDeque<Result<WatchEvent, StoreError>>,
+    finished: bool,
+}
+
+impl Watcher {
+    /// Reads responses until etcd confirms the watch. Anything that arrives
+    /// before (or with) the confirmation is queued for the stream.
+    async fn wait_created(&mut self) -> Result<(), StoreError> {
+        loop {
+            let resp = match self.stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return Err(StoreError::Unavailable(
+                        "etcd closed the watch stream before confirming the watch".into(),
+                    ));
+                }
+                Err(e) => return Err(map_err(e)),
+            };
+            let created = resp.0.created;
+            self.absorb(resp.0);
+            if created || self.finished {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn step(mut self) -> Option<(Result<WatchEvent, StoreError>, Self)> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some((item, self));
+            }
+            if self.finished {
+                return None;
+            }
+            match self.stream.message().await {
+                Ok(Some(resp)) => self.absorb(resp.0),
+                Ok(None) => self.fail(StoreError::Unavailable(
+                    "etcd closed the watch stream".into(),
+                )),
+                Err(e) => self.fail(map_err(e)),
+            }
+        }
+    }
+
+    fn absorb(&mut self, resp: etcd_client::proto::PbWatchResponse) {
+        for event in resp.events {
+            let kind = match event.r#type {
+                0 => EventKind::Put,
+                1 => EventKind::Delete,
+                other => {
+                    self.fail(StoreError::Backend(format!(
+                        "etcd sent a watch event of unknown type {other}"
+                    )));
+                    return;
+                }
+            };
+            let Some(kv) = event.kv else {
+                self.fail(StoreError::Backend(
+                    "etcd sent a watch event without a key".into(),
+                ));
+                return;
+            };
+            let mut kv = convert_kv(kv);
+            if kind == EventKind::Delete {
+                // etcd already sends key + mod_revision (the delete's
+                // revision) and zeroes the rest; make that explicit.
+                kv.value.clear();
+                kv.create_revision = 0;
+                kv.version = 0;
+                kv.lease = 0;
+            }
+            self.pending.push_back(Ok(WatchEvent { kind, kv }));
+        }
+        if resp.compact_revision != 0 {
+            self.fail(StoreError::Compacted {
+                requested: self.requested,
+                oldest: resp.compact_revision,
+            });
+        } else if resp.canceled {
+            let reason = if resp.cancel_reason.is_empty() {
+                "no reason given".to_string()
+            } else {
+                resp.cancel_reason
+            };
+            self.fail(StoreError::Backend(format!(
+                "etcd cancelled the watch: {reason}"
+            )));
+        }
+    }
+
+    fn fail(&mut self, error: StoreError) {
+        self.pending.push_back(Err(error));
+        self.finished = true;
+    }
+}
+
+/// `[key, range_end)` covering every key that starts with `prefix`.
+fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if prefix.is_empty() {
+        // etcd: key "\0" with range_end "\0" is every key.
+        return (vec![0], vec![0]);
+    }
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return (prefix.to_vec(), end);
+        }
+    }
+    // All 0xff: no successor, range_end "\0" means "to the end".
+    (prefix.to_vec(), vec![0])
+}
+
+fn convert_kv(kv: PbKeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key,
+        value: kv.value,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+        lease: kv.lease,
+    }
+}
+
+fn convert_compare(c: &Compare) -> etcd_client::Compare {
+    let op = match c.op {
+        CompareOp::Equal => etcd_client::CompareOp::Equal,
+        CompareOp::NotEqual => etcd_client::CompareOp::NotEqual,
+        CompareOp::Greater => etcd_client::CompareOp::Greater,
+        CompareOp::Less => etcd_client::CompareOp::Less,
+    };
+    let key = c.key.clone();
+    match &c.target {
+        // etcd fails a value compare on a missing key whatever the operator,
+        // which is what the trait specifies.
+        CompareTarget::Value(v) => etcd_client::Compare::value(key, op, v.clone()),
+        CompareTarget::CreateRevision(r) => etcd_client::Compare::create_revision(key, op, *r),
+        CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(key, op, *r),
+        CompareTarget::Version(v) => etcd_client::Compare::version(key, op, *v),
+    }
+}
+
+fn convert_op(op: &Op) -> etcd_client::TxnOp {
+    match op {
+        Op::Put { key, value, lease } => {
+            let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
+            etcd_client::TxnOp::put(key.clone(), value.clone(), options)
+        }
+        Op::Delete { key } => etcd_client::TxnOp::delete(key.clone(), None),
+        Op::DeletePrefix { prefix } => {
+            let (key, end) = prefix_range(prefix);
+            etcd_client::TxnOp::delete(key, Some(DeleteOptions::new().with_range(end)))
+        }
+        Op::Get { key } => etcd_client::TxnOp::get(key.clone(), None),
+        Op::GetPrefix { prefix } => {
+            let (key, end) = prefix_range(prefix);
+            etcd_client::TxnOp::get(key, Some(GetOptions::new().with_range(end)))
+        }
+    }
+}
+
+fn validate_txn(txn: &Txn) -> Result<(), StoreError> {
+    for c in &txn.compares {
+        if c.key.is_empty() {
+            return Err(StoreError::Invalid("empty key in compare".into()));
+        }
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            Op::Put { key, .. } | Op::Delete { key } | Op::Get { key } if key.is_empty() => {
+                return Err(StoreError::Invalid("empty key".into()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn header_revision(
+    header: Option<&etcd_client::proto::PbResponseHeader>,
+) -> Result<i64, StoreError> {
+    header
+        .map(|h| h.revision)
+        .ok_or_else(|| StoreError::Backend("etcd response without a header".into()))
+}
+
+/// etcd's `ErrLeaseNotFound` ("etcdserver: requested lease not found").
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == Code::NotFound && s.message().contains("lease not found"))
+}
+
+/// Connection problems become [`StoreError::Unavailable`], requests etcd
+/// rejects as malformed [`StoreError::Invalid`], everything else
+/// [`StoreError::Backend`].
+fn map_err(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error;
+    match e {
+        Error::TransportError(e) => StoreError::Unavailable(format!("cannot reach etcd: {e}")),
+        Error::IoError(e) => StoreError::Unavailable(format!("I/O error talking to etcd: {e}")),
+        Error::GRpcStatus(s) => match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                StoreError::Unavailable(format!("etcd is unavailable: {}", s.message()))
+            }
+            Code::InvalidArgument => {
+                StoreError::Invalid(format!("etcd rejected the request: {}", s.message()))
+            }
+            code => StoreError::Backend(format!("etcd error ({code:?}): {}", s.message())),
+        },
+        other => StoreError::Backend(format!("etcd client error: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_range_matches_etcd() {
+        assert_eq!(prefix_range(b""), (vec![0], vec![0]));
+        assert_eq!(prefix_range(b"a/"), (b"a/".to_vec(), b"a0".to_vec()));
+        assert_eq!(prefix_range(&[0xfe, 0xff]), (vec![0xfe, 0xff], vec![0xff]));
+        assert_eq!(prefix_range(&[0xff, 0xff]), (vec![0xff, 0xff], vec![0]));
+    }
+}
