@@ -261,45 +261,6 @@ pub fn summarize_request(path: &str, body: &[u8]) -> String {
     }
 }
 
-/// The gRPC status carried by `headers` (response headers of a trailers-only
-/// response, or trailers), if any.
-fn status_of(headers: &http::HeaderMap) -> Option<(Code, String)> {
-    let code = headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<i32>()
-        .ok()?;
-    let message = headers
-        .get("grpc-message")
-        .map(|v| percent_decode(v.as_bytes()))
-        .unwrap_or_default();
-    Some((Code::from_i32(code), message))
-}
-
-/// Undoes the percent-encoding gRPC applies to `grpc-message`.
-fn percent_decode(bytes: &[u8]) -> String {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                bytes.get(i + 1).and_then(|b| hex(*b)),
-                bytes.get(i + 2).and_then(|b| hex(*b)),
-            )
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The tower layer; add it after the `AuthLayer` with
 /// `Server::builder().layer(auth).layer(audit)`: tonic applies layers like
 /// tower's `ServiceBuilder`, the first added being the outermost, so
@@ -402,7 +363,7 @@ where
             };
             // Trailers-only: the status is in the headers and the body is
             // empty. Record before answering, like for trailers.
-            if let Some((code, message)) = status_of(resp.headers()) {
+            if let Some((code, message)) = metropolis_rpc::observe::grpc_status(resp.headers()) {
                 if let Some(task) = pending.finish(code, message) {
                     let _ = task.await;
                 }
@@ -574,7 +535,7 @@ where
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     let status = frame.trailers_ref().map(|t| {
-                        status_of(t).unwrap_or((
+                        metropolis_rpc::observe::grpc_status(t).unwrap_or((
                             Code::Unknown,
                             "the response trailers carry no grpc-status".into(),
                         ))
@@ -780,21 +741,6 @@ mod tests {
         frame[0] = 1;
         assert!(summarize_request(path, &frame).contains("compressed"));
         assert!(summarize_request("/nope.Service/X", &grpc_frame(&req)).contains("not rendered"));
-    }
-
-    #[test]
-    fn statuses_from_headers() {
-        let mut h = http::HeaderMap::new();
-        assert!(status_of(&h).is_none());
-        h.insert("grpc-status", http::HeaderValue::from_static("3"));
-        h.insert(
-            "grpc-message",
-            http::HeaderValue::from_static("bad %22thing%22 100%25"),
-        );
-        let (code, msg) = status_of(&h).expect("status");
-        assert_eq!(code, Code::InvalidArgument);
-        assert_eq!(msg, "bad \"thing\" 100%");
-        assert_eq!(percent_decode(b"50%"), "50%");
     }
 
     /// A handler that reads the request and answers OK in trailers, or

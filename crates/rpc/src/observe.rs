@@ -45,11 +45,46 @@ pub struct ObserveService<S> {
 }
 
 fn code_of(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<i32>().ok())
-        .map(Code::from)
+    grpc_status(headers).map(|(code, _)| code)
+}
+
+/// The gRPC status carried by `headers` (response headers of a trailers-only
+/// response, or trailers), if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<(Code, String)> {
+    let code = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
+    let message = headers
+        .get("grpc-message")
+        .map(|v| percent_decode(v.as_bytes()))
+        .unwrap_or_default();
+    Some((Code::from_i32(code), message))
+}
+
+/// Undoes the percent-encoding gRPC applies to `grpc-message`.
+fn percent_decode(bytes: &[u8]) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).and_then(|b| hex(*b)),
+                bytes.get(i + 2).and_then(|b| hex(*b)),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for ObserveService<S>
@@ -165,5 +200,25 @@ impl<R: Body + Unpin> Body for ObservedBody<R> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_from_headers() {
+        let mut h = http::HeaderMap::new();
+        assert!(grpc_status(&h).is_none());
+        h.insert("grpc-status", http::HeaderValue::from_static("3"));
+        h.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("bad %22thing%22 100%25"),
+        );
+        let (code, msg) = grpc_status(&h).expect("status");
+        assert_eq!(code, Code::InvalidArgument);
+        assert_eq!(msg, "bad \"thing\" 100%");
+        assert_eq!(percent_decode(b"50%"), "50%");
     }
 }
