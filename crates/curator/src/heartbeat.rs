@@ -14,7 +14,12 @@ use metropolis_api::api::node::Health;
 use metropolis_api::common::NodeState;
 
 pub struct Heartbeats {
-    leader_since: Instant,
+    /// When this curator last became leader; beats from before do not count.
+    leader_since: Mutex<Instant>,
+    /// Whether this curator leads now. Heartbeat streams end when it stops,
+    /// so that nodes move to the new leader instead of beating into a
+    /// curator whose view nobody reads.
+    leading: std::sync::atomic::AtomicBool,
     timeout: Duration,
     last: Mutex<HashMap<String, Instant>>,
     /// Nodes deleted while this curator leads: their open heartbeat streams
@@ -27,12 +32,36 @@ pub struct Heartbeats {
 impl Heartbeats {
     pub fn new(timeout: Duration) -> Self {
         Heartbeats {
-            leader_since: Instant::now(),
+            leader_since: Mutex::new(Instant::now()),
+            leading: std::sync::atomic::AtomicBool::new(true),
             timeout,
             last: Mutex::new(HashMap::new()),
             removed: Mutex::new(HashSet::new()),
             received: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// This curator became leader: forget every beat, as the contract asks
+    /// of a new leader (health is UNKNOWN for one timeout).
+    pub fn start_leading(&self) {
+        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.leading
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This curator no longer leads.
+    pub fn stop_leading(&self) {
+        self.leading
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn leader_since(&self) -> Instant {
+        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn timeout(&self) -> Duration {
@@ -86,7 +115,10 @@ impl Heartbeats {
     /// Health of a node in `state`, and the time since its last heartbeat
     /// when health is HEALTHY or HEARTBEAT_TIMEOUT.
     pub fn health(&self, node_id: &str, state: i32, now: Instant) -> (Health, Option<Duration>) {
-        if state != NodeState::Up as i32 || now.duration_since(self.leader_since) < self.timeout {
+        let leader_since = self.leader_since();
+        if state != NodeState::Up as i32
+            || now.saturating_duration_since(leader_since) < self.timeout
+        {
             return (Health::Unknown, None);
         }
         let last = self
@@ -97,7 +129,7 @@ impl Heartbeats {
             .copied();
         // A node that never beat since this curator became leader has been
         // silent at least that long.
-        let since = now.duration_since(last.unwrap_or(self.leader_since));
+        let since = now.saturating_duration_since(last.unwrap_or(leader_since));
         if since < self.timeout {
             (Health::Healthy, Some(since))
         } else {
@@ -111,6 +143,18 @@ impl Heartbeats {
     }
 }
 
+/// Consensus membership changes ask whether the other members are alive.
+/// They are UP nodes by construction, so health is theirs.
+impl crate::consensus::Liveness for Heartbeats {
+    fn is_live(&self, node_id: &str) -> Option<bool> {
+        match self.health(node_id, NodeState::Up as i32, Instant::now()).0 {
+            Health::Healthy => Some(true),
+            Health::HeartbeatTimeout => Some(false),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,7 +163,7 @@ mod tests {
     fn health_follows_the_contract() {
         let hb = Heartbeats::new(Duration::from_secs(5));
         let up = NodeState::Up as i32;
-        let t0 = hb.leader_since;
+        let t0 = hb.leader_since();
         // A fresh leader knows nothing yet.
         hb.beat_at("a", t0);
         assert_eq!(

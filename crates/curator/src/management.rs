@@ -144,7 +144,9 @@ impl Management for ManagementService {
             kubernetes_controller: req.kubernetes_controller,
             consensus_member: req.consensus_member,
         };
-        self.cluster.update_roles(&id, change).await?;
+        self.cluster
+            .update_roles(&id, change, self.heartbeats.as_ref())
+            .await?;
         tracing::info!(node = %id, ?change, "node roles updated");
         Ok(Response::new(UpdateNodeRolesResponse {}))
     }

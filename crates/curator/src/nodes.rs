@@ -7,10 +7,11 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
-    CommitNodeRequest, CommitNodeResponse, HeartbeatUpdateRequest, HeartbeatUpdateResponse,
-    JoinNodeRequest, JoinNodeResponse, Node, RegisterNodeRequest, RegisterNodeResponse,
-    ReportDecommissionedRequest, ReportDecommissionedResponse, UpdateNodeStatusRequest,
-    UpdateNodeStatusResponse, WatchEvent, WatchRequest,
+    CommitNodeRequest, CommitNodeResponse, GetConsensusStatusRequest, GetConsensusStatusResponse,
+    HeartbeatUpdateRequest, HeartbeatUpdateResponse, JoinNodeRequest, JoinNodeResponse, Node,
+    RegisterNodeRequest, RegisterNodeResponse, ReportDecommissionedRequest,
+    ReportDecommissionedResponse, UpdateNodeStatusRequest, UpdateNodeStatusResponse, WatchEvent,
+    WatchRequest,
     curator_server::Curator,
     watch_event::{NodeTombstone, Progress},
     watch_request,
@@ -180,6 +181,11 @@ impl Curator for CuratorService {
                     "node {node_id} was removed from the cluster"
                 )));
             }
+            if !heartbeats.is_leading() {
+                return Err(Status::unavailable(
+                    "this curator is no longer the leader; reconnect to the cluster to find the new one",
+                ));
+            }
             heartbeats.beat(&node_id);
             Ok(HeartbeatUpdateResponse {})
         });
@@ -226,6 +232,13 @@ impl Curator for CuratorService {
         self.heartbeats.forget(&node_id);
         tracing::info!(node = %node_id, "node decommissioned itself");
         Ok(Response::new(ReportDecommissionedResponse {}))
+    }
+
+    async fn get_consensus_status(
+        &self,
+        _: Request<GetConsensusStatusRequest>,
+    ) -> Result<Response<GetConsensusStatusResponse>, Status> {
+        Ok(Response::new(self.cluster.consensus_status().await?))
     }
 
     async fn join_node(

@@ -24,10 +24,11 @@ use metropolis_api::common::{
 };
 use metropolis_api::private;
 use metropolis_identity::CertificateAuthority;
-use metropolis_store::{Compare, Op, Store, Txn};
+use metropolis_store::{Compare, CompareOp, CompareTarget, Consensus, Op, Store, StoreError, Txn};
 use prost::Message;
 use rand::RngCore;
 
+use crate::consensus::Liveness;
 use crate::error::CuratorError;
 
 pub const KEY_CA: &str = "/cluster/ca";
@@ -52,6 +53,9 @@ pub struct BootstrapRequest {
     pub node_public_key: [u8; 32],
     /// The address the first node serves on, recorded as its external address.
     pub node_address: String,
+    /// The first node's ConsensusMember role: empty on the embedded store;
+    /// on etcd, its peer certificate and itself as the only peer.
+    pub consensus_role: node_roles::ConsensusMember,
 }
 
 /// Credentials the bootstrapping node keeps.
@@ -147,9 +151,19 @@ pub async fn bootstrap(
     store: &dyn Store,
     req: BootstrapRequest,
 ) -> Result<Bootstrapped, CuratorError> {
-    let config = initial_configuration(req.initial_configuration)?;
     let ca = CertificateAuthority::generate()
         .map_err(|e| CuratorError::Internal(format!("generating CA: {e}")))?;
+    bootstrap_with_ca(store, req, &ca).await
+}
+
+/// [`bootstrap`] with a CA made beforehand: an etcd-backed cluster needs the
+/// CA for etcd's peer certificates before the store exists.
+pub async fn bootstrap_with_ca(
+    store: &dyn Store,
+    req: BootstrapRequest,
+    ca: &CertificateAuthority,
+) -> Result<Bootstrapped, CuratorError> {
+    let config = initial_configuration(req.initial_configuration)?;
     let node_certificate = ca
         .issue_node_certificate(&req.node_public_key)
         .map_err(|e| CuratorError::Internal(format!("issuing node certificate: {e}")))?;
@@ -158,7 +172,7 @@ pub async fn bootstrap(
         public_key: req.node_public_key.to_vec(),
         state: NodeState::Up as i32,
         roles: Some(NodeRoles {
-            consensus_member: Some(node_roles::ConsensusMember::default()),
+            consensus_member: Some(req.consensus_role),
             ..Default::default()
         }),
         status: Some(NodeStatus {
@@ -204,6 +218,14 @@ pub struct NodeEntry {
 pub struct Cluster {
     store: Arc<dyn Store>,
     ca: CertificateAuthority,
+    /// Creation revision of this curator's leader key while it leads: every
+    /// write compares it, so a deposed leader cannot commit (see `leader`).
+    fence: std::sync::Mutex<Option<i64>>,
+    /// Membership of the etcd cluster behind `store`; None on the embedded
+    /// store, which has exactly one member.
+    consensus: Option<Arc<dyn Consensus>>,
+    /// The node this curator runs on, when it is one of several.
+    node_id: Option<String>,
 }
 
 impl Cluster {
@@ -219,7 +241,46 @@ impl Cluster {
             })?;
         let ca = CertificateAuthority::from_parts(rec.certificate, seed)
             .map_err(|e| CuratorError::Corrupt(format!("{KEY_CA}: {e}")))?;
-        Ok(Arc::new(Cluster { store, ca }))
+        Ok(Arc::new(Cluster {
+            store,
+            ca,
+            fence: std::sync::Mutex::new(None),
+            consensus: None,
+            node_id: None,
+        }))
+    }
+
+    /// Opens the cluster held in an etcd cluster whose membership this
+    /// curator manages (ConsensusMember role changes).
+    pub async fn open_replicated(
+        store: Arc<dyn Store>,
+        consensus: Arc<dyn Consensus>,
+        node_id: String,
+    ) -> Result<Arc<Cluster>, CuratorError> {
+        let opened = Cluster::open(store).await?;
+        let mut cluster = Arc::try_unwrap(opened)
+            .map_err(|_| CuratorError::Internal("cluster handle shared while opening".into()))?;
+        cluster.consensus = Some(consensus);
+        cluster.node_id = Some(node_id);
+        Ok(Arc::new(cluster))
+    }
+
+    pub fn consensus(&self) -> Option<&Arc<dyn Consensus>> {
+        self.consensus.as_ref()
+    }
+
+    pub(crate) fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
+    /// From now on, writes commit only while the leader key created at
+    /// `key_revision` exists (this curator leads).
+    pub fn set_fence(&self, key_revision: i64) {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_revision);
+    }
+
+    fn fence(&self) -> Option<i64> {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -237,7 +298,32 @@ impl Cluster {
                 "failpoint curator::store_commit".into(),
             ))
         });
-        Ok(self.store.txn(txn).await?)
+        let fence = self.fence();
+        let txn = match fence {
+            Some(rev) => txn.when(Compare {
+                key: crate::leader::KEY_LEADER.as_bytes().to_vec(),
+                op: CompareOp::Equal,
+                target: CompareTarget::CreateRevision(rev),
+            }),
+            None => txn,
+        };
+        let resp = self.store.txn(txn).await?;
+        if let (false, Some(rev)) = (resp.succeeded, fence) {
+            // Tell a lost leadership apart from an ordinary CAS conflict,
+            // which the caller retries.
+            let held = self
+                .store
+                .get(crate::leader::KEY_LEADER.as_bytes())
+                .await?
+                .is_some_and(|kv| kv.create_revision == rev);
+            if !held {
+                return Err(CuratorError::Store(StoreError::Unavailable(
+                    "this curator lost the leadership while writing; retry against the new leader"
+                        .into(),
+                )));
+            }
+        }
+        Ok(resp)
     }
 
     pub fn ca(&self) -> &CertificateAuthority {
@@ -278,8 +364,7 @@ impl Cluster {
     /// write.
     pub async fn regenerate_register_ticket(&self) -> Result<Vec<u8>, CuratorError> {
         let ticket = random_ticket();
-        self.store
-            .txn(Txn::new().and_then(Op::put(KEY_TICKET, ticket.clone())))
+        self.commit(Txn::new().and_then(Op::put(KEY_TICKET, ticket.clone())))
             .await?;
         Ok(ticket)
     }
@@ -351,6 +436,7 @@ mod tests {
                 .verifying_key()
                 .as_bytes(),
             node_address: "127.0.0.2".into(),
+            consensus_role: Default::default(),
         }
     }
 
@@ -635,6 +721,7 @@ pub(crate) mod test_support {
                 labels: NodeLabels::default(),
                 node_public_key: key,
                 node_address: "127.0.0.2".into(),
+                consensus_role: Default::default(),
             },
         )
         .await
@@ -1039,7 +1126,16 @@ fn is_consensus_member(node: &private::Node) -> bool {
 impl Cluster {
     /// Sets or clears roles. Controllers must be consensus members, roles go
     /// only to UP nodes, and the last consensus member keeps its role.
-    pub async fn update_roles(&self, id: &str, change: RoleChange) -> Result<(), CuratorError> {
+    ///
+    /// On etcd, gaining ConsensusMember adds the node as an etcd learner and
+    /// losing it removes its etcd member first (see `consensus`); `live`
+    /// decides whether the remaining members keep a quorum.
+    pub async fn update_roles(
+        &self,
+        id: &str,
+        change: RoleChange,
+        live: &dyn Liveness,
+    ) -> Result<(), CuratorError> {
         for _ in 0..CAS_ATTEMPTS {
             let all = self.nodes().await?;
             let entry = all
@@ -1061,25 +1157,32 @@ impl Cluster {
             if let Some(on) = change.kubernetes_controller {
                 roles.kubernetes_controller = on.then_some(node_roles::KubernetesController {});
             }
-            if let Some(on) = change.consensus_member {
-                roles.consensus_member = match (on, roles.consensus_member.take()) {
-                    (true, Some(existing)) => Some(existing),
-                    (true, None) => Some(node_roles::ConsensusMember::default()),
-                    (false, _) => None,
-                };
+            let joining_consensus =
+                change.consensus_member == Some(true) && roles.consensus_member.is_none();
+            if change.consensus_member == Some(false) {
+                roles.consensus_member = None;
             }
-            if roles.kubernetes_controller.is_some() && roles.consensus_member.is_none() {
+            if roles.kubernetes_controller.is_some()
+                && roles.consensus_member.is_none()
+                && !joining_consensus
+            {
                 return Err(CuratorError::FailedPrecondition(
                     "a KubernetesController must also be a ConsensusMember: give the node both roles, \
                      or remove KubernetesController first"
                         .into(),
                 ));
             }
-            if *roles == before {
+            if *roles == before && !joining_consensus {
                 return Ok(());
             }
             let losing_consensus =
                 before.consensus_member.is_some() && roles.consensus_member.is_none();
+            if joining_consensus {
+                let role = self.admit_consensus_member(entry).await?;
+                node.roles
+                    .get_or_insert_with(Default::default)
+                    .consensus_member = Some(role);
+            }
             let key = node_key(id);
             let mut txn = Txn::new().when(Compare::mod_revision(key.clone(), entry.mod_revision));
             if losing_consensus {
@@ -1098,6 +1201,7 @@ impl Cluster {
                 for o in others {
                     txn = txn.when(Compare::mod_revision(node_key(&o.id), o.mod_revision));
                 }
+                self.retire_consensus_member(entry, live).await?;
             }
             let txn = txn.and_then(Op::put(key, node.encode_to_vec()));
             if self.commit(txn).await?.succeeded {
@@ -1228,6 +1332,14 @@ mod lifecycle_tests {
         (t.dir, t.cluster, t.first_id, id, key)
     }
 
+    struct AllLive;
+    impl Liveness for AllLive {
+        fn is_live(&self, _: &str) -> Option<bool> {
+            Some(true)
+        }
+    }
+    const ALL_LIVE: AllLive = AllLive;
+
     fn set(w: Option<bool>, k: Option<bool>, cm: Option<bool>) -> RoleChange {
         RoleChange {
             kubernetes_worker: w,
@@ -1240,26 +1352,35 @@ mod lifecycle_tests {
     async fn role_rules() {
         let (_d, c, first, id, key) = cluster_with_worker().await;
         // Not UP yet.
-        let r = c.update_roles(&id, set(Some(true), None, None)).await;
+        let r = c
+            .update_roles(&id, set(Some(true), None, None), &ALL_LIVE)
+            .await;
         assert!(
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("UP")),
             "{r:?}"
         );
         c.approve_node(&id).await.expect("approve");
         c.commit_node(key).await.expect("commit");
-        c.update_roles(&id, set(Some(true), None, None))
+        c.update_roles(&id, set(Some(true), None, None), &ALL_LIVE)
             .await
             .expect("worker");
-        let r = c.update_roles(&id, set(None, Some(true), None)).await;
+        let r = c
+            .update_roles(&id, set(None, Some(true), None), &ALL_LIVE)
+            .await;
         assert!(
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("ConsensusMember")),
             "{r:?}"
         );
-        c.update_roles(&id, set(None, Some(true), Some(true)))
-            .await
-            .expect("controller + member");
+        // The embedded store has exactly one member, for good.
+        let r = c
+            .update_roles(&id, set(None, Some(true), Some(true)), &ALL_LIVE)
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("--ha")),
+            "{r:?}"
+        );
         // Unset fields change nothing.
-        c.update_roles(&id, RoleChange::default())
+        c.update_roles(&id, RoleChange::default(), &ALL_LIVE)
             .await
             .expect("no-op");
         let roles = c
@@ -1270,21 +1391,17 @@ mod lifecycle_tests {
             .node
             .roles
             .expect("roles");
-        assert!(roles.kubernetes_worker.is_some() && roles.kubernetes_controller.is_some());
-        // Two members now: the first may give up its role, then the second is
-        // the last one and may not.
-        c.update_roles(&first, set(None, None, Some(false)))
-            .await
-            .expect("first leaves");
+        assert!(roles.kubernetes_worker.is_some() && roles.consensus_member.is_none());
+        // The only member keeps its role.
         let r = c
-            .update_roles(&id, set(None, Some(false), Some(false)))
+            .update_roles(&first, set(None, None, Some(false)), &ALL_LIVE)
             .await;
         assert!(
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")),
             "{r:?}"
         );
         assert!(matches!(
-            c.update_roles("metropolis-x", set(Some(true), None, None))
+            c.update_roles("metropolis-x", set(Some(true), None, None), &ALL_LIVE)
                 .await,
             Err(CuratorError::NotFound(_))
         ));
@@ -1295,7 +1412,7 @@ mod lifecycle_tests {
         let (_d, c, first, id, key) = cluster_with_worker().await;
         c.approve_node(&id).await.expect("approve");
         c.commit_node(key).await.expect("commit");
-        c.update_roles(&id, set(Some(true), None, None))
+        c.update_roles(&id, set(Some(true), None, None), &ALL_LIVE)
             .await
             .expect("worker");
         assert!(matches!(
@@ -1307,7 +1424,7 @@ mod lifecycle_tests {
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("roles")),
             "{r:?}"
         );
-        c.update_roles(&id, set(Some(false), None, None))
+        c.update_roles(&id, set(Some(false), None, None), &ALL_LIVE)
             .await
             .expect("drop role");
         let r = c.delete_node(&id, false, false).await;

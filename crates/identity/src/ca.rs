@@ -6,6 +6,7 @@
 //! own `KeyPair` (and a certificate can be issued for a key the issuer does not hold).
 
 use std::fmt;
+use std::net::IpAddr;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand::RngCore;
@@ -147,6 +148,22 @@ fn leaf_params(
     Ok(params)
 }
 
+/// Parameters of a node certificate: CN and DNS SAN the node ID, server and client auth.
+fn node_params(
+    node_pubkey: &[u8; 32],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, IdentityError> {
+    let id = node_id(node_pubkey);
+    let mut params = leaf_params(&id, not_before, not_after)?;
+    params.subject_alt_names = vec![SanType::DnsName(id.try_into()?)];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
 /// The cluster CA: its certificate and its private key.
 ///
 /// Issues node and user certificates directly (there are no intermediates).
@@ -249,13 +266,24 @@ impl CertificateAuthority {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Vec<u8>, IdentityError> {
-        let id = node_id(node_pubkey);
-        let mut params = leaf_params(&id, not_before, not_after)?;
-        params.subject_alt_names = vec![SanType::DnsName(id.try_into()?)];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        let params = node_params(node_pubkey, not_before, not_after)?;
+        self.issue(&params, node_pubkey)
+    }
+
+    /// A consensus peer certificate for `node_pubkey` at `address`, valid from an hour ago
+    /// until [`NO_EXPIRY`]: a node certificate (CN and DNS SAN the node ID, server and client
+    /// auth) with `address` as an IP SAN as well.
+    ///
+    /// etcd (Go's crypto/tls) verifies a peer's server certificate against the IP in the
+    /// peer URL, which is why the address has to be in the certificate; the node's own
+    /// certificate does not carry it, since clients verify nodes by node ID, not address.
+    pub fn issue_peer_certificate(
+        &self,
+        node_pubkey: &[u8; 32],
+        address: IpAddr,
+    ) -> Result<Vec<u8>, IdentityError> {
+        let mut params = node_params(node_pubkey, default_not_before(), NO_EXPIRY)?;
+        params.subject_alt_names.push(SanType::IpAddress(address));
         self.issue(&params, node_pubkey)
     }
 
@@ -398,6 +426,43 @@ mod tests {
         assert_eq!(x509.issuer(), ca_x509.subject());
         let ku = x509.key_usage().unwrap().unwrap().value;
         assert!(ku.digital_signature() && !ku.key_cert_sign());
+    }
+
+    #[test]
+    fn peer_certificate_fields() {
+        use x509_parser::extensions::GeneralName;
+
+        let ca = CertificateAuthority::generate().unwrap();
+        let pubkey = generate_key().verifying_key().to_bytes();
+        let id = node_id(&pubkey);
+        for address in [
+            "127.3.4.5".parse::<IpAddr>().unwrap(),
+            "fd00::1".parse().unwrap(),
+        ] {
+            let der = ca.issue_peer_certificate(&pubkey, address).unwrap();
+            // Still a node certificate as far as the RPC layer is concerned.
+            let cert = parse_certificate(&der).unwrap();
+            assert!(cert.is_node_certificate());
+            assert_eq!(cert.common_name, id);
+            assert_eq!(cert.public_key, pubkey);
+            assert_eq!(cert.not_after, NO_EXPIRY);
+            verify_signed_by(&cert, ca.cert_der(), now()).unwrap();
+
+            let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let san = x509.subject_alternative_name().unwrap().unwrap().value;
+            let want_ip = match address {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            assert_eq!(
+                san.general_names,
+                vec![GeneralName::DNSName(&id), GeneralName::IPAddress(&want_ip),]
+            );
+            let eku = x509.extended_key_usage().unwrap().unwrap().value;
+            assert!(eku.server_auth && eku.client_auth);
+            assert!(!eku.any && !eku.code_signing && eku.other.is_empty());
+            assert!(!x509.is_ca());
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The PEM files metroctl keeps, and certificate fingerprints.
+//! The PEM files metroctl keeps, PKCS#8 keys for etcd, and certificate fingerprints.
 
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
@@ -9,6 +9,8 @@ use crate::IdentityError;
 pub const OWNER_KEY_PEM_TYPE: &str = "METROPOLIS INITIAL OWNER PRIVATE KEY";
 /// PEM block type of certificates (`owner.pem`, `ca.pem`).
 pub const CERTIFICATE_PEM_TYPE: &str = "CERTIFICATE";
+/// PEM block type of PKCS#8 private keys ([`encode_pkcs8_key_pem`]).
+pub const PKCS8_KEY_PEM_TYPE: &str = "PRIVATE KEY";
 
 /// Unix line endings: the pem crate defaults to CRLF, which upstream (Go) never writes.
 fn encode(tag: &str, contents: &[u8]) -> String {
@@ -56,6 +58,29 @@ pub fn decode_owner_key_pem(input: &str) -> Result<SigningKey, IdentityError> {
     }
     Ok(key)
 }
+
+/// The PKCS#8 `PRIVATE KEY` PEM of `key` (RFC 8410), as OpenSSL and Go's
+/// `x509.ParsePKCS8PrivateKey` read it: for programs such as etcd that take a key file.
+///
+/// The result holds the private key; write it to owner-only files.
+pub fn encode_pkcs8_key_pem(key: &SigningKey) -> String {
+    // The encoding of an Ed25519 key is fixed (RFC 8410 section 7: version 0, algorithm
+    // id-Ed25519, the seed as an OCTET STRING inside the privateKey OCTET STRING), so it is
+    // written out here rather than through the pkcs8 crate, whose encoder is fallible.
+    // The version 0 form without the public key is the one every Go and OpenSSL release
+    // reads.
+    let mut der = PKCS8_ED25519_PREFIX.to_vec();
+    der.extend_from_slice(&key.to_bytes());
+    encode(PKCS8_KEY_PEM_TYPE, &der)
+}
+
+/// Everything of an Ed25519 PKCS#8 v1 private key before the 32-byte seed.
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, // SEQUENCE, 46 bytes
+    0x02, 0x01, 0x00, // INTEGER 0 (version)
+    0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, // SEQUENCE { OID 1.3.101.112 (Ed25519) }
+    0x04, 0x22, 0x04, 0x20, // OCTET STRING { OCTET STRING, 32 bytes }
+];
 
 /// PEM (`CERTIFICATE`) encoding of a DER certificate, as in `owner.pem` and `ca.pem`.
 pub fn cert_to_pem(der: &[u8]) -> String {
@@ -144,6 +169,25 @@ mod tests {
             pem_to_cert_der(&key_pem),
             Err(IdentityError::WrongPemType { .. })
         ));
+    }
+
+    #[test]
+    fn pkcs8_key_pem() {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+
+        let key = generate_key();
+        let pem = encode_pkcs8_key_pem(&key);
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+        assert!(pem.ends_with("-----END PRIVATE KEY-----\n"), "{pem}");
+        assert!(!pem.contains('\r'));
+        // RFC 8410 section 10.3's example has this header.
+        let block = pem::parse(&pem).unwrap();
+        let mut want = hex::decode("302e020100300506032b657004220420").unwrap();
+        want.extend_from_slice(&key.to_bytes());
+        assert_eq!(block.contents(), want);
+        // An independent decoder (the pkcs8 crate) reads it back.
+        let back = SigningKey::from_pkcs8_pem(&pem).unwrap();
+        assert_eq!(back.to_bytes(), key.to_bytes());
     }
 
     #[test]

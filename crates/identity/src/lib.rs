@@ -4,7 +4,8 @@
 //! plane deals in node IDs, parsed [`Certificate`]s and ready-made rustls configurations:
 //!
 //! - Ed25519 keys and node IDs ([`generate_key`], [`node_id`]);
-//! - the PEM files metroctl keeps ([`encode_owner_key_pem`], [`cert_to_pem`], ...);
+//! - the PEM files metroctl keeps ([`encode_owner_key_pem`], [`cert_to_pem`], ...) and the
+//!   PKCS#8 key files etcd reads ([`encode_pkcs8_key_pem`]);
 //! - the cluster CA and the certificates it issues ([`CertificateAuthority`]), and the
 //!   self-signed initial owner credentials ([`self_signed_certificate`]);
 //! - parsing and verification of certificates ([`parse_certificate`], [`verify_signed_by`]);
@@ -22,8 +23,9 @@ pub use ca::{CertificateAuthority, NO_EXPIRY, self_signed_certificate};
 pub use cert::{Certificate, parse_certificate, verify_self_signed, verify_signed_by};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use encoding::{
-    CERTIFICATE_PEM_TYPE, OWNER_KEY_PEM_TYPE, cert_to_pem, decode_owner_key_pem,
-    encode_owner_key_pem, fingerprint_sha256, pem_to_cert_der,
+    CERTIFICATE_PEM_TYPE, OWNER_KEY_PEM_TYPE, PKCS8_KEY_PEM_TYPE, cert_to_pem,
+    decode_owner_key_pem, encode_owner_key_pem, encode_pkcs8_key_pem, fingerprint_sha256,
+    pem_to_cert_der,
 };
 pub use error::{IdentityError, VerifyError};
 pub use tls::{ServerTrust, client_config, server_config, verify_error};

@@ -9,6 +9,9 @@ use tonic::transport::Channel;
 
 use crate::config::{ConfigDir, parse_endpoint};
 
+/// How long a command waits for the cluster to elect a curator leader.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What every subcommand gets: where the configuration lives and which
 /// endpoints were given on the command line.
 pub struct Ctx {
@@ -84,45 +87,19 @@ impl Ctx {
         let tls = metropolis_identity::client_config(trust, identity)
             .context("building TLS configuration")?;
         let endpoints = self.endpoints()?;
-        let channel = metropolis_rpc::client::connect_any(&endpoints, tls.clone()).await?;
-        Ok(follow_leader(channel, tls).await)
-    }
-}
-
-/// Any node answers, but only the curator serves the cluster API: ask the
-/// node we reached who leads (CuratorLocal.GetCurrentLeader) and go there
-/// when it is another node. If the question fails, keep the channel we have;
-/// the call itself then says what is wrong.
-async fn follow_leader(channel: Channel, tls: Arc<rustls::ClientConfig>) -> Channel {
-    use metropolis_api::curator::{
-        GetCurrentLeaderRequest, curator_local_client::CuratorLocalClient,
-    };
-    let ask = async {
-        let mut stream = CuratorLocalClient::new(channel.clone())
-            .get_current_leader(GetCurrentLeaderRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        stream.message().await.ok().flatten()
-    };
-    let Ok(Some(leader)) = tokio::time::timeout(std::time::Duration::from_secs(3), ask).await
-    else {
-        return channel;
-    };
-    if leader.leader_node_id == leader.this_node_id && !leader.leader_node_id.is_empty() {
-        return channel;
-    }
-    let (Ok(ip), Ok(port)) = (
-        leader.leader_host.parse::<std::net::IpAddr>(),
-        u16::try_from(leader.leader_port),
-    ) else {
-        return channel;
-    };
-    match metropolis_rpc::client::connect(SocketAddr::new(ip, port), tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "the leader named by the node is unreachable; staying");
-            channel
+        // During a failover no node knows a leader for a few seconds: wait
+        // for one (with backoff) rather than fail the command, but not
+        // forever — past the deadline the call itself says what is wrong.
+        let deadline = std::time::Instant::now() + LEADER_WAIT;
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            let c = metropolis_rpc::client::connect_leader(&endpoints, 0, tls.clone()).await?;
+            if c.leader || std::time::Instant::now() + delay > deadline {
+                return Ok(c.channel);
+            }
+            tracing::debug!(node = %c.addr, "no curator leader known yet; waiting {delay:?}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(2));
         }
     }
 }
@@ -136,7 +113,9 @@ pub async fn capture_channel(
     let seen = Arc::new(Mutex::new(None));
     let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
         .context("building TLS configuration")?;
-    Ok((metropolis_rpc::client::connect_any(addrs, tls).await?, seen))
+    // Escrow is served by the curator leader only; every node names it.
+    let connected = metropolis_rpc::client::connect_leader(addrs, 0, tls).await?;
+    Ok((connected.channel, seen))
 }
 
 /// Turns a failed call into an error a person can act on.

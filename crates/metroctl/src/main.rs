@@ -169,6 +169,11 @@ struct ParamsArgs {
     /// Parameters that register a node into the cluster you own.
     #[arg(long)]
     register: bool,
+    /// With --bootstrap: keep cluster state in etcd, run by the consensus
+    /// members, so that more members can be added later (high availability).
+    /// Without it the cluster stays on the single node's embedded store.
+    #[arg(long, requires = "bootstrap")]
+    ha: bool,
     /// Output file.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: PathBuf,
@@ -178,6 +183,11 @@ struct ParamsArgs {
 enum ClusterCommand {
     /// Show the cluster directory, CA and configuration.
     Info {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show the curator leader and the consensus store's members (learner or voter) with their health.
+    Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -250,7 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Install(InstallCommand::Params(p)) => {
             if p.bootstrap {
-                cmd::install::bootstrap_params(&ctx, &p.output)
+                cmd::install::bootstrap_params(&ctx, &p.output, p.ha)
             } else {
                 cmd::install::register_params(&ctx, &p.output).await
             }
@@ -260,6 +270,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(c) => cmd::user::run(&ctx, c).await,
         Command::Audit(args) => cmd::audit::run(&ctx, args).await,
         Command::Cluster(ClusterCommand::Info { format }) => cmd::cluster::info(&ctx, format).await,
+        Command::Cluster(ClusterCommand::Status { format }) => {
+            cmd::cluster::status(&ctx, format).await
+        }
         Command::Cluster(ClusterCommand::Launch {
             nodes,
             dir,

@@ -26,6 +26,7 @@ const STORE_DIR: &str = "store";
 const STORE_FILE: &str = "cluster.redb";
 const PENDING_KEY: &str = "pending-key";
 const DIRECTORY: &str = "directory.pb";
+const ETCD_DIR: &str = "etcd";
 
 /// A node's long-term credentials.
 pub struct Credentials {
@@ -57,6 +58,12 @@ impl DataDir {
         self.root.join(STORE_DIR).join(STORE_FILE)
     }
 
+    /// Where a consensus member of an etcd cluster keeps its etcd member
+    /// (configuration, certificates, data, client socket).
+    pub fn etcd_dir(&self) -> PathBuf {
+        self.root.join(ETCD_DIR)
+    }
+
     pub fn has_store(&self) -> bool {
         self.store_path().exists()
     }
@@ -73,7 +80,7 @@ impl DataDir {
     /// first start that died half-way. Starting over on top of it could mix
     /// two clusters' state.
     pub fn check_fresh(&self) -> anyhow::Result<()> {
-        if self.has_store() {
+        if self.has_store() || self.etcd_dir().exists() {
             bail!(
                 "data directory {} holds a consensus store but no node credentials (an interrupted first start?); \
                  remove the directory to start over",

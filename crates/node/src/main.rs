@@ -4,6 +4,7 @@
 //! existing one, as its Node Parameters say; afterwards it rejoins from the
 //! credentials sealed in its data directory.
 
+mod consensus;
 mod datadir;
 #[cfg(feature = "debug")]
 mod debug;
@@ -23,7 +24,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use metropolis_curator::{BootstrapRequest, Cluster};
-use metropolis_store::{EmbeddedStore, Store};
+use metropolis_identity::CertificateAuthority;
+use metropolis_store::{EmbeddedStore, EtcdStore, Store};
 
 use crate::datadir::{Credentials, DataDir};
 use crate::params::Params;
@@ -50,6 +52,13 @@ struct Args {
     /// After how long without a heartbeat the curator reports a node as timed out.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    /// TTL of the curator leader's lease: a dead leader is replaced after about this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    leader_lease_ttl: Duration,
+    /// The etcd server binary consensus members of a high-availability
+    /// cluster run (default: `etcd` on PATH).
+    #[arg(long)]
+    etcd_binary: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -82,7 +91,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(args, logs)) {
-        Ok(serve::Exit::Stopped) => ExitCode::SUCCESS,
+        // Reconfigured consensus membership is turned into a restart by run().
+        Ok(serve::Exit::Stopped | serve::Exit::Consensus(_)) => ExitCode::SUCCESS,
         Ok(serve::Exit::Restart) => {
             drop(runtime);
             restart()
@@ -149,7 +159,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         view
     };
     let data = DataDir::new(args.data_dir.clone());
-    let (creds, store) = if data.is_member() {
+    let (creds, held) = if data.is_member() {
         if let Some(p) = &args.params {
             bail!(
                 "data directory {} already belongs to a cluster; refusing to use node parameters {} again. \
@@ -159,13 +169,17 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             );
         }
         let creds = data.unseal()?;
-        let store = if data.has_store() {
-            Some(open_store(&data).await?)
-        } else {
-            None
-        };
         tracing::info!(node = %creds.node_id(), "rejoining cluster from sealed credentials");
-        (creds, store)
+        let held = if data.has_store() {
+            Held::Embedded(open_store(&data).await?)
+        } else if consensus::is_configured(&data.etcd_dir()) {
+            let etcd = start_etcd(&args, &data, &logs).await?;
+            let store = connect_etcd(&etcd).await?;
+            Held::Etcd { etcd, store }
+        } else {
+            Held::Nothing
+        };
+        (creds, held)
     } else {
         data.check_fresh()?;
         let path = args.params.as_ref().with_context(|| {
@@ -180,10 +194,15 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 owner_public_key,
                 configuration,
                 labels,
+                high_availability,
             } => {
-                let (creds, store) =
-                    bootstrap(&data, owner_public_key, configuration, labels, args.address).await?;
-                (creds, Some(store))
+                let boot = Bootstrap {
+                    owner_public_key,
+                    configuration,
+                    labels,
+                    address: args.address,
+                };
+                bootstrap(&args, &data, &logs, boot, high_availability).await?
             }
             Params::Register {
                 directory,
@@ -195,7 +214,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                     membership::register(&data, &directory, ticket, ca_certificate, labels).await?;
                 data.save_directory(&directory)?;
                 data.seal(&creds)?;
-                (creds, None)
+                (creds, Held::Nothing)
             }
         }
     };
@@ -205,36 +224,141 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         v["phase"] = "member".into();
         v["node_id"] = creds.node_id().into();
         v["ca_fingerprint"] = metropolis_identity::fingerprint_sha256(&creds.ca_certificate).into();
-        v["runs_curator"] = store.is_some().into();
+        v["runs_curator"] = (!matches!(held, Held::Nothing)).into();
     }
     let metrics = metrics::Metrics::new()?;
-    let cluster = match store {
-        Some(store) => Some(Cluster::open(metrics.instrument(store)).await?),
-        None => None,
-    };
-    // Consensus members talk to their own curator; other nodes to the ones
-    // they learnt about when they registered.
-    let curators = match &cluster {
-        Some(_) => vec![SocketAddr::new(args.address, serve::CURATOR_PORT)],
-        None => {
-            let dir = data
-                .directory()?
-                .context("this node runs no curator and knows no cluster directory")?;
-            membership::directory_endpoints(&dir)
+    let (cluster, etcd) = match held {
+        Held::Nothing => (None, None),
+        Held::Embedded(store) => (Some(Cluster::open(metrics.instrument(store)).await?), None),
+        Held::Etcd { etcd, store } => {
+            let consensus: Arc<dyn metropolis_store::Consensus> = store.clone();
+            let cluster =
+                Cluster::open_replicated(metrics.instrument(store), consensus, creds.node_id())
+                    .await?;
+            (Some(cluster), Some(etcd))
         }
     };
-    serve::run(serve::Config {
+    // Consensus members ask their own curator first (it leads, or knows who
+    // does); every node then falls back on the cluster directory it saved.
+    let mut curators = Vec::new();
+    if cluster.is_some() {
+        curators.push(SocketAddr::new(args.address, serve::CURATOR_PORT));
+    }
+    if let Some(dir) = data.directory()? {
+        for e in membership::directory_endpoints(&dir) {
+            if !curators.contains(&e) {
+                curators.push(e);
+            }
+        }
+    }
+    if curators.is_empty() {
+        bail!("this node runs no curator and knows no cluster directory");
+    }
+    let exit = serve::run(serve::Config {
         address: args.address,
         creds: Arc::new(creds),
         cluster,
+        runs_etcd: etcd.is_some(),
         curators,
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
+        leader_lease_ttl: args.leader_lease_ttl,
         data_dir: args.data_dir.clone(),
         logs,
         metrics,
     })
-    .await
+    .await;
+    if let Some(etcd) = etcd {
+        etcd.stop().await;
+    }
+    match exit? {
+        serve::Exit::Consensus(role) => {
+            reconfigure(&args, &data, role)?;
+            Ok(serve::Exit::Restart)
+        }
+        other => Ok(other),
+    }
+}
+
+/// The consensus store a node holds, if it is a consensus member.
+enum Held {
+    Nothing,
+    Embedded(Arc<dyn Store>),
+    Etcd {
+        etcd: consensus::Etcd,
+        store: Arc<EtcdStore>,
+    },
+}
+
+/// The node gained or lost the ConsensusMember role: set up (or tear down)
+/// its etcd directory; the restart that follows starts the node as what it
+/// now is.
+fn reconfigure(
+    args: &Args,
+    data: &DataDir,
+    role: Option<metropolis_api::common::node_roles::ConsensusMember>,
+) -> anyhow::Result<()> {
+    let creds = data.unseal()?;
+    match role {
+        Some(role) => {
+            let cfg = consensus::PeerConfig {
+                name: creds.node_id(),
+                address: args.address,
+                peer_port: metropolis_curator::consensus::PEER_PORT,
+                ca_der: role.ca_certificate,
+                peer_cert_der: role.peer_certificate,
+                initial_cluster: role.peers.into_iter().map(|p| (p.name, p.url)).collect(),
+                new_cluster: false,
+                cluster_token: ETCD_CLUSTER_TOKEN.into(),
+            };
+            consensus::configure(&data.etcd_dir(), &cfg, &creds.key)
+                .context("setting up this node's etcd member")?;
+        }
+        None => {
+            let dir = data.etcd_dir();
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(e).with_context(|| format!("removing {}", dir.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// etcd's --initial-cluster-token: only used when a new etcd cluster forms
+/// (bootstrap), where there is one member.
+const ETCD_CLUSTER_TOKEN: &str = "metropolis";
+
+async fn start_etcd(
+    args: &Args,
+    data: &DataDir,
+    logs: &Arc<logtree::LogTree>,
+) -> anyhow::Result<consensus::Etcd> {
+    let binary = consensus::find_binary(args.etcd_binary.as_deref())?;
+    consensus::Etcd::start(&data.etcd_dir(), &binary, logs.clone()).await
+}
+
+/// Connects to this node's etcd member. A member that joined as a learner
+/// serves no client requests until the leader promotes it, once it has
+/// caught up: wait for that.
+async fn connect_etcd(etcd: &consensus::Etcd) -> anyhow::Result<Arc<EtcdStore>> {
+    let socket = etcd.client_socket();
+    let mut delay = Duration::from_millis(100);
+    let mut next_report = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match EtcdStore::connect_unix(&socket).await {
+            Ok(store) => return Ok(store),
+            Err(e) => {
+                if std::time::Instant::now() >= next_report {
+                    tracing::info!(error = %e, "waiting for this node's etcd member to serve (a new member serves once it has caught up and was promoted)");
+                    next_report += Duration::from_secs(30);
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 async fn open_store(data: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
@@ -244,30 +368,78 @@ async fn open_store(data: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
-async fn bootstrap(
-    data: &DataDir,
+struct Bootstrap {
     owner_public_key: [u8; 32],
     configuration: metropolis_api::common::ClusterConfiguration,
     labels: Option<metropolis_api::common::NodeLabels>,
     address: IpAddr,
-) -> anyhow::Result<(Credentials, Arc<dyn Store>)> {
-    let (labels, dropped) = metropolis_curator::labels::sanitize_initial(labels);
+}
+
+/// Creates a new cluster with this node as its only member, on the embedded
+/// store or (high availability) on an etcd cluster of one that this node runs.
+async fn bootstrap(
+    args: &Args,
+    data: &DataDir,
+    logs: &Arc<logtree::LogTree>,
+    boot: Bootstrap,
+    high_availability: bool,
+) -> anyhow::Result<(Credentials, Held)> {
+    let (labels, dropped) = metropolis_curator::labels::sanitize_initial(boot.labels);
     for problem in dropped {
         tracing::warn!(%problem, "dropping invalid label from node parameters");
     }
     let key = metropolis_identity::generate_key();
+    let node_id = metropolis_identity::node_id(key.verifying_key().as_bytes());
+    let ca = CertificateAuthority::generate().context("generating the cluster CA")?;
     data.create()?;
-    data.create_store_dir()?;
-    let store = open_store(data).await?;
-    let out = metropolis_curator::state::bootstrap(
+    let mut consensus_role = metropolis_api::common::node_roles::ConsensusMember::default();
+    let (store, held): (Arc<dyn Store>, _) = if high_availability {
+        // etcd needs its peer certificate (and so the CA) before the store
+        // exists; find the binary before writing anything.
+        consensus::find_binary(args.etcd_binary.as_deref())?;
+        let peer_cert = ca
+            .issue_peer_certificate(key.verifying_key().as_bytes(), boot.address)
+            .context("issuing this node's etcd peer certificate")?;
+        let url = metropolis_curator::consensus::peer_url(boot.address);
+        let cfg = consensus::PeerConfig {
+            name: node_id.clone(),
+            address: boot.address,
+            peer_port: metropolis_curator::consensus::PEER_PORT,
+            ca_der: ca.cert_der().to_vec(),
+            peer_cert_der: peer_cert.clone(),
+            initial_cluster: vec![(node_id.clone(), url.clone())],
+            new_cluster: true,
+            cluster_token: ETCD_CLUSTER_TOKEN.into(),
+        };
+        consensus::configure(&data.etcd_dir(), &cfg, &key)?;
+        consensus_role = metropolis_api::common::node_roles::ConsensusMember {
+            ca_certificate: ca.cert_der().to_vec(),
+            peer_certificate: peer_cert,
+            initial_crl: Vec::new(),
+            peers: vec![metropolis_api::common::node_roles::consensus_member::Peer {
+                name: node_id.clone(),
+                url,
+            }],
+        };
+        let etcd = start_etcd(args, data, logs).await?;
+        let store = connect_etcd(&etcd).await?;
+        (store.clone() as Arc<dyn Store>, Held::Etcd { etcd, store })
+    } else {
+        data.create_store_dir()?;
+        let store = open_store(data).await?;
+        (store.clone(), Held::Embedded(store))
+    };
+    let out = metropolis_curator::state::bootstrap_with_ca(
         store.as_ref(),
         BootstrapRequest {
-            owner_public_key,
-            initial_configuration: Some(configuration),
+            owner_public_key: boot.owner_public_key,
+            initial_configuration: Some(boot.configuration),
             labels,
             node_public_key: key.verifying_key().to_bytes(),
-            node_address: address.to_string(),
+            node_address: boot.address.to_string(),
+            consensus_role,
         },
+        &ca,
     )
     .await?;
     let creds = Credentials {
@@ -279,7 +451,8 @@ async fn bootstrap(
     tracing::info!(
         node = %creds.node_id(),
         ca = %metropolis_identity::fingerprint_sha256(&creds.ca_certificate),
+        store = if high_availability { "etcd" } else { "embedded" },
         "bootstrapped a new cluster"
     );
-    Ok((creds, store))
+    Ok((creds, held))
 }

@@ -11,17 +11,17 @@ use backon::BackoffBuilder;
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use metropolis_api::common::{
-    ClusterDirectory, NodeLabels, NodeStatus, node_status::RunningCurator,
+    ClusterDirectory, NodeLabels, NodeStatus, node_roles, node_status::RunningCurator,
 };
 use metropolis_api::curator::{
-    CommitNodeRequest, HeartbeatUpdateRequest, JoinNodeRequest, RegisterNodeRequest,
-    ReportDecommissionedRequest, UpdateNodeStatusRequest, WatchRequest,
+    CommitNodeRequest, GetCurrentLeaderResponse, HeartbeatUpdateRequest, JoinNodeRequest,
+    RegisterNodeRequest, ReportDecommissionedRequest, UpdateNodeStatusRequest, WatchRequest,
     curator_client::CuratorClient, watch_request,
 };
 use metropolis_api::version::spec::{Version, version::Release};
 use metropolis_identity::ServerTrust;
 use rand::RngCore;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -105,9 +105,14 @@ pub async fn register(
         Some((self_signed, key.clone())),
     )?;
     let endpoints = directory_endpoints(directory);
+    // Rotates where each retry starts looking for the leader.
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
 
     let call_register = || async {
-        let ch = metropolis_rpc::client::connect_any(&endpoints, tls.clone()).await?;
+        let start = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ch = metropolis_rpc::client::connect_leader(&endpoints, start, tls.clone())
+            .await?
+            .channel;
         CuratorClient::new(ch)
             .register_node(RegisterNodeRequest {
                 register_ticket: ticket.clone(),
@@ -125,7 +130,10 @@ pub async fn register(
     tracing::info!(node = %id, "registered; waiting for approval");
 
     let call_commit = || async {
-        let ch = metropolis_rpc::client::connect_any(&endpoints, tls.clone()).await?;
+        let start = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ch = metropolis_rpc::client::connect_leader(&endpoints, start, tls.clone())
+            .await?
+            .channel;
         CuratorClient::new(ch)
             .commit_node(CommitNodeRequest {})
             .await
@@ -185,9 +193,16 @@ pub fn new_boot_id() -> Vec<u8> {
 
 pub struct Maintain {
     pub creds: Arc<Credentials>,
-    pub endpoints: Vec<SocketAddr>,
+    /// Where to look for the curator leader; refreshed from the cluster
+    /// directory after every join and saved for the next start.
+    pub endpoints: std::sync::Mutex<Vec<SocketAddr>>,
     pub address: IpAddr,
     pub runs_curator: bool,
+    /// Whether this node runs etcd (a consensus member of an etcd cluster).
+    pub runs_etcd: bool,
+    /// Non-consensus nodes publish the curator they reached here
+    /// (CuratorLocal.GetCurrentLeader on this node).
+    pub leader: Option<watch::Sender<GetCurrentLeaderResponse>>,
     pub heartbeat_interval: Duration,
     pub boot_id: Vec<u8>,
     /// The data directory, wiped when the node is decommissioned.
@@ -203,6 +218,10 @@ pub enum Ended {
     Decommissioned(String),
     /// Refused by the cluster (e.g. deleted), or unable to go on.
     Fatal(anyhow::Error),
+    /// The node gained the ConsensusMember role on an etcd cluster (Some:
+    /// what it needs to start etcd) or lost it (None); it restarts as what it
+    /// now is.
+    Consensus(Option<node_roles::ConsensusMember>),
 }
 
 /// Joins, reports status, heartbeats and watches the node's own record;
@@ -228,8 +247,10 @@ pub async fn maintain(m: Maintain) {
         }
     };
     let mut delay = backoff(Duration::from_secs(5)).build();
+    let mut attempt = 0usize;
     loop {
-        match session(&m, tls.clone()).await {
+        attempt += 1;
+        match session(&m, tls.clone(), attempt).await {
             Ok(ended) => {
                 let _ = m.ended.send(ended).await;
                 return;
@@ -258,9 +279,21 @@ pub async fn maintain(m: Maintain) {
 
 /// One connection's worth of membership: join, status, then heartbeats and
 /// the node's own record until the stream breaks or membership ends.
-async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<Ended, CallError> {
-    let ch: Channel = metropolis_rpc::client::connect_any(&m.endpoints, tls).await?;
-    let mut curator = CuratorClient::new(ch);
+async fn session(
+    m: &Maintain,
+    tls: Arc<rustls::ClientConfig>,
+    attempt: usize,
+) -> Result<Ended, CallError> {
+    let endpoints = m
+        .endpoints
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // Each attempt starts one node further, so a dead node is not asked
+    // first every time.
+    let connected =
+        metropolis_rpc::client::connect_leader(&endpoints, attempt.saturating_sub(1), tls).await?;
+    let mut curator = CuratorClient::new(connected.channel.clone());
     let joined = curator
         .join_node(JoinNodeRequest {})
         .await
@@ -275,9 +308,22 @@ async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<Ended, 
         .await
         .map_err(CallError::Status)?;
     tracing::info!(
+        curator = %connected.addr,
         "joined the cluster; heartbeating every {:?}",
         m.heartbeat_interval
     );
+    if let Some(tx) = &m.leader {
+        tx.send_replace(GetCurrentLeaderResponse {
+            leader_node_id: String::new(),
+            leader_host: connected.addr.ip().to_string(),
+            leader_port: i32::from(connected.addr.port()),
+            this_node_id: m.creds.node_id(),
+        });
+    }
+    refresh_directory(m, connected.channel.clone()).await;
+    if let Some(ended) = consensus_change(m, joined.roles.as_ref()) {
+        return Ok(ended);
+    }
 
     let mut watch = curator
         .watch(WatchRequest {
@@ -314,6 +360,9 @@ async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<Ended, 
                     if node.roles != roles {
                         log_roles(node.roles.as_ref());
                         roles = node.roles.clone();
+                        if let Some(ended) = consensus_change(m, roles.as_ref()) {
+                            return Ok(ended);
+                        }
                     }
                     if node.decommission_requested {
                         return decommission(m, &mut curator).await;
@@ -321,6 +370,63 @@ async fn session(m: &Maintain, tls: Arc<rustls::ClientConfig>) -> Result<Ended, 
                 }
             }
         }
+    }
+}
+
+/// Whether the node's roles ask it to become, or stop being, an etcd
+/// member. An embedded-store node never changes: its cluster cannot have a
+/// second member, and it cannot lose its role (it is the last member).
+fn consensus_change(
+    m: &Maintain,
+    roles: Option<&metropolis_api::common::NodeRoles>,
+) -> Option<Ended> {
+    let role = roles.and_then(|r| r.consensus_member.as_ref());
+    match (role, m.runs_etcd, m.runs_curator) {
+        (Some(role), false, false) if !role.peer_certificate.is_empty() => {
+            tracing::info!(
+                "this node became a consensus member; restarting to run etcd and a curator"
+            );
+            Some(Ended::Consensus(Some(role.clone())))
+        }
+        (None, true, _) => {
+            tracing::info!("this node is no longer a consensus member; restarting without etcd");
+            Some(Ended::Consensus(None))
+        }
+        _ => None,
+    }
+}
+
+/// Learns every node's address (GetClusterInfo), so that this node can find
+/// the curator through any of them when the one it knew is gone; remembered
+/// in the data directory for the next start.
+async fn refresh_directory(m: &Maintain, channel: Channel) {
+    use metropolis_api::api::{GetClusterInfoRequest, management_client::ManagementClient};
+    let info = match ManagementClient::new(channel)
+        .get_cluster_info(GetClusterInfoRequest {})
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the cluster directory");
+            return;
+        }
+    };
+    let Some(dir) = info.cluster_directory else {
+        return;
+    };
+    let mut endpoints = directory_endpoints(&dir);
+    if m.runs_curator {
+        // Its own curator first: it may be the leader, and it knows who is.
+        let own = SocketAddr::new(m.address, CURATOR_PORT);
+        endpoints.retain(|e| *e != own);
+        endpoints.insert(0, own);
+    }
+    if endpoints.is_empty() {
+        return;
+    }
+    *m.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
+    if let Err(e) = DataDir::new(m.data_dir.clone()).save_directory(&dir) {
+        tracing::warn!(error = %e, "cannot save the cluster directory");
     }
 }
 

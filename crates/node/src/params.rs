@@ -15,6 +15,9 @@ pub enum Params {
         owner_public_key: [u8; 32],
         configuration: ClusterConfiguration,
         labels: Option<NodeLabels>,
+        /// Keep cluster state in etcd (run by this node) rather than the
+        /// embedded store, so that more consensus members can join.
+        high_availability: bool,
     },
     Register {
         directory: ClusterDirectory,
@@ -78,6 +81,7 @@ pub fn load(path: &Path) -> Result<Params, ParamsError> {
                 owner_public_key,
                 configuration,
                 labels: b.labels,
+                high_availability: b.high_availability,
             })
         }
         Some(node_parameters::Cluster::ClusterRegister(r)) => {

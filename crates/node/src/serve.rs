@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metropolis_api::admin::cluster_admin_server::ClusterAdminServer;
 use metropolis_api::api::{aaa_server::AaaServer, management_server::ManagementServer};
+use metropolis_api::common::node_roles;
 use metropolis_api::curator::{
     GetCurrentLeaderResponse, curator_local_server::CuratorLocalServer,
     curator_server::CuratorServer,
@@ -17,6 +18,7 @@ use metropolis_curator::admin::ClusterAdminService;
 use metropolis_curator::audit::AuditLayer;
 use metropolis_curator::authz::{CertificateAuthorizer, ClusterAuthorizer};
 use metropolis_curator::heartbeat::Heartbeats;
+use metropolis_curator::leader::{self, LeaderGate, LeaderInfo, Leadership};
 use metropolis_curator::local::CuratorLocalService;
 use metropolis_curator::management::ManagementService;
 use metropolis_curator::nodes::CuratorService;
@@ -45,10 +47,13 @@ pub struct Config {
     pub creds: Arc<Credentials>,
     /// Set on nodes that hold the consensus store and so run the curator.
     pub cluster: Option<Arc<Cluster>>,
-    /// Where this node's curator client connects.
+    /// Whether this node runs etcd (then `cluster` is etcd-backed).
+    pub runs_etcd: bool,
+    /// Where this node's curator client looks for the leader.
     pub curators: Vec<SocketAddr>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    pub leader_lease_ttl: Duration,
     pub data_dir: std::path::PathBuf,
     pub logs: Arc<LogTree>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -63,41 +68,56 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let listener = metropolis_rpc::server::bind(addr).await?;
     let ca = cfg.creds.ca_certificate.clone();
 
-    let leader = match (&cfg.cluster, cfg.curators.first()) {
-        (Some(_), _) => GetCurrentLeaderResponse {
-            leader_node_id: node_id.clone(),
-            leader_host: cfg.address.to_string(),
-            leader_port: i32::from(CURATOR_PORT),
-            this_node_id: node_id.clone(),
-        },
-        (None, Some(c)) => GetCurrentLeaderResponse {
-            leader_node_id: String::new(),
-            leader_host: c.ip().to_string(),
-            leader_port: i32::from(c.port()),
-            this_node_id: node_id.clone(),
-        },
-        (None, None) => GetCurrentLeaderResponse {
-            this_node_id: node_id.clone(),
-            ..Default::default()
-        },
+    let heartbeats = Arc::new(Heartbeats::new(cfg.heartbeat_timeout));
+    // Who leads: consensus members campaign (and follow the outcome); other
+    // nodes report the curator their membership loop reached.
+    let this_node = GetCurrentLeaderResponse {
+        this_node_id: node_id.clone(),
+        ..Default::default()
     };
-    let (_leader_tx, leader_rx) = watch::channel(leader);
+    let (leader_tx, leader_rx) = watch::channel(this_node);
+    let mut background = Vec::new();
+    let mut leadership = None;
+    let mut membership_leader = Some(leader_tx.clone());
+    if let Some(cluster) = &cfg.cluster {
+        membership_leader = None;
+        heartbeats.stop_leading();
+        let me = LeaderInfo {
+            node_id: node_id.clone(),
+            host: cfg.address.to_string(),
+            port: CURATOR_PORT,
+        };
+        let (rx, election) =
+            leader::campaign(cluster.store().clone(), me.clone(), cfg.leader_lease_ttl);
+        background.push(election);
+        background.push(tokio::spawn(follow_leadership(
+            rx.clone(),
+            me,
+            cluster.clone(),
+            heartbeats.clone(),
+            leader_tx,
+        )));
+        leadership = Some(rx);
+    }
     let local = CuratorLocalServer::new(CuratorLocalService::new(ca.clone(), leader_rx));
 
     let authorizer: Arc<dyn Authorizer> = match &cfg.cluster {
         Some(cluster) => Arc::new(ClusterAuthorizer::new(cluster.clone())),
         None => Arc::new(CertificateAuthorizer),
     };
-    let heartbeats = Arc::new(Heartbeats::new(cfg.heartbeat_timeout));
     let observe = ObserveLayer::new(cfg.metrics.rpc_observer());
-    let router = match &cfg.cluster {
-        Some(cluster) => {
+    let router = match (&cfg.cluster, leadership) {
+        (Some(cluster), Some(leadership)) => {
             let heartbeats = heartbeats.clone();
             let management = Arc::new(ManagementService::new(cluster.clone(), heartbeats.clone()));
-            // Layers added first are outermost: authentication runs before
-            // the audit layer, which needs the established caller.
+            // Layers added first are outermost: only the leader serves the
+            // curator services; authentication runs before the audit layer,
+            // which needs the established caller.
             Server::builder()
                 .layer(observe.clone())
+                .layer(tower::util::option_layer(Some(LeaderGate::new(
+                    leadership, &node_id,
+                ))))
                 .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::new(cluster.store().clone()))
                 .add_service(AaaServer::new(AaaService::new(cluster.clone())))
@@ -111,7 +131,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 )))
                 .add_service(local)
         }
-        None => {
+        _ => {
             let where_to = cfg
                 .curators
                 .iter()
@@ -124,6 +144,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             // only gives both routers the same type.
             Server::builder()
                 .layer(observe.clone())
+                .layer(tower::util::option_layer(None::<LeaderGate>))
                 .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::disabled())
                 .add_service(Redirect::<AaaServer<AaaService>>::new(msg.clone()))
@@ -141,9 +162,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let (ended_tx, mut ended_rx) = mpsc::channel(1);
     let membership = tokio::spawn(membership::maintain(membership::Maintain {
         creds: cfg.creds.clone(),
-        endpoints: cfg.curators.clone(),
+        endpoints: std::sync::Mutex::new(cfg.curators.clone()),
         address: cfg.address,
         runs_curator: cfg.cluster.is_some(),
+        runs_etcd: cfg.runs_etcd,
+        leader: membership_leader,
         heartbeat_interval: cfg.heartbeat_interval,
         boot_id: membership::new_boot_id(),
         data_dir: cfg.data_dir.clone(),
@@ -200,9 +223,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 Ok(Exit::Stopped)
             }
             membership::Ended::Fatal(e) => Err(e),
+            membership::Ended::Consensus(role) => Ok(Exit::Consensus(role)),
         },
     };
     membership.abort();
+    for task in background {
+        task.abort();
+    }
     // Graceful shutdown waits for every connection to close, and long-lived
     // streams (heartbeats, watches, log follows) never do on their own: give
     // in-flight calls a grace period, then exit regardless.
@@ -223,11 +250,56 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
 }
 
 /// How the daemon ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Exit {
     Stopped,
     /// Start again as a fresh process (Reboot).
     Restart,
+    /// The node gained (Some) or lost (None) the ConsensusMember role of an
+    /// etcd cluster: reconfigure, then start again.
+    Consensus(Option<node_roles::ConsensusMember>),
+}
+
+/// Acts on leadership changes of this node's curator: a new leader fences
+/// its writes with its leader key, starts heartbeat bookkeeping afresh (health
+/// UNKNOWN for one timeout) and promotes caught-up etcd learners; a curator
+/// that stops leading ends its heartbeat streams. CuratorLocal's answer
+/// follows along.
+async fn follow_leadership(
+    mut leadership: watch::Receiver<Leadership>,
+    me: LeaderInfo,
+    cluster: Arc<Cluster>,
+    heartbeats: Arc<Heartbeats>,
+    leader_tx: watch::Sender<GetCurrentLeaderResponse>,
+) {
+    let mut promoter: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let current = leadership.borrow_and_update().clone();
+        leader_tx.send_replace(current.to_response(&me));
+        match current {
+            Leadership::Leading { key_revision } => {
+                cluster.set_fence(key_revision);
+                heartbeats.start_leading();
+                if let (None, Some(consensus)) = (&promoter, cluster.consensus()) {
+                    promoter = Some(tokio::spawn(
+                        metropolis_curator::consensus::promote_learners(consensus.clone()),
+                    ));
+                }
+            }
+            Leadership::Following(_) | Leadership::Unknown => {
+                heartbeats.stop_leading();
+                if let Some(p) = promoter.take() {
+                    p.abort();
+                }
+            }
+        }
+        if leadership.changed().await.is_err() {
+            break;
+        }
+    }
+    if let Some(p) = promoter {
+        p.abort();
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -75,6 +75,110 @@ pub async fn connect_any(
     }))
 }
 
+/// How long a node may take to say who leads.
+const LEADER_QUESTION_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A channel to the curator leader, found from any of `addrs`: every node
+/// answers CuratorLocal.GetCurrentLeader, so ask the first node that
+/// answers and go where it points. Nodes that know no leader (an election in
+/// progress) are passed over; if none knows one, the first reachable node's
+/// channel is returned, and calls on it say what is wrong (UNAVAILABLE naming
+/// the leader, or that there is none yet), which callers retry.
+///
+/// `start` rotates the order, so that a client retrying after a failure does
+/// not knock on the same dead node first every time.
+pub async fn connect_leader(
+    addrs: &[SocketAddr],
+    start: usize,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Connected, ConnectError> {
+    let n = addrs.len();
+    let mut fallback = None;
+    let mut last = None;
+    for i in 0..n {
+        let addr = addrs[(start + i) % n];
+        let channel = match connect(addr, tls.clone()).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "endpoint failed");
+                last = Some(e);
+                continue;
+            }
+        };
+        let Some(leader) = ask_leader(channel.clone()).await else {
+            fallback.get_or_insert((channel, addr));
+            continue;
+        };
+        if leader.leader_node_id.is_empty() {
+            fallback.get_or_insert((channel, addr));
+            continue;
+        }
+        if leader.leader_node_id == leader.this_node_id {
+            return Ok(Connected {
+                channel,
+                addr,
+                leader: true,
+            });
+        }
+        let Ok(ip) = leader.leader_host.parse::<std::net::IpAddr>() else {
+            fallback.get_or_insert((channel, addr));
+            continue;
+        };
+        let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
+        let leader_addr = SocketAddr::new(ip, port);
+        match connect(leader_addr, tls.clone()).await {
+            Ok(channel) => {
+                return Ok(Connected {
+                    channel,
+                    addr: leader_addr,
+                    leader: true,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(%leader_addr, error = %e, "the leader named by {addr} is unreachable");
+                fallback.get_or_insert((channel, addr));
+            }
+        }
+    }
+    if let Some((channel, addr)) = fallback {
+        return Ok(Connected {
+            channel,
+            addr,
+            leader: false,
+        });
+    }
+    Err(last.unwrap_or(ConnectError {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        message: "no endpoints given".into(),
+    }))
+}
+
+/// A channel from [`connect_leader`].
+pub struct Connected {
+    pub channel: Channel,
+    pub addr: SocketAddr,
+    /// Whether `addr` said it leads (else it is just a node that answered).
+    pub leader: bool,
+}
+
+async fn ask_leader(channel: Channel) -> Option<metropolis_api::curator::GetCurrentLeaderResponse> {
+    use metropolis_api::curator::{
+        GetCurrentLeaderRequest, curator_local_client::CuratorLocalClient,
+    };
+    let ask = async {
+        let mut stream = CuratorLocalClient::new(channel)
+            .get_current_leader(GetCurrentLeaderRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        stream.message().await.ok().flatten()
+    };
+    tokio::time::timeout(LEADER_QUESTION_TIMEOUT, ask)
+        .await
+        .ok()
+        .flatten()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to {addr}: {message}")]
 pub struct ConnectError {

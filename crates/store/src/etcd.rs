@@ -31,22 +31,38 @@
 //!   `--max-request-bytes` and the client's decode limit), so very large
 //!   ranges or transactions can fail where the embedded store succeeds.
 //!
-//! Not done yet: TLS (client certificates) and unix-socket endpoints; only
-//! plain `http://host:port` endpoints are supported by [`EtcdStore::connect`].
+//! Endpoints: plain `http://host:port` ([`EtcdStore::connect`]) or a unix
+//! socket ([`EtcdStore::connect_unix`]). etcd listens on a unix socket only
+//! when told `--listen-client-urls unix://client.sock:0`, which creates a
+//! file literally named `client.sock:0` in etcd's working directory: run etcd
+//! in the directory the socket should be in and connect to
+//! `<dir>/client.sock:0`.
+//!
+//! The same store also implements [`Consensus`] (etcd's cluster and
+//! maintenance APIs). Status reports the member this client talks to; with
+//! several `http://` endpoints that is whichever one the request went to.
+//!
+//! Not done yet: TLS (client certificates) for client connections.
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::proto::{PbKeyValue, PbTxnOpResponse};
-use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, DeleteOptions, GetOptions, MemberAddOptions, PutOptions, WatchOptions,
+};
+use hyper_util::rt::TokioIo;
 use tonic::Code;
+use tonic::transport::{Endpoint, Uri};
 
 use crate::{
-    Compare, CompareOp, CompareTarget, EventKind, KeyValue, LeaseId, Op, OpResult, RangeResponse,
-    Store, StoreError, Txn, TxnResponse, WatchEvent, WatchStream,
+    Compare, CompareOp, CompareTarget, Consensus, ConsensusStatus, EventKind, KeyValue, LeaseId,
+    Member, Op, OpResult, RangeResponse, Store, StoreError, Txn, TxnResponse, WatchEvent,
+    WatchStream,
 };
 
 /// How long establishing a connection to an endpoint may take.
@@ -104,7 +120,63 @@ impl EtcdStore {
         Ok(Arc::new(store))
     }
 
-    /// The endpoints this store was connected to.
+    /// Connects to an etcd member over the unix socket at `path` and checks
+    /// that it answers. See the module documentation for the name etcd gives
+    /// its socket.
+    ///
+    /// A learner refuses the check (etcd serves learners' clients almost
+    /// nothing), so this fails with [`StoreError::Unavailable`] until the
+    /// member has been promoted.
+    pub async fn connect_unix(path: &Path) -> Result<Arc<EtcdStore>, StoreError> {
+        let name = format!("unix:{}", path.display());
+        let socket = path.to_path_buf();
+        // tonic needs a URI to build HTTP/2 requests; the host is never
+        // resolved, since the connector below ignores it.
+        let endpoint = Endpoint::from_static("http://etcd.local")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        // Also used to reconnect after the connection breaks (etcd restarts).
+        let connector = tower::service_fn(move |_: Uri| {
+            let socket: PathBuf = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(&socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot connect to etcd at {name}: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        // Timeouts and keep-alive are the endpoint's above; from_channel reads
+        // only per-call settings (credentials) from the options.
+        let options = ConnectOptions::new();
+        let client = Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options))
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot connect to etcd at {name}: {e}"))
+            })?;
+        let store = EtcdStore {
+            client,
+            endpoints: vec![name.clone()],
+        };
+        store.revision().await.map_err(|e| match e {
+            StoreError::Unavailable(msg) => {
+                StoreError::Unavailable(format!("etcd at {name} does not answer: {msg}"))
+            }
+            other => other,
+        })?;
+        Ok(Arc::new(store))
+    }
+
+    /// The endpoints this store was connected to (`unix:<path>` for a unix
+    /// socket).
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
     }
@@ -275,6 +347,167 @@ impl Store for EtcdStore {
             .map_err(map_err)?;
         header_revision(resp.0.header.as_ref())
     }
+}
+
+// etcd's membership errors (etcdserver/api/v3rpc/rpctypes), matched by
+// message: the gRPC codes alone do not tell them apart.
+const LEARNER_NOT_READY: &str = "can only promote a learner member which is in sync with leader";
+const NOT_LEARNER: &str = "can only promote a learner member";
+const PEER_URL_EXISTS: &str = "peer urls already exists";
+const TOO_MANY_LEARNERS: &str = "too many learner members";
+const NOT_ENOUGH_STARTED: &str = "not enough started members";
+
+#[async_trait]
+impl Consensus for EtcdStore {
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let resp = self.client().member_list().await.map_err(map_member_err)?;
+        Ok(resp.members().iter().map(convert_member).collect())
+    }
+
+    async fn add_learner(&self, peer_url: &str) -> Result<Member, StoreError> {
+        if peer_url.is_empty() {
+            return Err(StoreError::Invalid("empty etcd peer URL".into()));
+        }
+        if let Some(m) = self.member_with_peer_url(peer_url).await? {
+            return Ok(m);
+        }
+        let added = self
+            .client()
+            .member_add([peer_url], Some(MemberAddOptions::new().with_is_learner()))
+            .await;
+        match added {
+            Ok(resp) => resp.member().map(convert_member).ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "etcd added a member for {peer_url} but did not return it"
+                ))
+            }),
+            // Someone else added it between our list and our add (a
+            // concurrent retry): that member is the answer.
+            Err(e) if status_contains(&e, PEER_URL_EXISTS) => {
+                self.member_with_peer_url(peer_url).await?.ok_or_else(|| {
+                    StoreError::Backend(format!(
+                        "etcd says a member with peer URL {peer_url} exists, but does not list it"
+                    ))
+                })
+            }
+            Err(e) => Err(match map_member_err(e) {
+                StoreError::Invalid(msg) => {
+                    StoreError::Invalid(format!("cannot add etcd learner {peer_url:?}: {msg}"))
+                }
+                other => other,
+            }),
+        }
+    }
+
+    async fn promote(&self, id: u64) -> Result<bool, StoreError> {
+        match self.client().member_promote(id).await {
+            Ok(_) => Ok(true),
+            // etcd checks "in sync" before "is a learner", also for voters: a
+            // voter a few entries behind (just promoted, or down) gets this
+            // too. Checked before NOT_LEARNER, which is a prefix of it.
+            Err(e) if status_contains(&e, LEARNER_NOT_READY) => Ok(self
+                .members()
+                .await?
+                .iter()
+                .any(|m| m.id == id && !m.is_learner)),
+            Err(e) if status_contains(&e, NOT_LEARNER) => Ok(true),
+            Err(e) if is_member_not_found(&e) => Err(StoreError::Invalid(format!(
+                "cannot promote etcd member {id:x}: there is no such member"
+            ))),
+            Err(e) => Err(map_member_err(e)),
+        }
+    }
+
+    async fn remove(&self, id: u64) -> Result<(), StoreError> {
+        match self.client().member_remove(id).await {
+            Ok(_) => Ok(()),
+            // Also etcd's answer for a member removed earlier.
+            Err(e) if is_member_not_found(&e) => Ok(()),
+            Err(e) => Err(map_member_err(e)),
+        }
+    }
+
+    async fn status(&self) -> Result<ConsensusStatus, StoreError> {
+        let resp = self.client().status().await.map_err(map_member_err)?;
+        let header = resp
+            .header()
+            .ok_or_else(|| StoreError::Backend("etcd status response without a header".into()))?;
+        Ok(ConsensusStatus {
+            member_id: header.member_id(),
+            leader_id: resp.leader(),
+            raft_term: resp.raft_term(),
+            revision: header.revision(),
+            db_size_bytes: resp.db_size(),
+        })
+    }
+}
+
+impl EtcdStore {
+    async fn member_with_peer_url(&self, peer_url: &str) -> Result<Option<Member>, StoreError> {
+        // etcd keeps peer URLs unique across members, so at most one matches.
+        Ok(self
+            .members()
+            .await?
+            .into_iter()
+            .find(|m| m.peer_urls.iter().any(|u| u == peer_url)))
+    }
+}
+
+fn convert_member(m: &etcd_client::Member) -> Member {
+    Member {
+        id: m.id(),
+        name: m.name().to_string(),
+        peer_urls: m.peer_urls().to_vec(),
+        is_learner: m.is_learner(),
+    }
+}
+
+fn status_contains(e: &etcd_client::Error, needle: &str) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.message().to_ascii_lowercase().contains(needle))
+}
+
+/// etcd's `ErrMemberNotFound` (also returned for removed members).
+fn is_member_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == Code::NotFound && s.message().contains("member not found"))
+}
+
+/// [`map_err`], with etcd's refusals of membership changes explained.
+fn map_member_err(e: etcd_client::Error) -> StoreError {
+    if status_contains(&e, TOO_MANY_LEARNERS) {
+        return StoreError::Invalid(
+            "etcd refuses another learner while one is still catching up: wait until the existing \
+             learner has been promoted (or remove it), then retry"
+                .into(),
+        );
+    }
+    if status_contains(&e, NOT_ENOUGH_STARTED) {
+        return StoreError::Unavailable(
+            "etcd refuses the membership change because too few members are running to keep a \
+             quorum afterwards: start the stopped members (or remove members that are gone for \
+             good), then retry"
+                .into(),
+        );
+    }
+    map_err(e)
+}
+
+/// An error with its sources, since tonic's transport errors say only
+/// "transport error" at the top. Some layers repeat their source's text;
+/// that is said once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// State of one watch stream.
@@ -479,7 +712,9 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error;
     match e {
-        Error::TransportError(e) => StoreError::Unavailable(format!("cannot reach etcd: {e}")),
+        Error::TransportError(e) => {
+            StoreError::Unavailable(format!("cannot reach etcd: {}", error_chain(&e)))
+        }
         Error::IoError(e) => StoreError::Unavailable(format!("I/O error talking to etcd: {e}")),
         Error::GRpcStatus(s) => match s.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {

@@ -6,14 +6,18 @@
 //! etcd backend can drop in without the curator noticing. The embedded backend
 //! ([`EmbeddedStore`]) implements the same semantics on redb for single-node
 //! clusters.
+//!
+//! [`Consensus`] is the other half of the etcd backend: membership of the
+//! etcd cluster itself (learners, promotion, removal), which the embedded
+//! store, with its single fixed member, does not have.
 
+mod consensus;
 mod embedded;
-#[cfg(feature = "etcd")]
 mod etcd;
 mod types;
 
+pub use consensus::{Consensus, ConsensusStatus, Member};
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
-#[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
 pub use types::*;
 

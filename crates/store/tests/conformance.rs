@@ -1,10 +1,10 @@
 //! Backend-independent [`Store`] conformance tests.
 //!
 //! Every function in [`suite`] takes a fresh, empty store and checks one part of
-//! the trait's contract. They run against [`EmbeddedStore`] always and, with
-//! the `etcd` feature, against [`metropolis_store::EtcdStore`] on a real etcd
+//! the trait's contract. They run against [`EmbeddedStore`] and against
+//! [`metropolis_store::EtcdStore`] connected over a unix socket to a real etcd
 //! server that the test starts itself (the `etcd` binary must be on PATH; on
-//! Debian: `apt-get install etcd-server`).
+//! Debian: `apt-get install etcd-server`; without it these tests fail).
 //!
 //! Revisions are asserted relative to the store's revision at the start of
 //! each test, so the suite does not depend on how a backend numbers its first
@@ -16,14 +16,13 @@ use std::time::Duration;
 
 use metropolis_store::{EmbeddedStore, Store};
 
+mod common;
+
 /// A store under test plus whatever keeps it alive (temp dirs, servers).
 struct Harness {
     store: Arc<dyn Store>,
     /// A lease TTL that is short for this backend (etcd TTLs are whole seconds).
     short_ttl: Duration,
-    /// The etcd client URL, for etcd-only tests.
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    endpoint: String,
     _guard: Box<dyn Any + Send>,
 }
 
@@ -35,7 +34,6 @@ async fn embedded() -> Harness {
     Harness {
         store,
         short_ttl: Duration::from_millis(200),
-        endpoint: String::new(),
         _guard: Box::new(dir),
     }
 }
@@ -97,8 +95,6 @@ macro_rules! conformance {
 }
 
 conformance!(embedded_store, embedded);
-
-#[cfg(feature = "etcd")]
 conformance!(etcd_store, etcd_server::start);
 
 mod suite {
@@ -646,119 +642,46 @@ mod suite {
     }
 }
 
-#[cfg(feature = "etcd")]
 mod etcd_server {
-    use std::net::TcpListener;
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use metropolis_store::{EtcdStore, Store};
+    use futures::StreamExt;
+    use metropolis_store::{EtcdStore, Op, Store, StoreError, Txn};
 
     use super::Harness;
-    use futures::StreamExt;
-    use metropolis_store::{Op, StoreError, Txn};
+    use super::common::{EtcdServer, Listen, free_port};
 
-    /// A single-node etcd in a temp dir, killed on drop.
-    struct EtcdServer {
-        child: Child,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Drop for EtcdServer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn find_etcd() -> PathBuf {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("etcd"))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!(
-                    "the etcd binary is not on PATH; the etcd conformance tests need a real \
-                     server: install it with `apt-get install etcd-server`"
-                )
-            })
-    }
-
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("pick a free port")
-            .port()
-    }
-
+    /// The suite's etcd backend: a fresh server, reached over its unix
+    /// socket as a node reaches its own member.
     pub async fn start() -> Harness {
-        let etcd = find_etcd();
-        let dir = tempfile::TempDir::new().expect("temp dir");
-        let (client_port, peer_port) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log_path = dir.path().join("etcd.log");
-        let log = std::fs::File::create(&log_path).expect("create etcd log");
-        let child = Command::new(&etcd)
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
-            // A short election timeout lowers etcd's minimum lease TTL
-            // (1.5 × election timeout) to below one second.
-            .arg("--heartbeat-interval=50")
-            .arg("--election-timeout=500")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", etcd.display()));
-        let mut server = EtcdServer { child, _dir: dir };
-
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let endpoints = [client_url];
-        let store = loop {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                panic!("etcd exited with {status} during startup:\n{log}");
-            }
-            match EtcdStore::connect(&endpoints).await {
-                Ok(store) => break store,
-                Err(e) if Instant::now() > deadline => {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    panic!("etcd did not become ready: {e}\n{log}");
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        let store: Arc<dyn Store> = store;
+        let server = EtcdServer::start(Listen::Unix).await;
+        let store: Arc<dyn Store> = server.connect().await;
         Harness {
             store,
             short_ttl: Duration::from_secs(1),
-            endpoint: endpoints[0].clone(),
             _guard: Box::new(server),
         }
     }
 
     // etcd-specific behaviour that the embedded store does not share.
 
+    /// Also the test of plain `http://` endpoints ([`EtcdStore::connect`]);
+    /// the raw client compacts, which the trait cannot.
     #[tokio::test]
     async fn compacted_watch_start_is_a_stream_error() {
-        let h = start().await;
-        let s = &h.store;
+        let server = EtcdServer::start(Listen::Http).await;
+        let s = server.connect().await;
+        assert_eq!(s.endpoints(), [server.client_url()]);
         for i in 0..10 {
             s.txn(Txn::new().and_then(Op::put("k", i.to_string())))
                 .await
                 .unwrap();
         }
         let head = s.revision().await.unwrap();
-        let endpoints = [h.endpoint.clone()];
-        let mut client = etcd_client::Client::connect(endpoints, None).await.unwrap();
+        let mut client = etcd_client::Client::connect([server.client_url()], None)
+            .await
+            .unwrap();
         client.compact(head - 3, None).await.unwrap();
 
         let mut w = s.watch(b"", 2).await.unwrap();
@@ -797,5 +720,41 @@ mod etcd_server {
         eprintln!("connect error: {err}");
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
         assert!(err.to_string().contains(&endpoints[0]), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_unix_socket_is_unavailable() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("client.sock:0");
+        let err = EtcdStore::connect_unix(&path).await.unwrap_err();
+        eprintln!("connect error: {err}");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        // The cause, not only tonic's bare "transport error".
+        assert!(msg.contains("No such file or directory"), "{msg}");
+    }
+
+    /// A unix-socket client outlives an etcd restart: its channel connects
+    /// again through the same socket path.
+    #[tokio::test]
+    async fn unix_client_reconnects_after_restart() {
+        let mut server = EtcdServer::start(Listen::Unix).await;
+        let s = server.connect().await;
+        let written = s
+            .txn(Txn::new().and_then(Op::put("k", "v")))
+            .await
+            .unwrap()
+            .revision;
+        server.restart().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let kv = loop {
+            match s.get(b"k").await {
+                Ok(kv) => break kv,
+                Err(e) if Instant::now() > deadline => panic!("no reconnect: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        assert_eq!(kv.map(|kv| kv.mod_revision), Some(written));
     }
 }

@@ -1,4 +1,4 @@
-//! `metroctl cluster info` and `regenerate-ticket`.
+//! `metroctl cluster info`, `status` and `regenerate-ticket`.
 
 use metropolis_api::admin::{
     RegenerateRegisterTicketRequest, cluster_admin_client::ClusterAdminClient,
@@ -155,5 +155,99 @@ pub async fn configure_set(ctx: &Ctx, assignment: &str) -> anyhow::Result<()> {
         ..Default::default()
     };
     print_info_table(&info);
+    Ok(())
+}
+
+/// `metroctl cluster status`: who leads the curator, and the consensus
+/// store's members with their health.
+pub async fn status(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
+    use metropolis_api::curator::{
+        GetConsensusStatusRequest, GetCurrentLeaderRequest, curator_client::CuratorClient,
+        curator_local_client::CuratorLocalClient, get_consensus_status_response::Backend,
+    };
+    let channel = ctx.owner_channel().await?;
+    let consensus = CuratorClient::new(channel.clone())
+        .get_consensus_status(GetConsensusStatusRequest {})
+        .await
+        .map_err(|s| call_error("GetConsensusStatus", s))?
+        .into_inner();
+    if format != Format::Table {
+        return output::print_structured(format, &[consensus], true);
+    }
+    let leader = CuratorLocalClient::new(channel)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .map_err(|s| call_error("GetCurrentLeader", s))?
+        .into_inner()
+        .message()
+        .await
+        .map_err(|s| call_error("GetCurrentLeader", s))?
+        .unwrap_or_default();
+    let nodes = super::node::get_nodes(ctx, "", &[]).await?;
+    let health_of = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| super::node::health_name(n.health))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut t = output::table();
+    t.add_row(vec![
+        "Curator leader".to_string(),
+        if leader.leader_node_id.is_empty() {
+            "(none known)".to_string()
+        } else {
+            format!(
+                "{} at {}:{}",
+                leader.leader_node_id, leader.leader_host, leader.leader_port
+            )
+        },
+    ]);
+    let backend = match Backend::try_from(consensus.backend) {
+        Ok(Backend::Etcd) => "etcd",
+        Ok(Backend::Embedded) => "embedded (single consensus member)",
+        _ => "unknown",
+    };
+    t.add_row(vec!["Consensus store".to_string(), backend.to_string()]);
+    t.add_row(vec!["Revision".to_string(), consensus.revision.to_string()]);
+    if consensus.backend == Backend::Etcd as i32 {
+        t.add_row(vec![
+            "Raft term".to_string(),
+            consensus.raft_term.to_string(),
+        ]);
+    }
+    println!("{t}");
+    println!();
+    let mut members = output::table();
+    members.set_header(vec!["MEMBER", "NODE", "PEER URL", "KIND", "HEALTH"]);
+    if consensus.backend == Backend::Etcd as i32 {
+        for m in &consensus.members {
+            let mut kind = if m.is_learner { "learner" } else { "voter" }.to_string();
+            if m.id == consensus.raft_leader_id {
+                kind.push_str(" (raft leader)");
+            }
+            members.add_row(vec![
+                format!("{:x}", m.id),
+                if m.name.is_empty() {
+                    "(not started)".into()
+                } else {
+                    m.name.clone()
+                },
+                m.peer_urls.join(", "),
+                kind,
+                health_of(&m.name),
+            ]);
+        }
+    } else {
+        // The embedded store's only member is the node the curator runs on.
+        members.add_row(vec![
+            "-".to_string(),
+            leader.leader_node_id.clone(),
+            "-".to_string(),
+            "embedded".to_string(),
+            health_of(&leader.leader_node_id),
+        ]);
+    }
+    println!("{members}");
     Ok(())
 }

@@ -17,7 +17,7 @@ fn write_params(path: &Path, params: &NodeParameters) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn bootstrap_params(ctx: &Ctx, out: &Path) -> anyhow::Result<()> {
+pub fn bootstrap_params(ctx: &Ctx, out: &Path, high_availability: bool) -> anyhow::Result<()> {
     let (key, created) = ctx.config.owner_key_or_create()?;
     if created {
         eprintln!(
@@ -28,6 +28,7 @@ pub fn bootstrap_params(ctx: &Ctx, out: &Path) -> anyhow::Result<()> {
     let params = NodeParameters {
         cluster: Some(Cluster::ClusterBootstrap(ClusterBootstrap {
             owner_public_key: key.verifying_key().to_bytes().to_vec(),
+            high_availability,
             ..Default::default()
         })),
     };

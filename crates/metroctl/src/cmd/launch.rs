@@ -58,7 +58,7 @@ pub async fn launch(
         );
     }
     let params = dir.join("bootstrap-params.pb");
-    super::install::bootstrap_params(ctx, &params)?;
+    super::install::bootstrap_params(ctx, &params, false)?;
 
     let spinner = ProgressBar::new_spinner().with_style(
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")

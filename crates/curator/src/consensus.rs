@@ -1,0 +1,343 @@
+//! Consensus membership: the ConsensusMember role on an etcd-backed cluster.
+//!
+//! Giving a node the role adds it to etcd as a *learner* first (a learner
+//! replicates but does not vote, so a slow or failing newcomer can never cost
+//! the cluster its quorum) and hands the node, in its role, what it needs to
+//! start etcd: a peer certificate for its address, the CA, and the current
+//! peers. The leader promotes learners to voters once etcd says they have
+//! caught up ([`promote_learners`]). Removing the role removes the etcd
+//! member first, and only if the remaining voters keep a healthy quorum.
+//!
+//! On the embedded store there is exactly one member and no way to add
+//! another: such a change is refused with the way to get HA.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metropolis_api::common::node_roles;
+use metropolis_api::curator::{GetConsensusStatusResponse, get_consensus_status_response};
+use metropolis_store::{Consensus, Member};
+
+use crate::error::CuratorError;
+use crate::state::{Cluster, NodeEntry};
+
+/// Port of etcd's peer traffic on every consensus member.
+pub const PEER_PORT: u16 = 7834;
+
+/// The URL etcd members reach a member at.
+pub fn peer_url(address: IpAddr) -> String {
+    format!("https://{}", SocketAddr::new(address, PEER_PORT))
+}
+
+/// Tells whether a node is alive as far as this curator knows: Some(true)
+/// healthy, Some(false) not, None not known yet (a new leader for one
+/// heartbeat timeout).
+pub trait Liveness: Send + Sync {
+    fn is_live(&self, node_id: &str) -> Option<bool>;
+}
+
+const EMBEDDED_REFUSAL: &str = "this cluster keeps its state in the embedded store of its single consensus \
+     member, which cannot be replicated: a second ConsensusMember is not possible. For high availability, \
+     bootstrap a cluster on etcd (`metroctl install params --bootstrap --ha`)";
+
+impl Cluster {
+    /// The role content for a node joining the consensus: the node becomes
+    /// an etcd learner here, before its record says so, so that when it sees
+    /// the role the cluster already expects it.
+    pub(crate) async fn admit_consensus_member(
+        &self,
+        entry: &NodeEntry,
+    ) -> Result<node_roles::ConsensusMember, CuratorError> {
+        let consensus = self
+            .consensus()
+            .ok_or_else(|| CuratorError::FailedPrecondition(EMBEDDED_REFUSAL.into()))?;
+        let address: IpAddr = entry
+            .node
+            .status
+            .as_ref()
+            .and_then(|s| s.external_address.parse().ok())
+            .ok_or_else(|| {
+                CuratorError::FailedPrecondition(format!(
+                    "node {} has not reported an IP address yet; wait until it is UP and heartbeating",
+                    entry.id
+                ))
+            })?;
+        let public_key: [u8; 32] = entry
+            .node
+            .public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| CuratorError::Corrupt(format!("node {}: bad public key", entry.id)))?;
+        let peer_certificate = self
+            .ca()
+            .issue_peer_certificate(&public_key, address)
+            .map_err(|e| CuratorError::Internal(format!("issuing a peer certificate: {e}")))?;
+        let url = peer_url(address);
+        let added = add_learner_patiently(consensus.as_ref(), &url).await?;
+        tracing::info!(node = %entry.id, member = added.id, %url, "added etcd learner");
+        let peers = consensus
+            .members()
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let name = if m.id == added.id {
+                    entry.id.clone()
+                } else if m.name.is_empty() {
+                    // Not started yet: etcd's initial cluster lists started
+                    // members only.
+                    return None;
+                } else {
+                    m.name
+                };
+                Some(node_roles::consensus_member::Peer {
+                    name,
+                    url: m.peer_urls.into_iter().next()?,
+                })
+            })
+            .collect();
+        Ok(node_roles::ConsensusMember {
+            ca_certificate: self.ca().cert_der().to_vec(),
+            peer_certificate,
+            initial_crl: Vec::new(),
+            peers,
+        })
+    }
+
+    /// Removes a node's etcd member, unless that would cost the cluster its
+    /// quorum or this curator its own store.
+    pub(crate) async fn retire_consensus_member(
+        &self,
+        entry: &NodeEntry,
+        live: &dyn Liveness,
+    ) -> Result<(), CuratorError> {
+        let Some(consensus) = self.consensus() else {
+            return Ok(());
+        };
+        if self.node_id() == Some(entry.id.as_str()) {
+            return Err(CuratorError::FailedPrecondition(format!(
+                "node {} runs the leading curator, whose store is this etcd member; restart that node \
+                 so that another member leads, then remove its role",
+                entry.id
+            )));
+        }
+        let address = entry
+            .node
+            .status
+            .as_ref()
+            .and_then(|s| s.external_address.parse::<IpAddr>().ok());
+        let members = consensus.members().await?;
+        let Some(target) = members.iter().find(|m| {
+            m.name == entry.id || address.is_some_and(|a| m.peer_urls.contains(&peer_url(a)))
+        }) else {
+            return Ok(());
+        };
+        if !target.is_learner {
+            check_quorum_after_removal(&members, target, live)?;
+        }
+        consensus.remove(target.id).await?;
+        tracing::info!(node = %entry.id, member = target.id, "removed etcd member");
+        Ok(())
+    }
+
+    /// The consensus store's state, for Curator.GetConsensusStatus.
+    pub async fn consensus_status(&self) -> Result<GetConsensusStatusResponse, CuratorError> {
+        use get_consensus_status_response::{Backend, Member as PbMember};
+        let Some(consensus) = self.consensus() else {
+            return Ok(GetConsensusStatusResponse {
+                backend: Backend::Embedded as i32,
+                revision: self.store().revision().await?,
+                ..Default::default()
+            });
+        };
+        let members = consensus.members().await?;
+        let status = consensus.status().await?;
+        Ok(GetConsensusStatusResponse {
+            backend: Backend::Etcd as i32,
+            members: members
+                .into_iter()
+                .map(|m| PbMember {
+                    id: m.id,
+                    name: m.name,
+                    peer_urls: m.peer_urls,
+                    is_learner: m.is_learner,
+                })
+                .collect(),
+            raft_leader_id: status.leader_id,
+            raft_term: status.raft_term,
+            revision: status.revision,
+        })
+    }
+}
+
+/// etcd refuses membership changes ("unhealthy cluster") until every voter
+/// has been connected for 5 s, e.g. right after a bootstrap or a member's
+/// restart. Wait that out here rather than fail the operator's call.
+async fn add_learner_patiently(
+    consensus: &dyn Consensus,
+    url: &str,
+) -> Result<Member, CuratorError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match consensus.add_learner(url).await {
+            Err(e)
+                if e.to_string().contains("unhealthy cluster")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(error = %e, "etcd not ready for a membership change yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) if e.to_string().contains("unhealthy cluster") => {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "etcd refuses membership changes while not every member has been connected for 5 s \
+                     ({e}); check that all consensus members are up (metroctl cluster status), then retry"
+                )));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Refuses to remove `target` (a voter) when the voters left behind would
+/// not have a majority of healthy members.
+fn check_quorum_after_removal(
+    members: &[Member],
+    target: &Member,
+    live: &dyn Liveness,
+) -> Result<(), CuratorError> {
+    let remaining: Vec<&Member> = members
+        .iter()
+        .filter(|m| !m.is_learner && m.id != target.id)
+        .collect();
+    let quorum = remaining.len() / 2 + 1;
+    let down: Vec<String> = remaining
+        .iter()
+        .filter(|m| m.name.is_empty() || live.is_live(&m.name) != Some(true))
+        .map(|m| {
+            if m.name.is_empty() {
+                m.peer_urls.join(",")
+            } else {
+                m.name.clone()
+            }
+        })
+        .collect();
+    let up = remaining.len() - down.len();
+    if up >= quorum {
+        return Ok(());
+    }
+    Err(CuratorError::FailedPrecondition(format!(
+        "removing consensus member {} would lose quorum: of the {} members that would remain, {} ({}) {} \
+         not known to be healthy, leaving {up}, fewer than the quorum of {quorum}. Bring {} back (or remove \
+         {} first), then retry",
+        target.name,
+        remaining.len(),
+        down.len(),
+        down.join(", "),
+        if down.len() == 1 { "is" } else { "are" },
+        if down.len() == 1 { "it" } else { "them" },
+        if down.len() == 1 { "it" } else { "them" },
+    )))
+}
+
+/// Promotes etcd learners to voters once they have caught up. Runs on the
+/// leader for as long as it leads.
+pub async fn promote_learners(consensus: Arc<dyn Consensus>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let members = match consensus.members().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing etcd members");
+                continue;
+            }
+        };
+        // A learner that never started has nothing to catch up with.
+        for m in members
+            .iter()
+            .filter(|m| m.is_learner && !m.name.is_empty())
+        {
+            match consensus.promote(m.id).await {
+                Ok(true) => {
+                    tracing::info!(node = %m.name, member = m.id, "promoted etcd learner to voter")
+                }
+                Ok(false) => tracing::debug!(node = %m.name, "etcd learner still catching up"),
+                Err(e) => tracing::warn!(node = %m.name, error = %e, "promoting etcd learner"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Live(HashMap<&'static str, Option<bool>>);
+    impl Liveness for Live {
+        fn is_live(&self, id: &str) -> Option<bool> {
+            self.0.get(id).copied().flatten()
+        }
+    }
+
+    fn member(id: u64, name: &str, learner: bool) -> Member {
+        Member {
+            id,
+            name: name.into(),
+            peer_urls: vec![format!("https://127.0.0.{id}:7834")],
+            is_learner: learner,
+        }
+    }
+
+    #[test]
+    fn removal_keeps_a_healthy_quorum() {
+        let members = [
+            member(1, "a", false),
+            member(2, "b", false),
+            member(3, "c", false),
+            member(4, "d", true),
+        ];
+        let all_up = Live(HashMap::from([
+            ("a", Some(true)),
+            ("b", Some(true)),
+            ("c", Some(true)),
+        ]));
+        assert!(check_quorum_after_removal(&members, &members[2], &all_up).is_ok());
+        // b is down: removing c would leave {a, b} with only a running.
+        let b_down = Live(HashMap::from([
+            ("a", Some(true)),
+            ("b", Some(false)),
+            ("c", Some(true)),
+        ]));
+        let err = check_quorum_after_removal(&members, &members[2], &b_down).expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("would lose quorum") && msg.contains("(b) is"),
+            "{msg}"
+        );
+        // Removing the member that is down is how one repairs that.
+        assert!(check_quorum_after_removal(&members, &members[1], &b_down).is_ok());
+        // Unknown health (a fresh leader) counts as not healthy.
+        let unknown = Live(HashMap::from([
+            ("a", Some(true)),
+            ("b", None),
+            ("c", Some(true)),
+        ]));
+        assert!(check_quorum_after_removal(&members, &members[2], &unknown).is_err());
+        // Learners neither count nor vote.
+        let two = [
+            member(1, "a", false),
+            member(2, "b", false),
+            member(3, "c", true),
+        ];
+        assert!(check_quorum_after_removal(&two, &two[1], &all_up).is_ok());
+    }
+
+    #[test]
+    fn peer_urls_bracket_ipv6() {
+        assert_eq!(
+            peer_url("127.0.0.2".parse().unwrap()),
+            "https://127.0.0.2:7834"
+        );
+        assert_eq!(peer_url("::1".parse().unwrap()), "https://[::1]:7834");
+    }
+}

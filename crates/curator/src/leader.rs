@@ -1,0 +1,425 @@
+//! Curator leadership: which consensus member's curator serves the cluster.
+//!
+//! A curator runs on every consensus member; exactly one leads. Leadership is
+//! a key in the consensus store (`/curator/leader`, naming the leader's node
+//! ID and address) attached to a lease: whoever creates the key leads, keeps
+//! the lease alive, and loses leadership when it cannot. When the key goes
+//! away (the leader stopped, or its lease expired), the others campaign
+//! again. The same code runs on the embedded store, where the single curator
+//! always wins.
+//!
+//! Two things keep a deposed leader harmless:
+//! - [`LeaderGate`] answers Management, Curator, AAA and ClusterAdmin calls
+//!   with UNAVAILABLE naming the leader whenever this curator does not lead.
+//! - Every write of cluster state carries a compare on the leader key's
+//!   creation revision ([`crate::Cluster::set_fence`]), so a curator that
+//!   lost its lease while a write was in flight cannot commit it.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use metropolis_api::curator::GetCurrentLeaderResponse;
+use metropolis_store::{Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
+use prost::Message;
+use tokio::sync::watch;
+
+/// The leader key. Its value is a `GetCurrentLeaderResponse` without
+/// `this_node_id`.
+pub const KEY_LEADER: &str = "/curator/leader";
+
+/// Default lease TTL: a dead leader is replaced within about this long.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// Where a curator can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderInfo {
+    pub node_id: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl LeaderInfo {
+    fn encode(&self) -> Vec<u8> {
+        GetCurrentLeaderResponse {
+            leader_node_id: self.node_id.clone(),
+            leader_host: self.host.clone(),
+            leader_port: i32::from(self.port),
+            this_node_id: String::new(),
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<LeaderInfo> {
+        let m = GetCurrentLeaderResponse::decode(bytes).ok()?;
+        Some(LeaderInfo {
+            node_id: m.leader_node_id,
+            host: m.leader_host,
+            port: u16::try_from(m.leader_port).ok()?,
+        })
+    }
+}
+
+/// This curator's view of leadership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leadership {
+    /// Campaigning, or the store is unreachable.
+    Unknown,
+    /// This curator leads; its leader key was created at `key_revision`.
+    Leading { key_revision: i64 },
+    /// Another curator leads.
+    Following(LeaderInfo),
+}
+
+impl Leadership {
+    pub fn is_leading(&self) -> bool {
+        matches!(self, Leadership::Leading { .. })
+    }
+
+    /// The CuratorLocal.GetCurrentLeader answer for this view.
+    pub fn to_response(&self, me: &LeaderInfo) -> GetCurrentLeaderResponse {
+        let leader = match self {
+            Leadership::Unknown => None,
+            Leadership::Leading { .. } => Some(me),
+            Leadership::Following(l) => Some(l),
+        };
+        GetCurrentLeaderResponse {
+            leader_node_id: leader.map(|l| l.node_id.clone()).unwrap_or_default(),
+            leader_host: leader.map(|l| l.host.clone()).unwrap_or_default(),
+            leader_port: leader.map(|l| i32::from(l.port)).unwrap_or_default(),
+            this_node_id: me.node_id.clone(),
+        }
+    }
+}
+
+/// Campaigns for leadership until the returned task is aborted; the receiver
+/// follows this curator's view.
+pub fn campaign(
+    store: Arc<dyn Store>,
+    me: LeaderInfo,
+    ttl: Duration,
+) -> (watch::Receiver<Leadership>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(Leadership::Unknown);
+    let election = Election { store, me, ttl, tx };
+    let task = tokio::spawn(async move { election.run().await });
+    (rx, task)
+}
+
+struct Election {
+    store: Arc<dyn Store>,
+    me: LeaderInfo,
+    ttl: Duration,
+    tx: watch::Sender<Leadership>,
+}
+
+impl Election {
+    async fn run(self) {
+        let mut failures = 0u32;
+        loop {
+            match self.round().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    self.set(Leadership::Unknown);
+                    failures = failures.saturating_add(1);
+                    // Capped backoff: the store may be restarting or without
+                    // quorum; campaigning in a tight loop would only add load.
+                    let wait = Duration::from_millis(100 << failures.min(5)).min(self.ttl);
+                    tracing::warn!(error = %e, retry_in = ?wait, "leader election: store error");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    fn set(&self, l: Leadership) {
+        self.tx.send_if_modified(|cur| {
+            if *cur == l {
+                false
+            } else {
+                match &l {
+                    Leadership::Leading { .. } => tracing::info!("this curator is now the leader"),
+                    Leadership::Following(info) => {
+                        tracing::info!(leader = %info.node_id, host = %info.host, "following the curator leader")
+                    }
+                    Leadership::Unknown => tracing::info!("no curator leader known; campaigning"),
+                }
+                *cur = l;
+                true
+            }
+        });
+    }
+
+    /// One campaign: lead until the lease is lost, or follow until the
+    /// leader key goes away.
+    async fn round(&self) -> Result<(), StoreError> {
+        let key = KEY_LEADER.as_bytes();
+        let lease = self.store.grant_lease(self.ttl).await?;
+        let claim = Txn::new()
+            .when(Compare::absent(key))
+            .and_then(Op::Put {
+                key: key.to_vec(),
+                value: self.me.encode(),
+                lease,
+            })
+            .or_else(Op::get(key));
+        let resp = match self.store.txn(claim).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.store.revoke_lease(lease).await;
+                return Err(e);
+            }
+        };
+        if resp.succeeded {
+            self.set(Leadership::Leading {
+                key_revision: resp.revision,
+            });
+            self.hold(lease).await;
+            self.set(Leadership::Unknown);
+            // Best effort: if the store is reachable, let the others take
+            // over now rather than after the TTL.
+            let _ = self.store.revoke_lease(lease).await;
+            return Ok(());
+        }
+        let _ = self.store.revoke_lease(lease).await;
+        let current = resp.results.into_iter().find_map(|r| match r {
+            OpResult::Get(kvs) => kvs.into_iter().next(),
+            _ => None,
+        });
+        let Some(kv) = current else {
+            // Gone between the compare and now: campaign again.
+            return Ok(());
+        };
+        match LeaderInfo::decode(&kv.value) {
+            Some(info) if info.node_id == self.me.node_id => {
+                // A claim of this node's previous life (one process per node
+                // ID: it is dead, or it would hold our ports). Drop it rather
+                // than wait out its lease.
+                tracing::info!("removing the leader claim of this node's previous run");
+                self.store
+                    .txn(
+                        Txn::new()
+                            .when(Compare::mod_revision(key, kv.mod_revision))
+                            .and_then(Op::delete(key)),
+                    )
+                    .await?;
+                return Ok(());
+            }
+            Some(info) => self.set(Leadership::Following(info)),
+            None => tracing::warn!("unreadable leader key; waiting for it to expire"),
+        }
+        let mut watch = self.store.watch(key, kv.mod_revision + 1).await?;
+        while let Some(ev) = watch.next().await {
+            let ev = ev?;
+            if ev.kv.key != key {
+                continue;
+            }
+            match ev.kind {
+                EventKind::Delete => return Ok(()),
+                EventKind::Put => {
+                    if let Some(info) = LeaderInfo::decode(&ev.kv.value) {
+                        self.set(Leadership::Following(info));
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable("the leader watch ended".into()))
+    }
+
+    /// Keeps the lease alive; returns when leadership is lost: the lease is
+    /// gone, or it could not be renewed for so long that it may have expired.
+    async fn hold(&self, lease: i64) {
+        let interval = self.ttl / 3;
+        let mut renewed = Instant::now();
+        loop {
+            tokio::time::sleep(interval).await;
+            match self.store.keep_alive(lease).await {
+                Ok(()) => renewed = Instant::now(),
+                Err(StoreError::LeaseNotFound(_)) => {
+                    tracing::warn!("the leader lease expired; stepping down");
+                    return;
+                }
+                Err(e) => {
+                    // Step down before the lease can have expired, so two
+                    // curators never both believe they lead.
+                    if renewed.elapsed() + interval >= self.ttl {
+                        tracing::warn!(error = %e, "cannot renew the leader lease; stepping down");
+                        return;
+                    }
+                    tracing::debug!(error = %e, "leader lease renewal failed; retrying");
+                }
+            }
+        }
+    }
+}
+
+/// Services only the leader serves (every curator service but CuratorLocal).
+const GATED: &[&str] = &[
+    "/metropolis.proto.api.AAA/",
+    "/metropolis.proto.api.Management/",
+    "/metropolis.proto.admin.ClusterAdmin/",
+    "/metropolis.node.core.curator.proto.api.Curator/",
+];
+
+/// A tower layer that lets calls to the curator services through only while
+/// this curator leads; otherwise they get UNAVAILABLE naming the leader, so
+/// clients can retry there.
+#[derive(Clone)]
+pub struct LeaderGate {
+    leadership: watch::Receiver<Leadership>,
+    node_id: Arc<str>,
+}
+
+impl LeaderGate {
+    pub fn new(leadership: watch::Receiver<Leadership>, node_id: &str) -> Self {
+        LeaderGate {
+            leadership,
+            node_id: node_id.into(),
+        }
+    }
+
+    /// Why a call cannot be served here, or None when this curator leads.
+    fn refusal(&self, path: &str) -> Option<tonic::Status> {
+        if !GATED.iter().any(|p| path.starts_with(p)) {
+            return None;
+        }
+        let msg = match &*self.leadership.borrow() {
+            Leadership::Leading { .. } => return None,
+            Leadership::Following(l) => format!(
+                "node {} is not the curator leader; the leader is node {} at {}:{}",
+                self.node_id, l.node_id, l.host, l.port
+            ),
+            Leadership::Unknown => format!(
+                "node {} knows no curator leader right now (an election is in progress, or the \
+                 consensus store is unreachable); retry shortly",
+                self.node_id
+            ),
+        };
+        Some(tonic::Status::unavailable(msg))
+    }
+}
+
+impl<S> tower::Layer<S> for LeaderGate {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated {
+            gate: self.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Gated<S> {
+    gate: LeaderGate,
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Gated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<std::future::Ready<Result<Self::Response, Self::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match self.gate.refusal(req.uri().path()) {
+            Some(status) => {
+                futures::future::Either::Left(std::future::ready(Ok(status.into_http())))
+            }
+            None => futures::future::Either::Right(self.inner.call(req)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metropolis_store::EmbeddedStore;
+
+    fn me(n: &str) -> LeaderInfo {
+        LeaderInfo {
+            node_id: n.into(),
+            host: "127.0.0.2".into(),
+            port: 7835,
+        }
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<Leadership>,
+        f: impl Fn(&Leadership) -> bool,
+    ) -> Leadership {
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|l| f(l)))
+            .await
+            .expect("leadership did not change in time")
+            .expect("election ended")
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn one_leader_and_takeover_after_the_leader_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
+            .await
+            .expect("open");
+        let ttl = Duration::from_secs(1);
+        let (mut a, task_a) = campaign(store.clone(), me("a"), ttl);
+        wait_for(&mut a, Leadership::is_leading).await;
+        let (mut b, task_b) = campaign(store.clone(), me("b"), ttl);
+        let seen = wait_for(&mut b, |l| matches!(l, Leadership::Following(_))).await;
+        assert_eq!(seen, Leadership::Following(me("a")));
+        // The leader dies without a word: its lease expires, b takes over.
+        task_a.abort();
+        wait_for(&mut b, Leadership::is_leading).await;
+        task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn a_restarted_node_reclaims_its_own_stale_claim() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
+            .await
+            .expect("open");
+        // A long TTL: waiting it out would fail the test's timeout.
+        let ttl = Duration::from_secs(60);
+        let (mut first, task) = campaign(store.clone(), me("a"), ttl);
+        wait_for(&mut first, Leadership::is_leading).await;
+        task.abort();
+        let (mut again, task) = campaign(store, me("a"), ttl);
+        wait_for(&mut again, Leadership::is_leading).await;
+        task.abort();
+    }
+
+    #[test]
+    fn gate_passes_curator_local_and_refuses_the_rest_when_following() {
+        let (tx, rx) = watch::channel(Leadership::Following(me("b")));
+        let gate = LeaderGate::new(rx, "a");
+        assert!(
+            gate.refusal("/metropolis.node.core.curator.proto.api.CuratorLocal/GetCurrentLeader")
+                .is_none()
+        );
+        let s = gate
+            .refusal("/metropolis.proto.api.Management/GetNodes")
+            .expect("refused");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message().contains("node b at 127.0.0.2:7835"),
+            "{}",
+            s.message()
+        );
+        tx.send_replace(Leadership::Leading { key_revision: 1 });
+        assert!(
+            gate.refusal("/metropolis.proto.api.Management/GetNodes")
+                .is_none()
+        );
+    }
+}

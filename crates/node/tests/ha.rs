@@ -1,0 +1,541 @@
+//! High availability on etcd, with real node processes and real etcd
+//! servers: three consensus members and two workers; the curator leader's
+//! node is killed and comes back; a follower's etcd is killed alone.
+//!
+//! Needs the `etcd` binary (Debian: `apt-get install etcd-server`; `bash
+//! scripts/setup` installs it) and fails, never skips, without it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use metropolis_api::api::{
+    ApproveNodeRequest, GetNodesRequest, Node, UpdateNodeLabelsRequest, UpdateNodeRolesRequest,
+    management_client::ManagementClient, node::Health, update_node_labels_request,
+    update_node_roles_request,
+};
+use metropolis_api::common::NodeState;
+use metropolis_api::curator::{
+    GetConsensusStatusRequest, GetConsensusStatusResponse, GetCurrentLeaderRequest,
+    curator_client::CuratorClient, curator_local_client::CuratorLocalClient,
+};
+use tonic::transport::Channel;
+
+use support::*;
+
+/// Fast heartbeats and a short leader lease, so failover shows within a
+/// test's patience.
+const FLAGS: &[&str] = &[
+    "--heartbeat-interval",
+    "300ms",
+    "--heartbeat-timeout",
+    "2s",
+    "--leader-lease-ttl",
+    "2s",
+];
+
+fn require_etcd() {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "the etcd binary is not on PATH; the HA tests run real etcd servers: install it with \
+         `apt-get install etcd-server` (or run `bash scripts/setup`)"
+    );
+}
+
+/// An owner channel to whichever node leads now, found from any address.
+async fn leader_channel(addrs: &[SocketAddr], owner: &Owner) -> Option<Channel> {
+    let tls = metropolis_identity::client_config(
+        trust(&owner.ca),
+        Some((owner.cert.clone(), owner.key.clone())),
+    )
+    .ok()?;
+    let c = metropolis_rpc::client::connect_leader(addrs, 0, tls)
+        .await
+        .ok()?;
+    c.leader.then_some(c.channel)
+}
+
+struct Owner {
+    key: metropolis_identity::SigningKey,
+    cert: Vec<u8>,
+    ca: Vec<u8>,
+}
+
+async fn nodes(mgmt: &mut ManagementClient<Channel>) -> Result<Vec<Node>, tonic::Status> {
+    mgmt.get_nodes(GetNodesRequest {
+        filter: String::new(),
+    })
+    .await?
+    .into_inner()
+    .try_collect()
+    .await
+}
+
+async fn consensus(ch: &Channel) -> Result<GetConsensusStatusResponse, tonic::Status> {
+    Ok(CuratorClient::new(ch.clone())
+        .get_consensus_status(GetConsensusStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+/// Polls `check` against the current leader until it returns Some.
+async fn eventually<T, F, Fut>(
+    what: &str,
+    limit: Duration,
+    addrs: &[SocketAddr],
+    owner: &Owner,
+    check: F,
+) -> T
+where
+    F: Fn(Channel) -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(ch) = leader_channel(addrs, owner).await
+            && let Some(v) = check(ch).await
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn by_address<'a>(list: &'a [Node], node: &TestNode) -> Option<&'a Node> {
+    list.iter().find(|n| {
+        n.status
+            .as_ref()
+            .is_some_and(|s| s.external_address == node.address.to_string())
+    })
+}
+
+fn labels_of(n: &Node) -> BTreeMap<String, String> {
+    n.labels
+        .as_ref()
+        .map(|l| {
+            l.pairs
+                .iter()
+                .map(|p| (p.key.clone(), p.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn etcd_pid(data_dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(data_dir.join("etcd").join("etcd.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
+    require_etcd();
+    let tmp = tempfile::tempdir().expect("tmp");
+    // The operator's way: metroctl writes HA bootstrap parameters (and
+    // creates the owner key).
+    let cfg = tmp.path().join("metroctl");
+    let params = tmp.path().join("bootstrap.pb");
+    let out = metroctl(
+        &cfg,
+        &[
+            "install",
+            "params",
+            "--bootstrap",
+            "--ha",
+            "-o",
+            params.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "install params: {}", stderr(&out));
+    let key = metropolis_identity::decode_owner_key_pem(
+        &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
+    )
+    .expect("owner key PEM");
+    let mut first = TestNode::spawn_with(
+        fresh_address(),
+        &tmp.path().join("n1"),
+        Some(&params),
+        FLAGS,
+    );
+    first.wait_serving().await;
+    let ca = fetch_ca(first.endpoint()).await.expect("ca");
+    let cert = escrow_owner(first.endpoint(), &ca, &key).await;
+    let owner = Owner {
+        key,
+        cert,
+        ca: ca.clone(),
+    };
+    let ch = channel(
+        first.endpoint(),
+        trust(&ca),
+        Some((owner.cert.clone(), owner.key.clone())),
+    )
+    .await
+    .expect("owner channel");
+    let mut mgmt = ManagementClient::new(ch.clone());
+    let status = consensus(&ch).await.expect("consensus status");
+    assert_eq!(
+        status.backend, 2,
+        "bootstrapped with --ha: etcd backend: {status:?}"
+    );
+    assert_eq!(status.members.len(), 1);
+
+    // Four more nodes register; all are approved.
+    let reg = tmp.path().join("register.pb");
+    fetch_register_params(&mut mgmt, &ca, &reg).await;
+    let mut others: Vec<TestNode> = (2..=5)
+        .map(|i| {
+            TestNode::spawn_with(
+                fresh_address(),
+                &tmp.path().join(format!("n{i}")),
+                Some(&reg),
+                FLAGS,
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = nodes(&mut mgmt).await.expect("nodes");
+        for n in list.iter().filter(|n| n.state == NodeState::New as i32) {
+            mgmt.approve_node(ApproveNodeRequest {
+                pubkey: n.pubkey.clone(),
+            })
+            .await
+            .expect("approve");
+        }
+        if list.len() == 5
+            && list
+                .iter()
+                .all(|n| n.state == NodeState::Up as i32 && n.status.is_some())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes did not come up: {list:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let list = nodes(&mut mgmt).await.expect("nodes");
+    let id_of = |n: &TestNode| by_address(&list, n).expect("node by address").id.clone();
+    let ids: Vec<String> = std::iter::once(&first)
+        .chain(others.iter())
+        .map(id_of)
+        .collect();
+
+    // Nodes 2 and 3 become consensus members, one at a time: each joins etcd
+    // as a learner and is promoted once caught up.
+    for member in &ids[1..3] {
+        mgmt.update_node_roles(UpdateNodeRolesRequest {
+            node: Some(update_node_roles_request::Node::Id(member.clone())),
+            consensus_member: Some(true),
+            ..Default::default()
+        })
+        .await
+        .expect("give ConsensusMember");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = consensus(&ch).await.expect("status");
+            if s.members.iter().any(|m| &m.name == member && !m.is_learner) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{member} was not promoted to voter: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Writes acknowledged before the failure: a label on every node, the
+    // KubernetesWorker role on the workers.
+    for (i, id) in ids.iter().enumerate() {
+        mgmt.update_node_labels(UpdateNodeLabelsRequest {
+            node: Some(update_node_labels_request::Node::Id(id.clone())),
+            upsert: vec![update_node_labels_request::Pair {
+                key: "written-before".into(),
+                value: format!("v{i}"),
+            }],
+            delete: vec![],
+        })
+        .await
+        .expect("label");
+    }
+    for id in &ids[3..] {
+        mgmt.update_node_roles(UpdateNodeRolesRequest {
+            node: Some(update_node_roles_request::Node::Id(id.clone())),
+            kubernetes_worker: Some(true),
+            ..Default::default()
+        })
+        .await
+        .expect("worker role");
+    }
+    drop(mgmt);
+    drop(ch);
+
+    let addrs: Vec<SocketAddr> = std::iter::once(&first)
+        .chain(others.iter())
+        .map(|n| n.endpoint())
+        .collect();
+    let leader = CuratorLocalClient::new(
+        channel(first.endpoint(), trust(&ca), None)
+            .await
+            .expect("ch"),
+    )
+    .get_current_leader(GetCurrentLeaderRequest {})
+    .await
+    .expect("leader")
+    .into_inner()
+    .message()
+    .await
+    .expect("leader msg")
+    .expect("a leader");
+    assert_eq!(leader.leader_node_id, ids[0], "the bootstrap node leads");
+
+    // Kill the leader's node process (its etcd dies with it).
+    let killed_at = Instant::now();
+    first.kill();
+    let new_leader: String = eventually(
+        "a new leader",
+        Duration::from_secs(60),
+        &addrs[1..],
+        &owner,
+        |ch| async move {
+            let mut m = ManagementClient::new(ch.clone());
+            nodes(&mut m).await.ok()?;
+            let l = CuratorLocalClient::new(ch)
+                .get_current_leader(GetCurrentLeaderRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .message()
+                .await
+                .ok()??;
+            Some(l.leader_node_id)
+        },
+    )
+    .await;
+    let failover = killed_at.elapsed();
+    println!(
+        "failover: a new curator leader ({new_leader}) served GetNodes {failover:?} after the leader was killed"
+    );
+    assert_ne!(new_leader, ids[0]);
+    assert!(
+        ids[1..3].contains(&new_leader),
+        "the new leader is a consensus member"
+    );
+
+    // Every acknowledged write is still there.
+    let list = eventually(
+        "the node list",
+        Duration::from_secs(30),
+        &addrs[1..],
+        &owner,
+        |ch| async move { nodes(&mut ManagementClient::new(ch)).await.ok() },
+    )
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        let n = list
+            .iter()
+            .find(|n| &n.id == id)
+            .unwrap_or_else(|| panic!("node {id} lost"));
+        assert_eq!(n.state, NodeState::Up as i32, "{id} approved and up");
+        assert_eq!(
+            labels_of(n).get("written-before"),
+            Some(&format!("v{i}")),
+            "label of {id}"
+        );
+        let roles = n.roles.clone().unwrap_or_default();
+        assert_eq!(
+            roles.consensus_member.is_some(),
+            i < 3,
+            "consensus role of {id}"
+        );
+        assert_eq!(
+            roles.kubernetes_worker.is_some(),
+            i >= 3,
+            "worker role of {id}"
+        );
+    }
+    // The workers stay or come back HEALTHY with the new leader.
+    let worker_ids = ids[3..].to_vec();
+    eventually(
+        "healthy workers",
+        Duration::from_secs(30),
+        &addrs[1..],
+        &owner,
+        |ch| {
+            let worker_ids = worker_ids.clone();
+            async move {
+                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+                worker_ids
+                    .iter()
+                    .all(|w| {
+                        list.iter()
+                            .any(|n| &n.id == w && n.health == Health::Healthy as i32)
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // metroctl keeps working against the cluster's addresses, the dead one
+    // first.
+    let endpoints = addrs
+        .iter()
+        .map(|a| a.ip().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = metroctl(&cfg, &["--endpoints", &endpoints, "--yes", "takeownership"]);
+    assert!(out.status.success(), "takeownership: {}", stderr(&out));
+    let out = metroctl(
+        &cfg,
+        &["--endpoints", &endpoints, "node", "describe", "-o", "json"],
+    );
+    assert!(out.status.success(), "describe: {}", stderr(&out));
+    assert!(stdout(&out).contains(&ids[4]));
+    let out = metroctl(&cfg, &["--endpoints", &endpoints, "cluster", "status"]);
+    assert!(out.status.success(), "status: {}", stderr(&out));
+    let shown = stdout(&out);
+    assert!(
+        shown.contains(&new_leader) && shown.contains("voter"),
+        "{shown}"
+    );
+
+    // The killed node comes back: it rejoins etcd and the curator pool as a
+    // follower.
+    let first = TestNode::spawn_with(first.address, &first.data_dir.clone(), None, FLAGS);
+    first.wait_serving().await;
+    let first_id = ids[0].clone();
+    eventually(
+        "the old leader back and healthy",
+        Duration::from_secs(60),
+        &addrs,
+        &owner,
+        |ch| {
+            let first_id = first_id.clone();
+            async move {
+                let s = consensus(&ch).await.ok()?;
+                let voters = s
+                    .members
+                    .iter()
+                    .filter(|m| !m.is_learner && !m.name.is_empty())
+                    .count();
+                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+                let healthy = list
+                    .iter()
+                    .any(|n| n.id == first_id && n.health == Health::Healthy as i32);
+                (voters == 3 && healthy).then_some(())
+            }
+        },
+    )
+    .await;
+    let back = CuratorLocalClient::new(
+        channel(first.endpoint(), trust(&ca), None)
+            .await
+            .expect("ch"),
+    )
+    .get_current_leader(GetCurrentLeaderRequest {})
+    .await
+    .expect("leader")
+    .into_inner()
+    .message()
+    .await
+    .expect("msg")
+    .expect("a leader");
+    assert_eq!(back.this_node_id, ids[0]);
+    assert!(
+        !back.leader_node_id.is_empty(),
+        "the restarted node knows the leader"
+    );
+
+    // Kill one follower's etcd only: the node restarts it and it catches up.
+    let follower = if back.leader_node_id == ids[1] {
+        &others[1]
+    } else {
+        &others[0]
+    };
+    let old_pid = etcd_pid(&follower.data_dir).expect("follower etcd pid");
+    // SAFETY: plain kill(2) of a process this test's node started.
+    unsafe { kill(old_pid, 9) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_pid = loop {
+        match etcd_pid(&follower.data_dir) {
+            Some(p) if p != old_pid && Path::new(&format!("/proc/{p}")).exists() => break p,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower's etcd was not restarted:\n{}",
+            follower.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(new_pid, old_pid);
+    // A write after the restart reaches the restarted member: read it from
+    // that member's own etcd (serving it means it caught up).
+    let worker = ids[3].clone();
+    eventually(
+        "a write after the etcd restart",
+        Duration::from_secs(30),
+        &addrs,
+        &owner,
+        |ch| {
+            let worker = worker.clone();
+            async move {
+                ManagementClient::new(ch)
+                    .update_node_labels(UpdateNodeLabelsRequest {
+                        node: Some(update_node_labels_request::Node::Id(worker)),
+                        upsert: vec![update_node_labels_request::Pair {
+                            key: "written-after".into(),
+                            value: "yes".into(),
+                        }],
+                        delete: vec![],
+                    })
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    let socket = follower.data_dir.join("etcd").join("client.sock:0");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(store) = metropolis_store::EtcdStore::connect_unix(&socket).await
+            && let Ok(Some(kv)) = metropolis_store::Store::get(
+                store.as_ref(),
+                format!("/nodes/{}", ids[3]).as_bytes(),
+            )
+            .await
+        {
+            let node =
+                <metropolis_api::private::Node as prost::Message>::decode(kv.value.as_slice())
+                    .expect("node record");
+            let labels = node.labels.unwrap_or_default();
+            if labels.pairs.iter().any(|p| p.key == "written-after") {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted etcd member did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(others.drain(..));
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
