@@ -314,7 +314,7 @@ async fn session(
     );
     if let Some(tx) = &m.leader {
         tx.send_replace(GetCurrentLeaderResponse {
-            leader_node_id: String::new(),
+            leader_node_id: connected.leader_node_id.clone(),
             leader_host: connected.addr.ip().to_string(),
             leader_port: i32::from(connected.addr.port()),
             this_node_id: m.creds.node_id(),

@@ -91,6 +91,8 @@ fn handler_code(path: &str, who: Who) -> Code {
             "CommitNode" if who.is_node() => Code::Ok,
             "CommitNode" => Code::NotFound,
             "Watch" => Code::InvalidArgument,
+            // READ_CLUSTER_STATUS: every authenticated principal here has it.
+            "GetConsensusStatus" => Code::Ok,
             // Methods only nodes may call on themselves.
             _ if !who.is_node() => Code::PermissionDenied,
             "Heartbeat" | "JoinNode" => Code::Ok,

@@ -109,15 +109,12 @@ pub async fn connect_leader(
             fallback.get_or_insert((channel, addr));
             continue;
         };
-        if leader.leader_node_id.is_empty() {
-            fallback.get_or_insert((channel, addr));
-            continue;
-        }
-        if leader.leader_node_id == leader.this_node_id {
+        if !leader.leader_node_id.is_empty() && leader.leader_node_id == leader.this_node_id {
             return Ok(Connected {
                 channel,
                 addr,
                 leader: true,
+                leader_node_id: leader.leader_node_id,
             });
         }
         let Ok(ip) = leader.leader_host.parse::<std::net::IpAddr>() else {
@@ -126,14 +123,22 @@ pub async fn connect_leader(
         };
         let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
         let leader_addr = SocketAddr::new(ip, port);
+        // Nodes that are not consensus members pass on what their own
+        // connection found, which may be stale: ask the named node itself.
         match connect(leader_addr, tls.clone()).await {
-            Ok(channel) => {
-                return Ok(Connected {
-                    channel,
-                    addr: leader_addr,
-                    leader: true,
-                });
-            }
+            Ok(led) => match ask_leader(led.clone()).await {
+                Some(l) if !l.leader_node_id.is_empty() && l.leader_node_id == l.this_node_id => {
+                    return Ok(Connected {
+                        channel: led,
+                        addr: leader_addr,
+                        leader: true,
+                        leader_node_id: l.leader_node_id,
+                    });
+                }
+                _ => {
+                    fallback.get_or_insert((channel, addr));
+                }
+            },
             Err(e) => {
                 tracing::debug!(%leader_addr, error = %e, "the leader named by {addr} is unreachable");
                 fallback.get_or_insert((channel, addr));
@@ -145,6 +150,7 @@ pub async fn connect_leader(
             channel,
             addr,
             leader: false,
+            leader_node_id: String::new(),
         });
     }
     Err(last.unwrap_or(ConnectError {
@@ -159,6 +165,8 @@ pub struct Connected {
     pub addr: SocketAddr,
     /// Whether `addr` said it leads (else it is just a node that answered).
     pub leader: bool,
+    /// The leader's node ID, when `leader`.
+    pub leader_node_id: String,
 }
 
 async fn ask_leader(channel: Channel) -> Option<metropolis_api::curator::GetCurrentLeaderResponse> {
