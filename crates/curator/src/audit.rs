@@ -597,14 +597,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metropolis_store::EmbeddedStore;
 
-    async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
-        (dir, store)
+    async fn store() -> (crate::state::test_support::Backing, Arc<dyn Store>) {
+        let (backing, store, _) = crate::state::test_support::store().await;
+        (backing, store)
     }
 
     fn record(n: u64) -> private::AuditRecord {

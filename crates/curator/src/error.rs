@@ -33,6 +33,9 @@ impl From<CuratorError> for Status {
             CuratorError::PermissionDenied(_) => Status::permission_denied(msg),
             CuratorError::AlreadyExists(_) => Status::already_exists(msg),
             CuratorError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
+            CuratorError::Store(StoreError::FailedPrecondition(_)) => {
+                Status::failed_precondition(msg)
+            }
             CuratorError::Corrupt(_) | CuratorError::Store(_) | CuratorError::Internal(_) => {
                 tracing::error!(error = %msg, "internal error");
                 Status::internal(msg)

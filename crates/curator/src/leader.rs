@@ -344,7 +344,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metropolis_store::EmbeddedStore;
 
     fn me(n: &str) -> LeaderInfo {
         LeaderInfo {
@@ -367,10 +366,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_leader_and_takeover_after_the_leader_stops() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, store, _) = crate::state::test_support::store().await;
         let ttl = Duration::from_secs(1);
         let (mut a, task_a) = campaign(store.clone(), me("a"), ttl);
         wait_for(&mut a, Leadership::is_leading).await;
@@ -385,10 +381,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_restarted_node_reclaims_its_own_stale_claim() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, store, _) = crate::state::test_support::store().await;
         // A long TTL: waiting it out would fail the test's timeout.
         let ttl = Duration::from_secs(60);
         let (mut first, task) = campaign(store.clone(), me("a"), ttl);

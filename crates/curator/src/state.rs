@@ -425,7 +425,6 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metropolis_store::EmbeddedStore;
 
     fn request() -> BootstrapRequest {
         BootstrapRequest {
@@ -442,10 +441,7 @@ mod tests {
 
     #[tokio::test]
     async fn bootstrap_writes_state_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, store, _) = test_support::store().await;
         let req = request();
         let out = bootstrap(store.as_ref(), req.clone())
             .await
@@ -477,10 +473,7 @@ mod tests {
 
     #[tokio::test]
     async fn ticket_regeneration_replaces_ticket() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, store, _) = test_support::store().await;
         bootstrap(store.as_ref(), request())
             .await
             .expect("bootstrap");
@@ -694,25 +687,51 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub(crate) mod test_support {
     use super::*;
     use metropolis_store::EmbeddedStore;
+    use metropolis_store::testing::{EtcdServer, Listen};
+
+    /// Keeps a test store's backing alive: a temp dir, or an etcd server.
+    pub(crate) enum Backing {
+        Dir(#[allow(dead_code)] tempfile::TempDir),
+        Etcd(#[allow(dead_code)] EtcdServer),
+    }
+
+    /// A fresh, empty store for one test. The whole curator suite runs on
+    /// the embedded store by default and on a real etcd with
+    /// `METROPOLIS_TEST_STORE=etcd` (scripts/test runs both).
+    pub(crate) async fn store() -> (Backing, Arc<dyn Store>, Option<Arc<dyn Consensus>>) {
+        match std::env::var("METROPOLIS_TEST_STORE").as_deref() {
+            Ok("etcd") => {
+                let server = EtcdServer::start(Listen::Unix).await;
+                let store = server.connect().await;
+                (Backing::Etcd(server), store.clone(), Some(store))
+            }
+            Ok("embedded") | Err(_) => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
+                    .await
+                    .expect("open");
+                (Backing::Dir(dir), store, None)
+            }
+            Ok(other) => panic!("METROPOLIS_TEST_STORE={other:?}: use `embedded` or `etcd`"),
+        }
+    }
 
     pub(crate) struct TestCluster {
-        /// Keeps the store's directory alive.
-        pub dir: tempfile::TempDir,
+        /// Keeps the store alive.
+        pub dir: Backing,
         pub store: Arc<dyn Store>,
         pub cluster: Arc<Cluster>,
         /// The bootstrap node.
         pub first_id: String,
     }
 
-    /// A single-node cluster bootstrapped on an embedded store in a temp dir.
+    /// A single-node cluster bootstrapped on a fresh test store.
     pub(crate) async fn bootstrapped() -> TestCluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (dir, store, consensus) = store().await;
         let key = metropolis_identity::generate_key()
             .verifying_key()
             .to_bytes();
+        let first_id = metropolis_identity::node_id(&key);
         bootstrap(
             store.as_ref(),
             BootstrapRequest {
@@ -726,12 +745,16 @@ pub(crate) mod test_support {
         )
         .await
         .expect("bootstrap");
-        let cluster = Cluster::open(store.clone()).await.expect("open");
+        let cluster = match consensus {
+            Some(c) => Cluster::open_replicated(store.clone(), c, first_id.clone()).await,
+            None => Cluster::open(store.clone()).await,
+        }
+        .expect("open");
         TestCluster {
             dir,
             store,
             cluster,
-            first_id: metropolis_identity::node_id(&key),
+            first_id,
         }
     }
 }
@@ -740,7 +763,7 @@ pub(crate) mod test_support {
 mod register_tests {
     use super::*;
 
-    async fn cluster() -> (tempfile::TempDir, Arc<Cluster>) {
+    async fn cluster() -> (test_support::Backing, Arc<Cluster>) {
         let t = test_support::bootstrapped().await;
         (t.dir, t.cluster)
     }
@@ -977,7 +1000,7 @@ mod operate_tests {
         Kubernetes, kubernetes::NodeLabelsToSynchronize,
     };
 
-    async fn cluster() -> (tempfile::TempDir, Arc<Cluster>, String) {
+    async fn cluster() -> (test_support::Backing, Arc<Cluster>, String) {
         let t = test_support::bootstrapped().await;
         (t.dir, t.cluster, t.first_id)
     }
@@ -1318,7 +1341,13 @@ impl Cluster {
 mod lifecycle_tests {
     use super::*;
 
-    async fn cluster_with_worker() -> (tempfile::TempDir, Arc<Cluster>, String, String, [u8; 32]) {
+    async fn cluster_with_worker() -> (
+        test_support::Backing,
+        Arc<Cluster>,
+        String,
+        String,
+        [u8; 32],
+    ) {
         let t = test_support::bootstrapped().await;
         let key = metropolis_identity::generate_key()
             .verifying_key()
@@ -1371,14 +1400,18 @@ mod lifecycle_tests {
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("ConsensusMember")),
             "{r:?}"
         );
-        // The embedded store has exactly one member, for good.
-        let r = c
-            .update_roles(&id, set(None, Some(true), Some(true)), &ALL_LIVE)
-            .await;
-        assert!(
-            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("--ha")),
-            "{r:?}"
-        );
+        if c.consensus().is_none() {
+            // The embedded store has exactly one member, for good.
+            let r = c
+                .update_roles(&id, set(None, Some(true), Some(true)), &ALL_LIVE)
+                .await;
+            assert!(
+                matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("--ha")),
+                "{r:?}"
+            );
+        } else {
+            consensus_member_on_etcd(&c, &first, &id).await;
+        }
         // Unset fields change nothing.
         c.update_roles(&id, RoleChange::default(), &ALL_LIVE)
             .await
@@ -1405,6 +1438,69 @@ mod lifecycle_tests {
                 .await,
             Err(CuratorError::NotFound(_))
         ));
+    }
+
+    /// On etcd the role makes the node a learner (its record carries what it
+    /// needs to start etcd), and taking it away removes the member again.
+    async fn consensus_member_on_etcd(c: &Cluster, first: &str, id: &str) {
+        let consensus = c.consensus().expect("etcd").clone();
+        let r = c
+            .update_roles(id, set(None, None, Some(true)), &ALL_LIVE)
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("IP address")),
+            "{r:?}"
+        );
+        c.update_status(
+            id,
+            NodeStatus {
+                external_address: "127.0.0.9".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("status");
+        c.update_roles(id, set(None, None, Some(true)), &ALL_LIVE)
+            .await
+            .expect("consensus member");
+        let role = c
+            .node(id)
+            .await
+            .expect("r")
+            .expect("n")
+            .node
+            .roles
+            .and_then(|r| r.consensus_member)
+            .expect("role");
+        assert_eq!(role.ca_certificate, c.ca().cert_der());
+        let peer =
+            metropolis_identity::parse_certificate(&role.peer_certificate).expect("peer cert");
+        assert_eq!(peer.common_name, id);
+        assert!(
+            role.peers
+                .iter()
+                .any(|p| p.name == id && p.url == "https://127.0.0.9:7834"),
+            "{role:?}"
+        );
+        let members = consensus.members().await.expect("members");
+        assert!(
+            members
+                .iter()
+                .any(|m| m.is_learner && m.peer_urls == ["https://127.0.0.9:7834"]),
+            "{members:?}"
+        );
+        // The leading curator's own member stays.
+        let r = c
+            .update_roles(first, set(None, None, Some(false)), &ALL_LIVE)
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("leading curator")),
+            "{r:?}"
+        );
+        c.update_roles(id, set(None, Some(false), Some(false)), &ALL_LIVE)
+            .await
+            .expect("leave the consensus");
+        assert_eq!(consensus.members().await.expect("members").len(), 1);
     }
 
     #[tokio::test]

@@ -23,6 +23,27 @@
 //! 4. **Memory** of the node process (VmRSS) after bootstrap, after the
 //!    registrations and with all heartbeat connections open, per node.
 //!
+//! With `--store etcd` the node bootstraps a high-availability cluster
+//! (`ClusterBootstrap.high_availability`): it runs etcd as a child process
+//! and keeps cluster state there. The loadgen then also connects to that
+//! etcd's client socket (`<node data dir>/etcd/client.sock:0`) and:
+//!
+//! - reads the store revision just before and just after the registration
+//!   phase (every write transaction is one revision), which gives the store
+//!   transactions one registration + approval costs; a second of watching
+//!   the revision idle beforehand shows whether anything else writes;
+//! - right after the registrations, runs as many compare-and-swap
+//!   transactions as they made (at least 2,000) with `--concurrency` tasks
+//!   on that one connection, each task creating one key under
+//!   `/loadgen-raw/` and rewriting it on its last revision, with a node
+//!   record's bytes as the value: etcd's own rate for the curator's kind of
+//!   write, on the same machine, disk and data;
+//! - reports, in an "etcd backend" section, the curator's store-write rate
+//!   while registering as a share of that raw rate (target: at least 50%).
+//!
+//! The node's memory figures are then the node process alone; etcd's CPU
+//! and memory are reported separately.
+//!
 //! It prints a plain-text report (stdout; progress and logs go to stderr),
 //! stops the node with SIGTERM and removes its data, and exits non-zero if
 //! anything failed: an error in any call, or the node dying. The targets in
@@ -38,7 +59,13 @@
 //! cargo build --release -p metropolis-loadgen -p metropolis-node
 //! target/release/metropolis-loadgen --nodes 200 --duration 10s   # quick check
 //! target/release/metropolis-loadgen                               # 10,000 nodes, 30 s
+//! target/release/metropolis-loadgen --store etcd --nodes 2000 --duration 10s
 //! ```
+//!
+//! `--store etcd` needs `etcd` (3.4 or later) on PATH, and the etcd peer
+//! port 7834 on `--address` free as well. etcd's client socket lives in
+//! the temporary directory, whose path must stay under the 107 bytes a unix
+//! socket path may have.
 //!
 //! The node runs on `--address` (127.0.0.2 by default; its port 7835 must be
 //! free) and keeps its data in a temporary directory (`TMPDIR` decides
@@ -52,9 +79,11 @@
 //! flight), `--heartbeat-timeout` (passed to the node), `--duration` (how long
 //! the heartbeats run once all streams are open), `--get-nodes-repeats`,
 //! `--node-log` (the node's `RUST_LOG`), `--keep` (keep the data directory
-//! and the node's log). `RUST_LOG` sets the loadgen's own log level.
+//! and the node's log), `--store` (`embedded`, the
+//! default, or `etcd`). `RUST_LOG` sets the loadgen's own log level.
 
 mod cluster;
+mod etcd;
 mod getnodes;
 mod heartbeat;
 mod node;
@@ -72,8 +101,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use metropolis_api::api::management_client::ManagementClient;
+use metropolis_store::EtcdStore;
 
 use crate::node::NodeProcess;
 use crate::progress::Progress;
@@ -116,6 +146,25 @@ struct Args {
     /// Keep the temporary directory (node data and log) instead of removing it.
     #[arg(long)]
     keep: bool,
+    /// The node's store: its embedded one, or an etcd it runs as a child
+    /// (high-availability bootstrap; `etcd` must be on PATH).
+    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+impl StoreKind {
+    fn describe(self) -> &'static str {
+        match self {
+            StoreKind::Embedded => "embedded (redb)",
+            StoreKind::Etcd => "etcd (high-availability bootstrap, etcd as the node's child)",
+        }
+    }
 }
 
 impl Args {
@@ -155,6 +204,12 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Slack on top of the heartbeat timeout before health is read: the
 /// curator's clock starts a little after the process does.
 const HEALTH_SLACK: Duration = Duration::from_secs(1);
+/// With `--store etcd`: how long the store revision is watched with nothing
+/// in flight before the registrations, to see writes that are not theirs.
+const IDLE_WATCH: Duration = Duration::from_secs(1);
+/// Fewest raw etcd transactions: below this, start-up and the tail of the
+/// last ones in flight weigh on the rate.
+const MIN_RAW_TXNS: u64 = 2_000;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -215,13 +270,17 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
         duration: args.duration,
+        store: args.store.describe(),
         ..Default::default()
     };
     // Fail before spending minutes on registrations if the heartbeat phase
     // could never open its connections.
     let needed_fds = args.nodes as node::Rlim + FD_HEADROOM;
     node::check_nofile(needed_fds)?;
-    node::check_port_free(args.address)?;
+    node::check_port_free(args.address, node::CURATOR_PORT)?;
+    if args.store == StoreKind::Etcd {
+        node::check_port_free(args.address, node::ETCD_PEER_PORT)?;
+    }
     let binary = match &args.node_binary {
         Some(p) => p.clone(),
         None => node::default_binary()?,
@@ -240,6 +299,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
         owner: &owner,
         heartbeat_timeout: args.heartbeat_timeout,
         log_level: &args.node_log,
+        high_availability: args.store == StoreKind::Etcd,
     })?;
     report.node_binary = node.binary.display().to_string();
     report.node_addr = node.addr.to_string();
@@ -321,6 +381,10 @@ async fn phases(
         concurrency = args.concurrency,
         "registering"
     );
+    let etcd_before = match args.store {
+        StoreKind::Etcd => Some(etcd_before_registration(node).await?),
+        StoreKind::Embedded => None,
+    };
     let cpu = node.cpu_time()?;
     let mut reg = register::run(
         register::Setup {
@@ -363,6 +427,10 @@ async fn phases(
         commit: reg.commit,
         node_cpu,
     });
+    if let Some(before) = etcd_before {
+        let wall = r.registration.as_ref().map_or(Duration::ZERO, |g| g.wall);
+        etcd_after_registration(args, node, before, &admitted, wall, r, progress).await;
+    }
     if admitted.is_empty() {
         bail!("no simulated node was admitted; nothing left to heartbeat");
     }
@@ -552,6 +620,146 @@ async fn phases(
     });
     drop(owner);
     node.check_alive()
+}
+
+/// The node's etcd as the registrations find it.
+struct EtcdBefore {
+    store: Arc<EtcdStore>,
+    socket: PathBuf,
+    idle_drift: (i64, Duration),
+    revision: i64,
+    etcd_cpu: Option<Duration>,
+}
+
+async fn etcd_before_registration(node: &NodeProcess) -> anyhow::Result<EtcdBefore> {
+    let socket = node.etcd_socket();
+    let store = etcd::connect(&socket).await?;
+    let idle_start = etcd::revision(&store).await?;
+    tokio::time::sleep(IDLE_WATCH).await;
+    let revision = etcd::revision(&store).await?;
+    Ok(EtcdBefore {
+        store,
+        socket,
+        idle_drift: (revision - idle_start, IDLE_WATCH),
+        revision,
+        etcd_cpu: node.etcd_pid().and_then(node::pid_cpu_time).ok(),
+    })
+}
+
+/// Reads what the registrations cost the store, then measures the raw
+/// transaction rate of the same etcd. Problems are failures of the run, but
+/// the heartbeat phases still run: their figures do not depend on these.
+async fn etcd_after_registration(
+    args: &Args,
+    node: &NodeProcess,
+    before: EtcdBefore,
+    admitted: &[register::Admitted],
+    registration_wall: Duration,
+    r: &mut Report,
+    progress: &Progress,
+) {
+    // Read first, so nothing else lands between the phase and the reading.
+    let revision_after = etcd::revision(&before.store).await;
+    let etcd_cpu_registration = before.etcd_cpu.and_then(|c| {
+        Some(
+            node.etcd_pid()
+                .and_then(node::pid_cpu_time)
+                .ok()?
+                .saturating_sub(c),
+        )
+    });
+    let mut backend = report::EtcdBackend {
+        socket: before.socket.display().to_string(),
+        idle_drift: Some(before.idle_drift),
+        revision_before: before.revision,
+        revision_after: None,
+        registrations: admitted.len(),
+        registration_wall,
+        etcd_cpu_registration,
+        raw: None,
+        etcd_rss: None,
+    };
+    let revision_after = match revision_after {
+        Ok(rev) => rev,
+        Err(e) => {
+            r.failures.push(format!("{e:#}"));
+            r.etcd = Some(backend);
+            return;
+        }
+    };
+    backend.revision_after = Some(revision_after);
+    match raw_phase(
+        args,
+        node,
+        &before.store,
+        admitted,
+        revision_after - before.revision,
+        progress,
+    )
+    .await
+    {
+        Ok(raw) => {
+            if raw.results.errors.total() > 0 {
+                r.failures.push(format!(
+                    "{} of {} raw etcd transactions failed",
+                    raw.results.errors.total(),
+                    raw.results.attempted
+                ));
+            }
+            backend.raw = Some(raw);
+        }
+        Err(e) => r.failures.push(format!("{e:#}")),
+    }
+    backend.etcd_rss = node.etcd_pid().and_then(node::pid_rss).ok();
+    r.etcd = Some(backend);
+}
+
+/// As many CAS transactions as the registrations made (at least
+/// [`MIN_RAW_TXNS`]), each putting one real node record's bytes.
+async fn raw_phase(
+    args: &Args,
+    node: &NodeProcess,
+    store: &Arc<EtcdStore>,
+    admitted: &[register::Admitted],
+    registration_txns: i64,
+    progress: &Progress,
+) -> anyhow::Result<report::RawTxns> {
+    let first = admitted
+        .first()
+        .context("no simulated node was admitted, so there is no node record to size the raw etcd transactions by")?;
+    let record = etcd::node_record(store, &first.id).await?;
+    let total = u64::try_from(registration_txns)
+        .unwrap_or(0)
+        .max(MIN_RAW_TXNS);
+    tracing::info!(
+        txns = total,
+        concurrency = args.concurrency,
+        value_bytes = record.len(),
+        "measuring raw etcd transactions"
+    );
+    let value_len = record.len();
+    let start_revision = etcd::revision(store).await?;
+    let cpu = node.etcd_pid().and_then(node::pid_cpu_time).ok();
+    let results = etcd::raw_txns(store.clone(), total, args.concurrency, record, progress).await;
+    let etcd_cpu = cpu.and_then(|c| {
+        Some(
+            node.etcd_pid()
+                .and_then(node::pid_cpu_time)
+                .ok()?
+                .saturating_sub(c),
+        )
+    });
+    let revision_delta = etcd::revision(store)
+        .await
+        .ok()
+        .map(|rev| rev - start_revision);
+    Ok(report::RawTxns {
+        value_len,
+        concurrency: args.concurrency,
+        results,
+        revision_delta,
+        etcd_cpu,
+    })
 }
 
 fn human(d: Duration) -> String {

@@ -17,6 +17,16 @@ use tokio::process::{Child, Command};
 
 /// Port of AAA, Management and Curator on every node.
 pub const CURATOR_PORT: u16 = 7835;
+/// Port etcd's peers talk to each other on, on the node's address; a
+/// high-availability node binds it at bootstrap.
+pub const ETCD_PEER_PORT: u16 = 7834;
+/// The node keeps its etcd here, under its data directory.
+const ETCD_DIR: &str = "etcd";
+/// etcd can listen on a unix socket only as `unix://client.sock:0`, which
+/// makes it create a file with literally this name.
+const ETCD_SOCKET: &str = "client.sock:0";
+/// The node writes the PID of its current etcd child here.
+const ETCD_PID_FILE: &str = "etcd.pid";
 
 pub struct NodeProcess {
     child: Child,
@@ -24,6 +34,8 @@ pub struct NodeProcess {
     pub binary: PathBuf,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    /// The node's `--data-dir`.
+    pub data_dir: PathBuf,
     pub started: Instant,
 }
 
@@ -44,6 +56,9 @@ pub struct Spawn<'a> {
     pub owner: &'a SigningKey,
     pub heartbeat_timeout: Duration,
     pub log_level: &'a str,
+    /// Bootstrap on an etcd the node runs (found on its PATH) instead of
+    /// the embedded store.
+    pub high_availability: bool,
 }
 
 /// The binary this loadgen was built with: cargo puts both in the same
@@ -53,11 +68,11 @@ pub fn default_binary() -> anyhow::Result<PathBuf> {
     Ok(me.with_file_name("metropolis-node"))
 }
 
-/// Fails if something already listens on the curator port of `address`, or
-/// the address is not usable: a node started there would fail late and
+/// Fails if something already listens on `port` of `address`, or the
+/// address is not usable: a node started there would fail late and
 /// obscurely.
-pub fn check_port_free(address: IpAddr) -> anyhow::Result<()> {
-    let addr = SocketAddr::new(address, CURATOR_PORT);
+pub fn check_port_free(address: IpAddr, port: u16) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(address, port);
     match std::net::TcpListener::bind(addr) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
@@ -83,6 +98,7 @@ impl NodeProcess {
         let params = NodeParameters {
             cluster: Some(Cluster::ClusterBootstrap(ClusterBootstrap {
                 owner_public_key: s.owner.verifying_key().to_bytes().to_vec(),
+                high_availability: s.high_availability,
                 ..Default::default()
             })),
         };
@@ -94,9 +110,10 @@ impl NodeProcess {
         let err = out
             .try_clone()
             .with_context(|| format!("opening node log {}", log.display()))?;
+        let data_dir = s.dir.join("data");
         let child = Command::new(s.binary)
             .arg("--data-dir")
-            .arg(s.dir.join("data"))
+            .arg(&data_dir)
             .arg("--params")
             .arg(&params_path)
             .arg("--address")
@@ -123,8 +140,25 @@ impl NodeProcess {
             binary: s.binary.to_path_buf(),
             addr: SocketAddr::new(s.address, CURATOR_PORT),
             log,
+            data_dir,
             started: Instant::now(),
         })
+    }
+
+    /// Where a high-availability node's etcd listens for clients.
+    pub fn etcd_socket(&self) -> PathBuf {
+        self.data_dir.join(ETCD_DIR).join(ETCD_SOCKET)
+    }
+
+    /// The PID of the node's current etcd child. Read afresh each time: the
+    /// node restarts etcd if it dies, under a new PID.
+    pub fn etcd_pid(&self) -> anyhow::Result<u32> {
+        let path = self.data_dir.join(ETCD_DIR).join(ETCD_PID_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} does not hold a PID", path.display()))
     }
 
     pub fn uptime(&self) -> Duration {
@@ -254,6 +288,15 @@ fn cpu_time(path: &str) -> anyhow::Result<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as u64 } else { 100 };
     Ok(Duration::from_secs_f64(total as f64 / hz as f64))
+}
+
+/// CPU time and resident memory of another process, such as the node's etcd.
+pub fn pid_cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+pub fn pid_rss(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmRSS").map(|k| k * 1024)
 }
 
 /// This process's own CPU time and resident memory.

@@ -12,6 +12,9 @@ const FILTERED_TARGET: Duration = Duration::from_millis(100);
 const RATIO_TARGET: f64 = 1.5;
 /// Curator memory per node.
 const BYTES_PER_NODE_TARGET: f64 = 4096.0;
+/// On etcd, the curator's store-write rate while registering, as a share of
+/// what the same etcd commits for bare CAS transactions.
+const RAW_SHARE_TARGET: f64 = 50.0;
 
 #[derive(Default)]
 pub struct Report {
@@ -27,9 +30,13 @@ pub struct Report {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub duration: Duration,
+    /// The node's store backend (`--store`).
+    pub store: &'static str,
     pub node_ready_after: Option<Duration>,
 
     pub registration: Option<Registration>,
+    /// With `--store etcd`.
+    pub etcd: Option<EtcdBackend>,
     pub connections: Option<Connections>,
     pub heartbeats: Option<Heartbeats>,
     pub get_nodes: Option<Timings>,
@@ -60,6 +67,52 @@ pub struct Registration {
     pub approve: Samples,
     pub commit: Samples,
     pub node_cpu: Option<Duration>,
+}
+
+/// The store side of the registration phase on etcd, and the same etcd's
+/// raw transaction rate measured right after it.
+pub struct EtcdBackend {
+    pub socket: String,
+    /// Revision movement while nothing was asked of the node, just before
+    /// the registrations: writes the delta below includes that are not
+    /// theirs.
+    pub idle_drift: Option<(i64, Duration)>,
+    pub revision_before: i64,
+    pub revision_after: Option<i64>,
+    /// Nodes admitted and the registration phase's wall time.
+    pub registrations: usize,
+    pub registration_wall: Duration,
+    pub etcd_cpu_registration: Option<Duration>,
+    pub raw: Option<RawTxns>,
+    pub etcd_rss: Option<u64>,
+}
+
+pub struct RawTxns {
+    /// Size of the value each transaction puts: one real node record.
+    pub value_len: usize,
+    pub concurrency: usize,
+    pub results: crate::etcd::RawResults,
+    /// How far the revision moved over the raw phase.
+    pub revision_delta: Option<i64>,
+    pub etcd_cpu: Option<Duration>,
+}
+
+impl EtcdBackend {
+    /// Write transactions per admitted node.
+    fn txns_per_registration(&self) -> Option<f64> {
+        let delta = self.revision_after? - self.revision_before;
+        (self.registrations > 0).then(|| delta as f64 / self.registrations as f64)
+    }
+
+    fn registrations_per_sec(&self) -> f64 {
+        self.registrations as f64 / self.registration_wall.as_secs_f64().max(1e-9)
+    }
+}
+
+impl RawTxns {
+    fn per_sec(&self) -> f64 {
+        self.results.committed as f64 / self.results.wall.as_secs_f64().max(1e-9)
+    }
 }
 
 pub struct Connections {
@@ -157,6 +210,7 @@ impl Report {
             humantime::format_duration(self.heartbeat_interval),
             humantime::format_duration(self.duration)
         );
+        let _ = writeln!(o, "store:        {}", self.store);
         if let Some(d) = self.node_ready_after {
             let _ = writeln!(o, "node serving after {}", fmt_duration(d));
         }
@@ -188,6 +242,10 @@ impl Report {
             latency_row(o, "ApproveNode", &mut r.approve.clone());
             latency_row(o, "CommitNode", &mut r.commit.clone());
             errors(o, &r.errors);
+        }
+
+        if let Some(e) = &self.etcd {
+            render_etcd(o, e);
         }
 
         if let Some(c) = &self.connections {
@@ -440,6 +498,110 @@ impl Report {
                 let _ = writeln!(o, "  - {f}");
             }
         }
+    }
+}
+
+fn render_etcd(o: &mut String, e: &EtcdBackend) {
+    let _ = writeln!(
+        o,
+        "\n-- etcd backend (the node's own etcd, read and written directly at {})",
+        e.socket
+    );
+    if let Some((moved, over)) = e.idle_drift {
+        let _ = writeln!(
+            o,
+            "  idle before registering     revision moved by {moved} in {} with no calls in flight{}",
+            fmt_duration(over),
+            if moved == 0 {
+                ""
+            } else {
+                " (background writes; counted in the delta below)"
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  store revision              {} before registration, {} after: {} write txns",
+        e.revision_before,
+        e.revision_after.map_or("-".into(), |r| r.to_string()),
+        e.revision_after
+            .map_or("-".into(), |r| (r - e.revision_before).to_string())
+    );
+    let reg_rate = e.registrations_per_sec();
+    let _ = writeln!(
+        o,
+        "  registrations+approvals     {} in {} = {reg_rate:.1} /s",
+        e.registrations,
+        fmt_duration(e.registration_wall)
+    );
+    let per_reg = e.txns_per_registration();
+    let _ = writeln!(
+        o,
+        "  store txns per registration {} (revision delta / admitted nodes; each write txn is one revision)",
+        per_reg.map_or("-".into(), |t| format!("{t:.2}"))
+    );
+    let ours = per_reg.map(|t| reg_rate * t);
+    let _ = writeln!(
+        o,
+        "  our store-write rate        {} (registrations/s x txns per registration)",
+        ours.map_or("-".into(), |r| format!("{r:.1} txns/s"))
+    );
+    cpu_line(
+        o,
+        "  etcd CPU while registering ",
+        e.etcd_cpu_registration,
+        e.registration_wall,
+    );
+    let Some(raw) = &e.raw else {
+        let _ = writeln!(o, "  raw etcd txns               not measured");
+        return;
+    };
+    let res = &raw.results;
+    let _ = writeln!(
+        o,
+        "  raw etcd txns               {} CAS puts of {} B (one node record's size) on {} keys under {}, \
+         {} in flight on one connection: {} committed in {}",
+        res.attempted,
+        raw.value_len,
+        res.keys,
+        crate::etcd::RAW_PREFIX,
+        raw.concurrency,
+        res.committed,
+        fmt_duration(res.wall)
+    );
+    if let Some(delta) = raw.revision_delta
+        && delta != res.committed as i64
+    {
+        let _ = writeln!(
+            o,
+            "  (the revision moved by {delta} over the raw phase, not {}: other writers were active)",
+            res.committed
+        );
+    }
+    let raw_rate = raw.per_sec();
+    let _ = writeln!(o, "  raw etcd txn rate           {raw_rate:.1} txns/s");
+    cpu_line(o, "  etcd CPU during raw txns   ", raw.etcd_cpu, res.wall);
+    latency_header(o);
+    latency_row(o, "raw CAS txn", &mut res.latency.clone());
+    errors(o, &res.errors);
+    if let Some(ours) = ours
+        && raw_rate > 0.0
+    {
+        let share = 100.0 * ours / raw_rate;
+        let _ = writeln!(
+            o,
+            "  ours/raw                    {share:.1}%   target at least {RAW_SHARE_TARGET:.0}% of raw: {}",
+            verdict(share >= RAW_SHARE_TARGET)
+        );
+        let _ = writeln!(
+            o,
+            "    = registrations/s / (raw txns/s / txns per registration): the share of the \
+             registration rate this etcd could carry if a registration cost nothing but its \
+             store transactions"
+        );
+    }
+    if let Some(rss) = e.etcd_rss {
+        let _ = writeln!(o, "  etcd VmRSS after raw txns   {}", fmt_bytes(rss));
     }
 }
 

@@ -476,14 +476,14 @@ fn is_member_not_found(e: &etcd_client::Error) -> bool {
 /// [`map_err`], with etcd's refusals of membership changes explained.
 fn map_member_err(e: etcd_client::Error) -> StoreError {
     if status_contains(&e, TOO_MANY_LEARNERS) {
-        return StoreError::Invalid(
+        return StoreError::FailedPrecondition(
             "etcd refuses another learner while one is still catching up: wait until the existing \
              learner has been promoted (or remove it), then retry"
                 .into(),
         );
     }
     if status_contains(&e, NOT_ENOUGH_STARTED) {
-        return StoreError::Unavailable(
+        return StoreError::FailedPrecondition(
             "etcd refuses the membership change because too few members are running to keep a \
              quorum afterwards: start the stopped members (or remove members that are gone for \
              good), then retry"

@@ -14,6 +14,8 @@
 mod consensus;
 mod embedded;
 mod etcd;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 pub use consensus::{Consensus, ConsensusStatus, Member};

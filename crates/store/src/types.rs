@@ -184,4 +184,8 @@ pub enum StoreError {
     LeaseNotFound(LeaseId),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The store refuses the request in its current state (e.g. a
+    /// membership change it considers unsafe); retrying later may succeed.
+    #[error("{0}")]
+    FailedPrecondition(String),
 }

@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use metropolis_store::{EmbeddedStore, Store};
 
-mod common;
-
 /// A store under test plus whatever keeps it alive (temp dirs, servers).
 struct Harness {
     store: Arc<dyn Store>,
@@ -650,7 +648,7 @@ mod etcd_server {
     use metropolis_store::{EtcdStore, Op, Store, StoreError, Txn};
 
     use super::Harness;
-    use super::common::{EtcdServer, Listen, free_port};
+    use metropolis_store::testing::{EtcdServer, Listen, free_port};
 
     /// The suite's etcd backend: a fresh server, reached over its unix
     /// socket as a node reaches its own member.

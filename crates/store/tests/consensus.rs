@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use metropolis_store::{Consensus, StoreError};
 
-mod common;
-
-use common::{EtcdServer, Listen, NAME, free_port};
+use metropolis_store::testing::{EtcdServer, Listen, NAME, free_port};
 
 fn unserved_peer_url() -> String {
     format!("http://127.0.0.1:{}", free_port())
@@ -52,7 +50,7 @@ async fn learner_add_promote_remove() {
     // etcd 3.4 allows one learner at a time.
     let err = store.add_learner(&unserved_peer_url()).await.unwrap_err();
     eprintln!("second learner: {err}");
-    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
     assert!(err.to_string().contains("wait until"), "{err}");
 
     // It never caught up, so it is not promoted.

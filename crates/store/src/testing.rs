@@ -1,9 +1,9 @@
-//! Real etcd servers for the etcd backend's tests, started by the tests
-//! themselves. The `etcd` binary must be on PATH (`bash scripts/setup`
+//! Test support (feature `testing`): real etcd servers started by the tests
+//! themselves, for this crate's etcd tests and for the curator's suite on
+//! the etcd backend. The `etcd` binary must be on PATH (`bash scripts/setup`
 //! installs it); without it the tests fail, they are never skipped.
-
-// Each test binary compiles this module and uses a different part of it.
-#![allow(dead_code)]
+//!
+//! Test code: it panics, with etcd's output, on anything unexpected.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metropolis_store::{EtcdStore, StoreError};
+use crate::{EtcdStore, StoreError};
 
 /// The member name of every etcd started by [`EtcdServer::start`].
 pub const NAME: &str = "test";
