@@ -461,6 +461,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     );
 
     // Kill one follower's etcd only: the node restarts it and it catches up.
+    // (The member that is neither the leader nor the restarted node.)
     let follower = if back.leader_node_id == ids[1] {
         &others[1]
     } else {
@@ -533,7 +534,130 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(others.drain(..));
+
+    // Taking ConsensusMember away: refused while another member is down
+    // (two of the three would remain, one of them dead: no quorum)...
+    let leader_id = back.leader_node_id.clone();
+    let mut all: Vec<TestNode> = std::iter::once(first).chain(others.drain(..)).collect();
+    let x = if leader_id == ids[1] { 2 } else { 1 };
+    let y = (0..3)
+        .find(|i| *i != x && ids[*i] != leader_id)
+        .expect("a third member");
+    all[y].kill();
+    let y_id = ids[y].clone();
+    eventually(
+        "the killed member to time out",
+        Duration::from_secs(30),
+        &addrs,
+        &owner,
+        |ch| {
+            let y_id = y_id.clone();
+            async move {
+                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+                list.iter()
+                    .any(|n| n.id == y_id && n.health == Health::HeartbeatTimeout as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let x_id = ids[x].clone();
+    let refused = eventually("a refusal", Duration::from_secs(30), &addrs, &owner, |ch| {
+        let x_id = x_id.clone();
+        async move {
+            let r = ManagementClient::new(ch)
+                .update_node_roles(UpdateNodeRolesRequest {
+                    node: Some(update_node_roles_request::Node::Id(x_id)),
+                    consensus_member: Some(false),
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Err(s) if s.code() == tonic::Code::Unavailable => None,
+                other => Some(other),
+            }
+        }
+    })
+    .await
+    .expect_err("removing a member while another is down must be refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("would lose quorum"), "{refused}");
+
+    // ... and done, once it is back: the etcd member goes first, then the
+    // node restarts as a plain node.
+    let y_node = TestNode::spawn_with(all[y].address, &all[y].data_dir.clone(), None, FLAGS);
+    all[y] = y_node;
+    let y_id = ids[y].clone();
+    eventually(
+        "the member back",
+        Duration::from_secs(60),
+        &addrs,
+        &owner,
+        |ch| {
+            let y_id = y_id.clone();
+            async move {
+                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+                list.iter()
+                    .any(|n| n.id == y_id && n.health == Health::Healthy as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let x_id = ids[x].clone();
+    eventually(
+        "the role removed",
+        Duration::from_secs(30),
+        &addrs,
+        &owner,
+        |ch| {
+            let x_id = x_id.clone();
+            async move {
+                ManagementClient::new(ch)
+                    .update_node_roles(UpdateNodeRolesRequest {
+                        node: Some(update_node_roles_request::Node::Id(x_id)),
+                        consensus_member: Some(false),
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    let x_id = ids[x].clone();
+    eventually(
+        "two members and the old member healthy",
+        Duration::from_secs(60),
+        &addrs,
+        &owner,
+        |ch| {
+            let x_id = x_id.clone();
+            async move {
+                let s = consensus(&ch).await.ok()?;
+                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+                let n = list.iter().find(|n| n.id == x_id)?;
+                let plain = n
+                    .roles
+                    .as_ref()
+                    .is_none_or(|r| r.consensus_member.is_none());
+                let running_curator = n
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.running_curator.is_some());
+                (s.members.len() == 2
+                    && plain
+                    && !running_curator
+                    && n.health == Health::Healthy as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        !all[x].data_dir.join("etcd").exists(),
+        "the former member removed its etcd data"
+    );
 }
 
 unsafe extern "C" {
