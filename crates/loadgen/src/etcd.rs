@@ -10,6 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::TryStreamExt;
+use metropolis_api::api::{
+    LogsRequest, logs_request, node_management_client::NodeManagementClient,
+};
+use metropolis_api::osbase::logtree::proto::log_entry::Kind;
+use metropolis_identity::SigningKey;
+use metropolis_rpc::client::explain_status;
 use metropolis_store::{Compare, EtcdStore, Op, Store, Txn};
 use tokio::task::JoinSet;
 
@@ -183,4 +190,95 @@ async fn writer(w: Writer) -> Written {
         }
     }
     out
+}
+
+/// The node's log tree DN for etcd's own output (zap JSON lines), which
+/// goes there and not to the node's stderr.
+const ETCD_LOG_DN: &str = "root.consensus.etcd";
+
+/// What etcd logged, as far as the node's log tree still holds it.
+#[derive(Default)]
+pub struct EtcdLog {
+    pub entries: usize,
+    /// Entries by zap level ("info", "warn", ...; "unparsed" for lines
+    /// that are not JSON, such as ones the log tree cut short).
+    pub by_level: std::collections::BTreeMap<String, u64>,
+    /// Messages of entries above info, counted by level and message.
+    pub notable: ErrorTally,
+}
+
+/// Reads etcd's log lines from the node (NodeManagement.Logs, as the
+/// owner) and counts them by level.
+pub async fn log(
+    addr: std::net::SocketAddr,
+    ca: &[u8],
+    owner: (Vec<u8>, SigningKey),
+) -> anyhow::Result<EtcdLog> {
+    let channel = crate::cluster::channel(addr, ca, owner)
+        .await
+        .context("connecting to NodeManagement as the owner")?;
+    let request = LogsRequest {
+        dn: ETCD_LOG_DN.into(),
+        filters: Vec::new(),
+        backlog_mode: logs_request::BacklogMode::All as i32,
+        backlog_count: 0,
+        stream_mode: logs_request::StreamMode::Disable as i32,
+    };
+    let responses: Vec<_> = NodeManagementClient::new(channel)
+        .logs(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("NodeManagement.Logs: {}", explain_status(&s)))?
+        .into_inner()
+        .try_collect()
+        .await
+        .map_err(|s| anyhow::anyhow!("NodeManagement.Logs: {}", explain_status(&s)))?;
+    let mut out = EtcdLog::default();
+    for entry in responses.into_iter().flat_map(|r| r.backlog_entries) {
+        out.entries += 1;
+        let (level, message) = match entry.kind {
+            Some(Kind::Raw(raw)) => zap_level_and_message(&raw.data),
+            // The supervisor's own events are under the parent DN; anything
+            // else here is unexpected, but still counted.
+            _ => ("unparsed".to_string(), String::new()),
+        };
+        if !matches!(level.as_str(), "debug" | "info" | "unparsed") {
+            out.notable.add(&level, &message);
+        }
+        *out.by_level.entry(level).or_default() += 1;
+    }
+    Ok(out)
+}
+
+fn zap_level_and_message(line: &str) -> (String, String) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return ("unparsed".into(), String::new());
+    };
+    let field = |name: &str| v.get(name).and_then(|f| f.as_str()).unwrap_or_default();
+    let level = match field("level") {
+        "" => "unparsed",
+        l => l,
+    };
+    (level.to_string(), field("msg").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zap_lines() {
+        let line = r#"{"level":"warn","ts":"2024-01-01T00:00:00.000Z","caller":"etcdserver/util.go:163","msg":"apply request took too long","took":"120ms"}"#;
+        assert_eq!(
+            zap_level_and_message(line),
+            ("warn".into(), "apply request took too long".into())
+        );
+        assert_eq!(
+            zap_level_and_message(r#"{"level":"info","ts":"2024-01"#),
+            ("unparsed".into(), String::new())
+        );
+        assert_eq!(
+            zap_level_and_message(r#"{"msg":"x"}"#),
+            ("unparsed".into(), "x".into())
+        );
+    }
 }

@@ -93,7 +93,7 @@ mod report;
 mod stats;
 
 use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -369,7 +369,7 @@ async fn phases(
     let ca = Arc::new(cluster::wait_serving(node, STARTUP_LIMIT).await?);
     r.node_ready_after = Some(node.uptime());
     let owner_cert = cluster::escrow_owner(node.addr, &ca, owner_key).await?;
-    let owner_channel = cluster::channel(node.addr, &ca, (owner_cert, owner_key.clone()))
+    let owner_channel = cluster::channel(node.addr, &ca, (owner_cert.clone(), owner_key.clone()))
         .await
         .context("connecting as the owner")?;
     let mut owner = ManagementClient::new(owner_channel);
@@ -619,7 +619,18 @@ async fn phases(
         steady,
     });
     drop(owner);
-    node.check_alive()
+    node.check_alive()?;
+    if let Some(e) = r.etcd.as_mut() {
+        let addr = SocketAddr::new(args.address, node::NODE_MGMT_PORT);
+        match etcd::log(addr, &ca, (owner_cert, owner_key.clone())).await {
+            Ok(log) => e.log = Some(log),
+            // Only a look at etcd's side; the run's figures stand without it.
+            Err(e) => r
+                .notes
+                .push(format!("could not read etcd's log from the node: {e:#}")),
+        }
+    }
+    Ok(())
 }
 
 /// The node's etcd as the registrations find it.
@@ -678,6 +689,7 @@ async fn etcd_after_registration(
         etcd_cpu_registration,
         raw: None,
         etcd_rss: None,
+        log: None,
     };
     let revision_after = match revision_after {
         Ok(rev) => rev,

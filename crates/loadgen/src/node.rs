@@ -17,6 +17,8 @@ use tokio::process::{Child, Command};
 
 /// Port of AAA, Management and Curator on every node.
 pub const CURATOR_PORT: u16 = 7835;
+/// Port of NodeManagement (logs) on every node.
+pub const NODE_MGMT_PORT: u16 = 7839;
 /// Port etcd's peers talk to each other on, on the node's address; a
 /// high-availability node binds it at bootstrap.
 pub const ETCD_PEER_PORT: u16 = 7834;

@@ -85,6 +85,8 @@ pub struct EtcdBackend {
     pub etcd_cpu_registration: Option<Duration>,
     pub raw: Option<RawTxns>,
     pub etcd_rss: Option<u64>,
+    /// Read at the end of the run.
+    pub log: Option<crate::etcd::EtcdLog>,
 }
 
 pub struct RawTxns {
@@ -602,6 +604,26 @@ fn render_etcd(o: &mut String, e: &EtcdBackend) {
     }
     if let Some(rss) = e.etcd_rss {
         let _ = writeln!(o, "  etcd VmRSS after raw txns   {}", fmt_bytes(rss));
+    }
+    if let Some(log) = &e.log {
+        let levels: Vec<String> = log
+            .by_level
+            .iter()
+            .map(|(level, n)| format!("{level} {n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  etcd log, whole run         {} entries the node still held: {}",
+            log.entries,
+            if levels.is_empty() {
+                "-".into()
+            } else {
+                levels.join(", ")
+            }
+        );
+        for (message, n) in log.notable.messages() {
+            let _ = writeln!(o, "    x{n} {message}");
+        }
     }
 }
 

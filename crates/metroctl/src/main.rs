@@ -202,6 +202,10 @@ enum ClusterCommand {
         /// The metropolis-node binary (default: next to metroctl, then $PATH).
         #[arg(long)]
         node_binary: Option<PathBuf>,
+        /// High availability: bootstrap on etcd and make three nodes consensus
+        /// members (needs --nodes 3 or more and the `etcd` binary on PATH).
+        #[arg(long)]
+        ha: bool,
     },
     /// Stop the nodes of a local cluster started with `cluster launch`.
     Stop {
@@ -277,7 +281,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             nodes,
             dir,
             node_binary,
-        }) => cmd::launch::launch(&ctx, nodes, &dir, node_binary).await,
+            ha,
+        }) => cmd::launch::launch(&ctx, nodes, &dir, node_binary, ha).await,
         Command::Cluster(ClusterCommand::Stop { dir }) => cmd::launch::stop(&dir).await,
         Command::Cluster(ClusterCommand::RegenerateTicket) => {
             cmd::cluster::regenerate_ticket(&ctx).await

@@ -26,9 +26,15 @@ pub async fn launch(
     nodes: usize,
     dir: &Path,
     node_binary: Option<PathBuf>,
+    ha: bool,
 ) -> anyhow::Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
+    }
+    if ha && nodes < 3 {
+        bail!(
+            "--ha needs --nodes 3 or more: three consensus members survive the loss of one, two do not"
+        );
     }
     let binary = find_node_binary(node_binary)?;
     if dir.exists()
@@ -58,7 +64,7 @@ pub async fn launch(
         );
     }
     let params = dir.join("bootstrap-params.pb");
-    super::install::bootstrap_params(ctx, &params, false)?;
+    super::install::bootstrap_params(ctx, &params, ha)?;
 
     let spinner = ProgressBar::new_spinner().with_style(
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
@@ -91,6 +97,9 @@ pub async fn launch(
         }
         wait_all_up(&owner_ctx, nodes, &spinner, &dir).await?;
     }
+    if ha {
+        make_consensus_members(&owner_ctx, &spinner, &dir).await?;
+    }
     spinner.finish_and_clear();
 
     let info = super::cluster::get_info(&owner_ctx).await?;
@@ -108,6 +117,64 @@ pub async fn launch(
     println!("  metroctl{cfg_flag} cluster info");
     println!("  metroctl{cfg_flag} install params --register -o register.pb");
     println!("  metroctl cluster stop --dir {}", dir.display());
+    Ok(())
+}
+
+/// Gives the second and third node the ConsensusMember role, one at a time
+/// (etcd takes one learner at a time), each promoted to voter before the
+/// next.
+async fn make_consensus_members(
+    ctx: &Ctx,
+    spinner: &ProgressBar,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    use metropolis_api::api::{
+        UpdateNodeRolesRequest, management_client::ManagementClient, update_node_roles_request,
+    };
+    use metropolis_api::curator::{GetConsensusStatusRequest, curator_client::CuratorClient};
+    let nodes = super::node::get_nodes(ctx, "", &[]).await?;
+    let candidates: Vec<String> = nodes
+        .iter()
+        .filter(|n| {
+            n.roles
+                .as_ref()
+                .is_none_or(|r| r.consensus_member.is_none())
+        })
+        .map(|n| n.id.clone())
+        .take(2)
+        .collect();
+    for id in candidates {
+        spinner.set_message(format!("making {id} a consensus member"));
+        ManagementClient::new(ctx.owner_channel().await?)
+            .update_node_roles(UpdateNodeRolesRequest {
+                node: Some(update_node_roles_request::Node::Id(id.clone())),
+                consensus_member: Some(true),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| crate::conn::call_error(&format!("UpdateNodeRoles of {id}"), s))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let status = CuratorClient::new(ctx.owner_channel().await?)
+                .get_consensus_status(GetConsensusStatusRequest {})
+                .await;
+            if let Ok(s) = status
+                && s.get_ref()
+                    .members
+                    .iter()
+                    .any(|m| m.name == id && !m.is_learner)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{id} did not become a voting consensus member within {START_TIMEOUT:?}; see the node logs in {}",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     Ok(())
 }
 
