@@ -21,7 +21,8 @@ use metropolis_api::api::{
 use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
     GetConsensusStatusRequest, GetConsensusStatusResponse, GetCurrentLeaderRequest,
-    curator_client::CuratorClient, curator_local_client::CuratorLocalClient,
+    GetCurrentLeaderResponse, curator_client::CuratorClient,
+    curator_local_client::CuratorLocalClient,
 };
 use tonic::transport::Channel;
 
@@ -107,6 +108,50 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// What the node at `addr` says about the curator leader.
+async fn current_leader(addr: SocketAddr, ca: &[u8]) -> GetCurrentLeaderResponse {
+    let ch = channel(addr, trust(ca), None).await.expect("connect");
+    CuratorLocalClient::new(ch)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .expect("GetCurrentLeader")
+        .into_inner()
+        .message()
+        .await
+        .expect("GetCurrentLeader stream")
+        .expect("a first message")
+}
+
+/// Waits until the leader reports node `id` with `health`.
+async fn wait_health(addrs: &[SocketAddr], owner: &Owner, id: &str, health: Health) {
+    let what = format!("{id} to be {}", health.as_str_name());
+    eventually(
+        &what,
+        Duration::from_secs(60),
+        addrs,
+        owner,
+        |ch| async move {
+            let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+            list.iter()
+                .any(|n| n.id == id && n.health == health as i32)
+                .then_some(())
+        },
+    )
+    .await
+}
+
+/// UpdateNodeRoles of ConsensusMember alone.
+async fn set_consensus_member(ch: Channel, id: &str, on: bool) -> Result<(), tonic::Status> {
+    ManagementClient::new(ch)
+        .update_node_roles(UpdateNodeRolesRequest {
+            node: Some(update_node_roles_request::Node::Id(id.to_string())),
+            consensus_member: Some(on),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
 }
 
 fn by_address<'a>(list: &'a [Node], node: &TestNode) -> Option<&'a Node> {
@@ -236,13 +281,9 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     // Nodes 2 and 3 become consensus members, one at a time: each joins etcd
     // as a learner and is promoted once caught up.
     for member in &ids[1..3] {
-        mgmt.update_node_roles(UpdateNodeRolesRequest {
-            node: Some(update_node_roles_request::Node::Id(member.clone())),
-            consensus_member: Some(true),
-            ..Default::default()
-        })
-        .await
-        .expect("give ConsensusMember");
+        set_consensus_member(ch.clone(), member, true)
+            .await
+            .expect("give ConsensusMember");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let s = consensus(&ch).await.expect("status");
@@ -287,19 +328,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         .chain(others.iter())
         .map(|n| n.endpoint())
         .collect();
-    let leader = CuratorLocalClient::new(
-        channel(first.endpoint(), trust(&ca), None)
-            .await
-            .expect("ch"),
-    )
-    .get_current_leader(GetCurrentLeaderRequest {})
-    .await
-    .expect("leader")
-    .into_inner()
-    .message()
-    .await
-    .expect("leader msg")
-    .expect("a leader");
+    let leader = current_leader(first.endpoint(), &ca).await;
     assert_eq!(leader.leader_node_id, ids[0], "the bootstrap node leads");
 
     // Kill the leader's node process (its etcd dies with it).
@@ -368,27 +397,9 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         );
     }
     // The workers stay or come back HEALTHY with the new leader.
-    let worker_ids = ids[3..].to_vec();
-    eventually(
-        "healthy workers",
-        Duration::from_secs(30),
-        &addrs[1..],
-        &owner,
-        |ch| {
-            let worker_ids = worker_ids.clone();
-            async move {
-                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
-                worker_ids
-                    .iter()
-                    .all(|w| {
-                        list.iter()
-                            .any(|n| &n.id == w && n.health == Health::Healthy as i32)
-                    })
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    for w in &ids[3..] {
+        wait_health(&addrs[1..], &owner, w, Health::Healthy).await;
+    }
 
     // metroctl keeps working against the cluster's addresses, the dead one
     // first.
@@ -441,19 +452,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         },
     )
     .await;
-    let back = CuratorLocalClient::new(
-        channel(first.endpoint(), trust(&ca), None)
-            .await
-            .expect("ch"),
-    )
-    .get_current_leader(GetCurrentLeaderRequest {})
-    .await
-    .expect("leader")
-    .into_inner()
-    .message()
-    .await
-    .expect("msg")
-    .expect("a leader");
+    let back = current_leader(first.endpoint(), &ca).await;
     assert_eq!(back.this_node_id, ids[0]);
     assert!(
         !back.leader_node_id.is_empty(),
@@ -544,40 +543,19 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         .find(|i| *i != x && ids[*i] != leader_id)
         .expect("a third member");
     all[y].kill();
-    let y_id = ids[y].clone();
-    eventually(
-        "the killed member to time out",
+    wait_health(&addrs, &owner, &ids[y], Health::HeartbeatTimeout).await;
+    let refused = eventually(
+        "a refusal",
         Duration::from_secs(30),
         &addrs,
         &owner,
-        |ch| {
-            let y_id = y_id.clone();
-            async move {
-                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
-                list.iter()
-                    .any(|n| n.id == y_id && n.health == Health::HeartbeatTimeout as i32)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    let x_id = ids[x].clone();
-    let refused = eventually("a refusal", Duration::from_secs(30), &addrs, &owner, |ch| {
-        let x_id = x_id.clone();
-        async move {
-            let r = ManagementClient::new(ch)
-                .update_node_roles(UpdateNodeRolesRequest {
-                    node: Some(update_node_roles_request::Node::Id(x_id)),
-                    consensus_member: Some(false),
-                    ..Default::default()
-                })
-                .await;
-            match r {
+        |ch| async {
+            match set_consensus_member(ch, &ids[x], false).await {
                 Err(s) if s.code() == tonic::Code::Unavailable => None,
                 other => Some(other),
             }
-        }
-    })
+        },
+    )
     .await
     .expect_err("removing a member while another is down must be refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
@@ -587,42 +565,13 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     // node restarts as a plain node.
     let y_node = TestNode::spawn_with(all[y].address, &all[y].data_dir.clone(), None, FLAGS);
     all[y] = y_node;
-    let y_id = ids[y].clone();
-    eventually(
-        "the member back",
-        Duration::from_secs(60),
-        &addrs,
-        &owner,
-        |ch| {
-            let y_id = y_id.clone();
-            async move {
-                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
-                list.iter()
-                    .any(|n| n.id == y_id && n.health == Health::Healthy as i32)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    let x_id = ids[x].clone();
+    wait_health(&addrs, &owner, &ids[y], Health::Healthy).await;
     eventually(
         "the role removed",
         Duration::from_secs(30),
         &addrs,
         &owner,
-        |ch| {
-            let x_id = x_id.clone();
-            async move {
-                ManagementClient::new(ch)
-                    .update_node_roles(UpdateNodeRolesRequest {
-                        node: Some(update_node_roles_request::Node::Id(x_id)),
-                        consensus_member: Some(false),
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()
-            }
-        },
+        |ch| async { set_consensus_member(ch, &ids[x], false).await.ok() },
     )
     .await;
     let x_id = ids[x].clone();
