@@ -180,6 +180,7 @@ impl Management for ManagementService {
                 &id,
                 req.safety_bypass_has_roles.is_some(),
                 req.safety_bypass_not_decommissioned.is_some(),
+                self.heartbeats.as_ref(),
             )
             .await?;
         // Open heartbeat streams of the node end with its next beat.

@@ -1285,6 +1285,7 @@ impl Cluster {
         id: &str,
         bypass_roles: bool,
         bypass_state: bool,
+        live: &dyn Liveness,
     ) -> Result<(), CuratorError> {
         let all = self.nodes().await?;
         let entry = all
@@ -1316,6 +1317,8 @@ impl Cluster {
             for o in others {
                 txn = txn.when(Compare::mod_revision(node_key(&o.id), o.mod_revision));
             }
+            // A deleted node's etcd member would stay a voter nobody runs.
+            self.retire_consensus_member(entry, live).await?;
         }
         let txn = txn
             .and_then(Op::delete(node_key(id)))
@@ -1515,7 +1518,7 @@ mod lifecycle_tests {
             c.request_decommission(&id).await,
             Err(CuratorError::FailedPrecondition(_))
         ));
-        let r = c.delete_node(&id, false, true).await;
+        let r = c.delete_node(&id, false, true, &ALL_LIVE).await;
         assert!(
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("roles")),
             "{r:?}"
@@ -1523,7 +1526,7 @@ mod lifecycle_tests {
         c.update_roles(&id, set(Some(false), None, None), &ALL_LIVE)
             .await
             .expect("drop role");
-        let r = c.delete_node(&id, false, false).await;
+        let r = c.delete_node(&id, false, false, &ALL_LIVE).await;
         assert!(
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("DECOMMISSIONED")),
             "{r:?}"
@@ -1542,7 +1545,9 @@ mod lifecycle_tests {
             c.node(&id).await.expect("r").expect("n").node.state,
             NodeState::Decommissioned as i32
         );
-        c.delete_node(&id, false, false).await.expect("delete");
+        c.delete_node(&id, false, false, &ALL_LIVE)
+            .await
+            .expect("delete");
         assert!(c.node(&id).await.expect("r").is_none());
         assert!(c.is_deleted(&id).await.expect("tombstone"));
         // The key cannot come back.
@@ -1552,7 +1557,7 @@ mod lifecycle_tests {
             Err(CuratorError::PermissionDenied(_))
         ));
         // The last consensus member cannot be deleted, even with bypasses.
-        let r = c.delete_node(&first, true, true).await;
+        let r = c.delete_node(&first, true, true, &ALL_LIVE).await;
         assert!(
             matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("last consensus member")),
             "{r:?}"
