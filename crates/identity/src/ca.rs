@@ -456,7 +456,7 @@ mod tests {
             };
             assert_eq!(
                 san.general_names,
-                vec![GeneralName::DNSName(&id), GeneralName::IPAddress(&want_ip),]
+                vec![GeneralName::DNSName(&id), GeneralName::IPAddress(&want_ip)]
             );
             let eku = x509.extended_key_usage().unwrap().unwrap().value;
             assert!(eku.server_auth && eku.client_auth);

@@ -239,9 +239,9 @@ pub async fn log(
             Some(Kind::Raw(raw)) => zap_level_and_message(&raw.data),
             // The supervisor's own events are under the parent DN; anything
             // else here is unexpected, but still counted.
-            _ => ("unparsed".to_string(), String::new()),
+            other => ("unparsed".to_string(), format!("{other:?}")),
         };
-        if !matches!(level.as_str(), "debug" | "info" | "unparsed") {
+        if !matches!(level.as_str(), "debug" | "info") {
             out.notable.add(&level, &message);
         }
         *out.by_level.entry(level).or_default() += 1;
@@ -249,9 +249,24 @@ pub async fn log(
     Ok(out)
 }
 
+/// Longest part of a line that is not zap JSON the report quotes.
+const UNPARSED_QUOTE: usize = 120;
+
+/// Level and message of a zap JSON line; for any other line, "unparsed"
+/// and the start of the line itself, since an odd line is worth seeing.
 fn zap_level_and_message(line: &str) -> (String, String) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-        return ("unparsed".into(), String::new());
+        // The log tree cuts lines at 1 KiB, and etcd's first line (its
+        // whole configuration) is longer: zap writes level and message
+        // first, so they survive the cut.
+        if let (Some(level), Some(msg)) = (
+            string_field_prefix(line, "level"),
+            string_field_prefix(line, "msg"),
+        ) {
+            return (level.to_string(), msg.to_string());
+        }
+        let quote: String = line.chars().take(UNPARSED_QUOTE).collect();
+        return ("unparsed".into(), quote);
     };
     let field = |name: &str| v.get(name).and_then(|f| f.as_str()).unwrap_or_default();
     let level = match field("level") {
@@ -259,6 +274,16 @@ fn zap_level_and_message(line: &str) -> (String, String) {
         l => l,
     };
     (level.to_string(), field("msg").to_string())
+}
+
+/// `"name":"value"` in the text of a JSON object, for a value without
+/// escapes (etcd's levels and messages have none).
+fn string_field_prefix<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let needle = format!("\"{name}\":\"");
+    let start = line.find(&needle)? + needle.len();
+    let len = line[start..].find('"')?;
+    let value = &line[start..start + len];
+    (!value.contains('\\')).then_some(value)
 }
 
 #[cfg(test)]
@@ -273,8 +298,18 @@ mod tests {
             ("warn".into(), "apply request took too long".into())
         );
         assert_eq!(
+            zap_level_and_message(
+                r#"{"level":"info","ts":"x","msg":"starting an etcd server","na"#
+            ),
+            ("info".into(), "starting an etcd server".into())
+        );
+        assert_eq!(
             zap_level_and_message(r#"{"level":"info","ts":"2024-01"#),
-            ("unparsed".into(), String::new())
+            ("unparsed".into(), r#"{"level":"info","ts":"2024-01"#.into())
+        );
+        assert_eq!(
+            zap_level_and_message("panic: boom"),
+            ("unparsed".into(), "panic: boom".into())
         );
         assert_eq!(
             zap_level_and_message(r#"{"msg":"x"}"#),

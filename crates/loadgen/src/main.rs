@@ -39,7 +39,10 @@
 //!   record's bytes as the value: etcd's own rate for the curator's kind of
 //!   write, on the same machine, disk and data;
 //! - reports, in an "etcd backend" section, the curator's store-write rate
-//!   while registering as a share of that raw rate (target: at least 50%).
+//!   while registering as a share of that raw rate (target: at least 50%),
+//!   and, at the end of the run, etcd's own log lines by level (they go to
+//!   the node's log tree, read through `NodeManagement.Logs`, not to the
+//!   node's stderr).
 //!
 //! The node's memory figures are then the node process alone; etcd's CPU
 //! and memory are reported separately.
@@ -79,8 +82,8 @@
 //! flight), `--heartbeat-timeout` (passed to the node), `--duration` (how long
 //! the heartbeats run once all streams are open), `--get-nodes-repeats`,
 //! `--node-log` (the node's `RUST_LOG`), `--keep` (keep the data directory
-//! and the node's log), `--store` (`embedded`, the
-//! default, or `etcd`). `RUST_LOG` sets the loadgen's own log level.
+//! and the node's log), `--store` (`embedded`, the default, or `etcd`).
+//! `RUST_LOG` sets the loadgen's own log level.
 
 mod cluster;
 mod etcd;
@@ -640,6 +643,7 @@ struct EtcdBefore {
     idle_drift: (i64, Duration),
     revision: i64,
     etcd_cpu: Option<Duration>,
+    own_cpu: Option<Duration>,
 }
 
 async fn etcd_before_registration(node: &NodeProcess) -> anyhow::Result<EtcdBefore> {
@@ -653,7 +657,8 @@ async fn etcd_before_registration(node: &NodeProcess) -> anyhow::Result<EtcdBefo
         socket,
         idle_drift: (revision - idle_start, IDLE_WATCH),
         revision,
-        etcd_cpu: node.etcd_pid().and_then(node::pid_cpu_time).ok(),
+        etcd_cpu: etcd_cpu(node),
+        own_cpu: node::own_cpu_time().ok(),
     })
 }
 
@@ -671,14 +676,8 @@ async fn etcd_after_registration(
 ) {
     // Read first, so nothing else lands between the phase and the reading.
     let revision_after = etcd::revision(&before.store).await;
-    let etcd_cpu_registration = before.etcd_cpu.and_then(|c| {
-        Some(
-            node.etcd_pid()
-                .and_then(node::pid_cpu_time)
-                .ok()?
-                .saturating_sub(c),
-        )
-    });
+    let etcd_cpu_registration = cpu_since(before.etcd_cpu, etcd_cpu(node));
+    let loadgen_cpu_registration = cpu_since(before.own_cpu, node::own_cpu_time().ok());
     let mut backend = report::EtcdBackend {
         socket: before.socket.display().to_string(),
         idle_drift: Some(before.idle_drift),
@@ -687,6 +686,7 @@ async fn etcd_after_registration(
         registrations: admitted.len(),
         registration_wall,
         etcd_cpu_registration,
+        loadgen_cpu_registration,
         raw: None,
         etcd_rss: None,
         log: None,
@@ -751,16 +751,11 @@ async fn raw_phase(
     );
     let value_len = record.len();
     let start_revision = etcd::revision(store).await?;
-    let cpu = node.etcd_pid().and_then(node::pid_cpu_time).ok();
+    let cpu = etcd_cpu(node);
+    let own_cpu = node::own_cpu_time().ok();
     let results = etcd::raw_txns(store.clone(), total, args.concurrency, record, progress).await;
-    let etcd_cpu = cpu.and_then(|c| {
-        Some(
-            node.etcd_pid()
-                .and_then(node::pid_cpu_time)
-                .ok()?
-                .saturating_sub(c),
-        )
-    });
+    let etcd_cpu = cpu_since(cpu, etcd_cpu(node));
+    let loadgen_cpu = cpu_since(own_cpu, node::own_cpu_time().ok());
     let revision_delta = etcd::revision(store)
         .await
         .ok()
@@ -771,7 +766,19 @@ async fn raw_phase(
         results,
         revision_delta,
         etcd_cpu,
+        loadgen_cpu,
     })
+}
+
+/// CPU time of the node's etcd so far. The PID is read each time: the node
+/// would restart a dead etcd under a new one, and a figure across two
+/// processes means nothing (`cpu_since` then gives none).
+fn etcd_cpu(node: &NodeProcess) -> Option<Duration> {
+    node.etcd_pid().and_then(node::pid_cpu_time).ok()
+}
+
+fn cpu_since(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
+    now?.checked_sub(before?)
 }
 
 fn human(d: Duration) -> String {
