@@ -267,7 +267,12 @@ pub async fn maintain(m: Maintain) {
             }
             Err(e) => {
                 let wait = delay.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %e, "lost the curator; reconnecting in {wait:?}");
+                if attempt == 1 {
+                    // A starting cluster may still be electing its leader.
+                    tracing::info!(reason = %e, "curator not reachable yet; retrying in {wait:?}");
+                } else {
+                    tracing::warn!(error = %e, "lost the curator; reconnecting in {wait:?}");
+                }
                 tokio::time::sleep(wait).await;
                 if wait >= Duration::from_secs(5) {
                     delay = backoff(Duration::from_secs(5)).build();
