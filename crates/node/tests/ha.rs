@@ -355,6 +355,9 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     )
     .await;
     let failover = killed_at.elapsed();
+    // The bound: 2 × lease TTL + one heartbeat timeout (printed, not
+    // asserted: tests never assert wall-clock times).
+    println!("failover bound: 2 x 2s lease TTL + 2s heartbeat timeout = 6s");
     println!(
         "failover: a new curator leader ({new_leader}) served GetNodes {failover:?} after the leader was killed"
     );
