@@ -226,6 +226,15 @@ pub struct Cluster {
     consensus: Option<Arc<dyn Consensus>>,
     /// The node this curator runs on, when it is one of several.
     node_id: Option<String>,
+    /// The owner key, once read. Written only by bootstrap, in the same
+    /// transaction as the CA, and never again: the authorizer asks for it on
+    /// every owner call, and it cannot go stale.
+    owner_key: std::sync::OnceLock<[u8; 32]>,
+    /// The register ticket as last read. Only a first guess: a registration
+    /// whose ticket matches it still commits only if the store holds the same
+    /// ticket (the transaction compares it), and one that does not match it
+    /// reads the store again.
+    ticket: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Cluster {
@@ -247,6 +256,8 @@ impl Cluster {
             fence: std::sync::Mutex::new(None),
             consensus: None,
             node_id: None,
+            owner_key: std::sync::OnceLock::new(),
+            ticket: std::sync::Mutex::new(None),
         }))
     }
 
@@ -331,15 +342,22 @@ impl Cluster {
     }
 
     pub async fn owner_public_key(&self) -> Result<[u8; 32], CuratorError> {
+        if let Some(key) = self.owner_key.get() {
+            return Ok(*key);
+        }
         let kv = self
             .store
             .get(KEY_OWNER.as_bytes())
             .await?
             .ok_or_else(|| CuratorError::Corrupt(format!("{KEY_OWNER} missing")))?;
-        kv.value
+        let key: [u8; 32] = kv
+            .value
             .as_slice()
             .try_into()
-            .map_err(|_| CuratorError::Corrupt(format!("{KEY_OWNER} is not 32 bytes")))
+            .map_err(|_| CuratorError::Corrupt(format!("{KEY_OWNER} is not 32 bytes")))?;
+        // Concurrent first reads all read the same immutable value; whichever
+        // sets it first wins.
+        Ok(*self.owner_key.get_or_init(|| key))
     }
 
     pub async fn configuration(&self) -> Result<ClusterConfiguration, CuratorError> {
@@ -366,7 +384,25 @@ impl Cluster {
         let ticket = random_ticket();
         self.commit(Txn::new().and_then(Op::put(KEY_TICKET, ticket.clone())))
             .await?;
+        // Not needed for correctness (registrations compare the stored
+        // ticket), but spares the next registration a failed transaction.
+        self.forget_ticket();
         Ok(ticket)
+    }
+
+    fn cached_ticket(&self) -> Option<Vec<u8>> {
+        self.ticket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn remember_ticket(&self, ticket: &[u8]) {
+        *self.ticket.lock().unwrap_or_else(|p| p.into_inner()) = Some(ticket.to_vec());
+    }
+
+    fn forget_ticket(&self) {
+        *self.ticket.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub async fn node(&self, id: &str) -> Result<Option<NodeEntry>, CuratorError> {
@@ -554,6 +590,10 @@ impl Cluster {
 
     /// Adds a node in state NEW if the ticket is right. Registering again
     /// with the same key is a no-op.
+    ///
+    /// One transaction decides: the ticket, the node key and the node's
+    /// tombstone are all compared in it, and when it fails it reads all three
+    /// (at the same revision) to say why.
     pub async fn register_node(
         &self,
         public_key: [u8; 32],
@@ -562,7 +602,18 @@ impl Cluster {
     ) -> Result<String, CuratorError> {
         let id = metropolis_identity::node_id(&public_key);
         let key = node_key(&id);
-        let current = self.register_ticket().await?;
+        let tombstone = tombstone_key(&id);
+        // A ticket that matches the one last read is compared by the
+        // transaction below; anything else is checked against the store, so
+        // a stale guess never refuses a right ticket.
+        let current = match self.cached_ticket() {
+            Some(t) if constant_time_eq(&t, ticket) => t,
+            _ => {
+                let t = self.register_ticket().await?;
+                self.remember_ticket(&t);
+                t
+            }
+        };
         if !constant_time_eq(&current, ticket) {
             return Err(CuratorError::PermissionDenied(
                 "wrong register ticket; get the current one with `metroctl install params --register`".into(),
@@ -576,28 +627,57 @@ impl Cluster {
             tpm_usage: NodeTpmUsage::NotPresent as i32,
             ..Default::default()
         };
-        if self.is_deleted(&id).await? {
+        // All conditions in one transaction: a ticket regenerated or a node
+        // deleted between our read and this write makes the registration fail.
+        let txn = Txn::new()
+            .when(Compare::value_equals(KEY_TICKET, current))
+            .when(Compare::absent(key.clone()))
+            .when(Compare::absent(tombstone.clone()))
+            .and_then(Op::put(key.clone(), node.encode_to_vec()))
+            .or_else(Op::get(tombstone))
+            .or_else(Op::get(key.clone()))
+            .or_else(Op::get(KEY_TICKET));
+        let resp = self.commit(txn).await?;
+        if resp.succeeded {
+            return Ok(id);
+        }
+        let mut found = resp.results.into_iter().map(|r| match r {
+            metropolis_store::OpResult::Get(kvs) => kvs.into_iter().next(),
+            _ => None,
+        });
+        let (deleted, existing, stored_ticket) = (found.next(), found.next(), found.next());
+        let (Some(deleted), Some(existing), Some(stored_ticket)) =
+            (deleted, existing, stored_ticket)
+        else {
+            return Err(CuratorError::Internal(
+                "the store answered a failed registration without the reads it asked for".into(),
+            ));
+        };
+        if deleted.is_some() {
             return Err(CuratorError::PermissionDenied(format!(
                 "node {id} was removed from the cluster; a removed node cannot register again with the same key"
             )));
         }
-        // Both conditions in one transaction: a ticket regenerated between
-        // our read and this write makes the registration fail.
-        let txn = Txn::new()
-            .when(Compare::value_equals(KEY_TICKET, current))
-            .when(Compare::absent(key.clone()))
-            .and_then(Op::put(key, node.encode_to_vec()));
-        if self.commit(txn).await?.succeeded {
-            return Ok(id);
-        }
-        match self.node(&id).await? {
-            Some(existing) if existing.node.public_key == public_key => Ok(id),
-            Some(_) => Err(CuratorError::AlreadyExists(format!(
-                "node ID {id} is taken by another key"
-            ))),
-            None => Err(CuratorError::PermissionDenied(
-                "the register ticket was regenerated; get the new one".into(),
-            )),
+        match existing {
+            Some(kv) => {
+                let existing: private::Node = decode(&key, &kv.value)?;
+                if existing.public_key == public_key {
+                    Ok(id)
+                } else {
+                    Err(CuratorError::AlreadyExists(format!(
+                        "node ID {id} is taken by another key"
+                    )))
+                }
+            }
+            None => {
+                match stored_ticket {
+                    Some(kv) => self.remember_ticket(&kv.value),
+                    None => self.forget_ticket(),
+                }
+                Err(CuratorError::PermissionDenied(
+                    "the register ticket was regenerated; get the new one".into(),
+                ))
+            }
         }
     }
 

@@ -1,8 +1,33 @@
-//! `metroctl cluster launch --nodes 3`, the README's main command, end to end.
+//! `metroctl cluster launch --nodes 3`, the README's main command, end to end,
+//! and `cluster launch --ha`.
 
 mod support;
 
+use std::path::PathBuf;
+
 use support::*;
+
+/// Stops a launched cluster however the test ends, so that a failed test
+/// does not leave nodes running.
+struct StopOnDrop {
+    cfg: PathBuf,
+    dir: PathBuf,
+}
+
+impl StopOnDrop {
+    fn stop(&self) -> std::process::Output {
+        metroctl(
+            &self.cfg,
+            &["cluster", "stop", "--dir", self.dir.to_str().expect("utf8")],
+        )
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
 
 #[test]
 fn launch_three_nodes_then_stop() {
@@ -21,14 +46,12 @@ fn launch_three_nodes_then_stop() {
         ],
     );
     let text = stdout(&out);
-    let stop = || {
-        metroctl(
-            &cfg,
-            &["cluster", "stop", "--dir", dir.to_str().expect("utf8")],
-        )
+    let guard = StopOnDrop {
+        cfg: cfg.clone(),
+        dir: dir.clone(),
     };
+    let stop = || guard.stop();
     if !out.status.success() {
-        stop();
         panic!("launch failed: {}\n{text}", stderr(&out));
     }
     assert_eq!(text.matches("HEALTHY").count(), 3, "{text}");
@@ -137,4 +160,59 @@ fn launch_three_nodes_then_stop() {
     );
     let out = metroctl(&cfg, &["node", "list"]);
     assert!(!out.status.success(), "the nodes still answer after stop");
+
+    launch_ha_makes_three_consensus_members();
+}
+
+/// `cluster launch --ha`: bootstrapped on etcd, three voting consensus
+/// members, shown by `cluster status`. (Launched clusters pick the first
+/// free 127.0.0.x addresses, so launch tests run one after another, in one
+/// test.)
+fn launch_ha_makes_three_consensus_members() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("metroctl");
+    let dir = tmp.path().join("cluster");
+    let dir_arg = dir.to_str().expect("utf8");
+    let refused = metroctl(
+        &cfg,
+        &[
+            "cluster", "launch", "--nodes", "2", "--ha", "--dir", dir_arg,
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--nodes 3"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let _guard = StopOnDrop {
+        cfg: cfg.clone(),
+        dir: dir.clone(),
+    };
+    let out = metroctl(
+        &cfg,
+        &[
+            "cluster", "launch", "--nodes", "4", "--ha", "--dir", dir_arg,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "launch --ha: {}\n{}",
+        stderr(&out),
+        stdout(&out)
+    );
+    let text = stdout(&out);
+    assert_eq!(text.matches("ConsensusMember").count(), 3, "{text}");
+
+    let status = metroctl(&cfg, &["cluster", "status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let text = stdout(&status);
+    assert!(text.contains("Consensus store  etcd"), "{text}");
+    assert_eq!(text.matches(" voter").count(), 3, "{text}");
+    assert!(text.contains("raft leader"), "{text}");
+    let json = metroctl(&cfg, &["cluster", "status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("json");
+    assert_eq!(v["backend"], "BACKEND_ETCD", "{v}");
+    assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{v}");
 }

@@ -8,10 +8,11 @@
 //! permissions; they read the established [`Caller`] from the request
 //! extensions when they need to know who called (e.g. a node acting on itself).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -117,6 +118,43 @@ pub trait Authorizer: Send + Sync + 'static {
 struct Shared {
     ca_der: Vec<u8>,
     authorizer: Arc<dyn Authorizer>,
+    verified: Verified,
+}
+
+/// Certificates recently found to chain to the CA, so that a client making
+/// many calls on one connection (an operator, a node) is not parsed and
+/// signature-checked again on every call.
+const VERIFIED_CAPACITY: usize = 64;
+
+/// That a given DER certificate was signed by the CA never changes (the CA is
+/// fixed for the layer's lifetime), so this caches only that fact and the
+/// principal the certificate names. Everything that can change is still
+/// decided per call: validity times here, and whether the principal may still
+/// act (removed nodes and identities) by the [`Authorizer`].
+#[derive(Default)]
+struct Verified {
+    /// Oldest first; looked up by the whole DER, not a digest of it.
+    entries: Mutex<VecDeque<(Arc<Certificate>, Principal)>>,
+}
+
+impl Verified {
+    fn get(&self, der: &[u8], now: time::OffsetDateTime) -> Option<(Arc<Certificate>, Principal)> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (cert, principal) = entries.iter().find(|(c, _)| c.der == der)?;
+        // Outside its validity the slow path refuses it with the reason.
+        (cert.not_before <= now && now <= cert.not_after).then(|| (cert.clone(), principal.clone()))
+    }
+
+    fn insert(&self, cert: Arc<Certificate>, principal: Principal) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.iter().any(|(c, _)| c.der == cert.der) {
+            return;
+        }
+        if entries.len() >= VERIFIED_CAPACITY {
+            entries.pop_front();
+        }
+        entries.push_back((cert, principal));
+    }
 }
 
 /// The tower layer; add it with `Server::builder().layer(..)`.
@@ -128,7 +166,11 @@ pub struct AuthLayer {
 impl AuthLayer {
     pub fn new(ca_der: Vec<u8>, authorizer: Arc<dyn Authorizer>) -> Self {
         AuthLayer {
-            shared: Arc::new(Shared { ca_der, authorizer }),
+            shared: Arc::new(Shared {
+                ca_der,
+                authorizer,
+                verified: Verified::default(),
+            }),
         }
     }
 }
@@ -194,23 +236,27 @@ where
 async fn check(shared: &Shared, path: &str, leaf: Option<&[u8]>) -> Result<Caller, Status> {
     let method = authorization::lookup(path)
         .ok_or_else(|| Status::unimplemented(format!("unknown method {path}")))?;
-    let certificate = match leaf {
-        Some(der) => Some(Arc::new(
-            metropolis_identity::parse_certificate(der).map_err(|e| {
+    let now = time::OffsetDateTime::now_utc();
+    let cached = leaf.and_then(|der| shared.verified.get(der, now));
+    let (certificate, principal) = match (cached, leaf) {
+        (Some((cert, principal)), _) => (Some(cert), Some(principal)),
+        (None, Some(der)) => {
+            let cert = Arc::new(metropolis_identity::parse_certificate(der).map_err(|e| {
                 Status::unauthenticated(format!("client certificate could not be parsed: {e}"))
-            })?,
-        )),
-        None => None,
-    };
-    let principal = match &certificate {
-        Some(cert) => match authenticate(&shared.ca_der, cert) {
-            Ok(p) => Some(p),
-            // A certificate the cluster did not issue is still useful to
-            // unauthenticated methods (proof of key possession).
-            Err(_) if method.allow_unauthenticated => None,
-            Err(status) => return Err(status),
-        },
-        None => None,
+            })?);
+            let principal = match authenticate_at(&shared.ca_der, &cert, now) {
+                Ok(p) => {
+                    shared.verified.insert(cert.clone(), p.clone());
+                    Some(p)
+                }
+                // A certificate the cluster did not issue is still useful to
+                // unauthenticated methods (proof of key possession).
+                Err(_) if method.allow_unauthenticated => None,
+                Err(status) => return Err(status),
+            };
+            (Some(cert), principal)
+        }
+        (None, None) => (None, None),
     };
     if method.allow_unauthenticated {
         return Ok(Caller {
@@ -235,14 +281,20 @@ async fn check(shared: &Shared, path: &str, leaf: Option<&[u8]>) -> Result<Calle
 /// Establishes who holds `cert`: it must chain to the cluster CA and be a node
 /// or a user certificate.
 pub fn authenticate(ca_der: &[u8], cert: &Certificate) -> Result<Principal, Status> {
-    metropolis_identity::verify_signed_by(cert, ca_der, time::OffsetDateTime::now_utc()).map_err(
-        |e| {
-            Status::unauthenticated(format!(
-                "client certificate {:?} is not valid for this cluster: {e}",
-                cert.common_name
-            ))
-        },
-    )?;
+    authenticate_at(ca_der, cert, time::OffsetDateTime::now_utc())
+}
+
+fn authenticate_at(
+    ca_der: &[u8],
+    cert: &Certificate,
+    now: time::OffsetDateTime,
+) -> Result<Principal, Status> {
+    metropolis_identity::verify_signed_by(cert, ca_der, now).map_err(|e| {
+        Status::unauthenticated(format!(
+            "client certificate {:?} is not valid for this cluster: {e}",
+            cert.common_name
+        ))
+    })?;
     if cert.is_node_certificate() {
         Ok(Principal::Node {
             id: cert.common_name.clone(),
@@ -317,5 +369,90 @@ mod tests {
             err.message()
         );
         assert!(authorize(m, &who, Permissions::ALL).is_ok());
+    }
+
+    /// Counts the authorizer's calls, and refuses once told to: a cached
+    /// certificate must not bypass it.
+    #[derive(Default)]
+    struct Counting {
+        calls: std::sync::atomic::AtomicUsize,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl Authorizer for Counting {
+        async fn permissions(&self, _: &Principal) -> Result<Permissions, Status> {
+            use std::sync::atomic::Ordering;
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.refuse.load(Ordering::SeqCst) {
+                Err(Status::permission_denied("removed"))
+            } else {
+                Ok(Permissions::ALL)
+            }
+        }
+    }
+
+    #[test]
+    fn verified_certificates_are_cached_but_authorized_per_call() {
+        use std::sync::atomic::Ordering;
+        let ca = metropolis_identity::CertificateAuthority::generate().expect("ca");
+        let key = metropolis_identity::generate_key();
+        let der = ca
+            .issue_user_certificate("alice", &key.verifying_key().to_bytes())
+            .expect("cert");
+        let authorizer = Arc::new(Counting::default());
+        let shared = Shared {
+            ca_der: ca.cert_der().to_vec(),
+            authorizer: authorizer.clone(),
+            verified: Verified::default(),
+        };
+        let path = "/metropolis.proto.api.Management/DeleteNode";
+        for _ in 0..3 {
+            let caller =
+                futures::executor::block_on(check(&shared, path, Some(&der))).expect("allowed");
+            assert!(
+                matches!(caller.principal, Some(Principal::User { ref name, .. }) if name == "alice")
+            );
+        }
+        assert_eq!(shared.verified.entries.lock().expect("lock").len(), 1);
+        assert_eq!(authorizer.calls.load(Ordering::SeqCst), 3);
+        authorizer.refuse.store(true, Ordering::SeqCst);
+        let err = futures::executor::block_on(check(&shared, path, Some(&der)))
+            .expect_err("refused at once");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn cached_certificates_expire() {
+        let ca = metropolis_identity::CertificateAuthority::generate().expect("ca");
+        let other = metropolis_identity::CertificateAuthority::generate().expect("other ca");
+        let key = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
+        let now = time::OffsetDateTime::now_utc();
+        let der = ca
+            .issue_user_certificate_with_validity(
+                "bob",
+                &key,
+                now - time::Duration::hours(2),
+                now + time::Duration::seconds(1),
+            )
+            .expect("cert");
+        let shared = Shared {
+            ca_der: ca.cert_der().to_vec(),
+            authorizer: Arc::new(Counting::default()),
+            verified: Verified::default(),
+        };
+        let path = "/metropolis.proto.api.Management/DeleteNode";
+        futures::executor::block_on(check(&shared, path, Some(&der))).expect("valid now");
+        assert!(shared.verified.get(&der, now).is_some());
+        let later = now + time::Duration::minutes(1);
+        assert!(shared.verified.get(&der, later).is_none(), "expired");
+        // A certificate of another CA is never found, whatever the cache holds.
+        let foreign = other.issue_user_certificate("bob", &key).expect("cert");
+        assert!(shared.verified.get(&foreign, now).is_none());
+        let err = futures::executor::block_on(check(&shared, path, Some(&foreign)))
+            .expect_err("other CA");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 }

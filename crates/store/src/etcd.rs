@@ -182,8 +182,14 @@ impl EtcdStore {
     }
 
     fn client(&self) -> Client {
-        // Cheap: clones share the underlying channel.
+        // Clones share the underlying channel, but a whole `Client` is eight
+        // service clients (each with its own auth caller): the key-value and
+        // watch paths, which run per curator call, clone only theirs below.
         self.client.clone()
+    }
+
+    fn kv(&self) -> etcd_client::KvClient {
+        self.client.kv_client()
     }
 }
 
@@ -194,14 +200,14 @@ impl Store for EtcdStore {
         if key.is_empty() {
             return Ok(None);
         }
-        let resp = self.client().get(key, None).await.map_err(map_err)?;
+        let resp = self.kv().get(key, None).await.map_err(map_err)?;
         Ok(resp.0.kvs.into_iter().next().map(convert_kv))
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<RangeResponse, StoreError> {
         let (key, end) = prefix_range(prefix);
         let resp = self
-            .client()
+            .kv()
             .get(key, Some(GetOptions::new().with_range(end)))
             .await
             .map_err(map_err)?;
@@ -225,11 +231,18 @@ impl Store for EtcdStore {
                 Op::Put { lease, .. } if *lease != 0 => Some(*lease),
                 _ => None,
             });
+        // The transaction is consumed: keys and values move into the request
+        // rather than being copied.
         let request = etcd_client::Txn::new()
-            .when(txn.compares.iter().map(convert_compare).collect::<Vec<_>>())
-            .and_then(txn.success.iter().map(convert_op).collect::<Vec<_>>())
-            .or_else(txn.failure.iter().map(convert_op).collect::<Vec<_>>());
-        let resp = match self.client().txn(request).await {
+            .when(
+                txn.compares
+                    .into_iter()
+                    .map(convert_compare)
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(txn.success.into_iter().map(convert_op).collect::<Vec<_>>())
+            .or_else(txn.failure.into_iter().map(convert_op).collect::<Vec<_>>());
+        let resp = match self.kv().txn(request).await {
             Ok(resp) => resp.0,
             Err(e) if is_lease_not_found(&e) => {
                 return Err(StoreError::LeaseNotFound(leased.unwrap_or_default()));
@@ -273,7 +286,8 @@ impl Store for EtcdStore {
             options = options.with_start_revision(start_revision);
         }
         let stream = self
-            .client()
+            .client
+            .watch_client()
             .watch(key, Some(options))
             .await
             .map_err(map_err)?;
@@ -341,7 +355,7 @@ impl Store for EtcdStore {
     async fn revision(&self) -> Result<i64, StoreError> {
         // A count-only read of one key: the header carries the store revision.
         let resp = self
-            .client()
+            .kv()
             .get(vec![0u8], Some(GetOptions::new().with_count_only()))
             .await
             .map_err(map_err)?;
@@ -638,38 +652,38 @@ fn convert_kv(kv: PbKeyValue) -> KeyValue {
     }
 }
 
-fn convert_compare(c: &Compare) -> etcd_client::Compare {
+fn convert_compare(c: Compare) -> etcd_client::Compare {
     let op = match c.op {
         CompareOp::Equal => etcd_client::CompareOp::Equal,
         CompareOp::NotEqual => etcd_client::CompareOp::NotEqual,
         CompareOp::Greater => etcd_client::CompareOp::Greater,
         CompareOp::Less => etcd_client::CompareOp::Less,
     };
-    let key = c.key.clone();
-    match &c.target {
+    let key = c.key;
+    match c.target {
         // etcd fails a value compare on a missing key whatever the operator,
         // which is what the trait specifies.
-        CompareTarget::Value(v) => etcd_client::Compare::value(key, op, v.clone()),
-        CompareTarget::CreateRevision(r) => etcd_client::Compare::create_revision(key, op, *r),
-        CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(key, op, *r),
-        CompareTarget::Version(v) => etcd_client::Compare::version(key, op, *v),
+        CompareTarget::Value(v) => etcd_client::Compare::value(key, op, v),
+        CompareTarget::CreateRevision(r) => etcd_client::Compare::create_revision(key, op, r),
+        CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(key, op, r),
+        CompareTarget::Version(v) => etcd_client::Compare::version(key, op, v),
     }
 }
 
-fn convert_op(op: &Op) -> etcd_client::TxnOp {
+fn convert_op(op: Op) -> etcd_client::TxnOp {
     match op {
         Op::Put { key, value, lease } => {
-            let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
-            etcd_client::TxnOp::put(key.clone(), value.clone(), options)
+            let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            etcd_client::TxnOp::put(key, value, options)
         }
-        Op::Delete { key } => etcd_client::TxnOp::delete(key.clone(), None),
+        Op::Delete { key } => etcd_client::TxnOp::delete(key, None),
         Op::DeletePrefix { prefix } => {
-            let (key, end) = prefix_range(prefix);
+            let (key, end) = prefix_range(&prefix);
             etcd_client::TxnOp::delete(key, Some(DeleteOptions::new().with_range(end)))
         }
-        Op::Get { key } => etcd_client::TxnOp::get(key.clone(), None),
+        Op::Get { key } => etcd_client::TxnOp::get(key, None),
         Op::GetPrefix { prefix } => {
-            let (key, end) = prefix_range(prefix);
+            let (key, end) = prefix_range(&prefix);
             etcd_client::TxnOp::get(key, Some(GetOptions::new().with_range(end)))
         }
     }
