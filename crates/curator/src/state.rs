@@ -235,6 +235,59 @@ pub struct Cluster {
     /// ticket (the transaction compares it), and one that does not match it
     /// reads the store again.
     ticket: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Node records as this curator last wrote them (see [`RecentNodes`]).
+    recent: std::sync::Mutex<RecentNodes>,
+}
+
+/// Node records this curator wrote recently, with the revision each was
+/// written at: a node's next change (approval after registration, commit
+/// after approval) usually follows within moments, and starting from the
+/// record just written spares it a store read.
+///
+/// Only ever a starting point for a compare-and-swap. A write based on a
+/// remembered record compares the key's mod revision with the remembered one,
+/// so it commits only if the stored record is still exactly that one; any
+/// other outcome (a refusal, nothing to change) is decided again on a fresh
+/// read. Bounded; the oldest entries go first.
+#[derive(Default)]
+struct RecentNodes {
+    records: std::collections::HashMap<String, (private::Node, i64)>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Enough for every registration in flight (one per connection) several
+/// times over; a few hundred KiB at most.
+const RECENT_NODES: usize = 1024;
+
+impl RecentNodes {
+    fn get(&self, id: &str) -> Option<(private::Node, i64)> {
+        self.records.get(id).cloned()
+    }
+
+    fn insert(&mut self, id: &str, node: private::Node, mod_revision: i64) {
+        if self
+            .records
+            .insert(id.to_string(), (node, mod_revision))
+            .is_none()
+        {
+            self.order.push_back(id.to_string());
+        }
+        while self.records.len() > RECENT_NODES {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.records.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        // The id stays in `order` until it comes up; removing a missing key
+        // then is harmless, and re-inserting it meanwhile only makes it go a
+        // little early.
+        self.records.remove(id);
+    }
 }
 
 impl Cluster {
@@ -258,6 +311,7 @@ impl Cluster {
             node_id: None,
             owner_key: std::sync::OnceLock::new(),
             ticket: std::sync::Mutex::new(None),
+            recent: std::sync::Mutex::new(RecentNodes::default()),
         }))
     }
 
@@ -288,6 +342,13 @@ impl Cluster {
     /// `key_revision` exists (this curator leads).
     pub fn set_fence(&self, key_revision: i64) {
         *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_revision);
+        // Another leader may have written in between; remembered records
+        // would only cost failed transactions.
+        *self.recent_nodes() = RecentNodes::default();
+    }
+
+    fn recent_nodes(&self) -> std::sync::MutexGuard<'_, RecentNodes> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fence(&self) -> Option<i64> {
@@ -565,22 +626,42 @@ impl Cluster {
         id: &str,
         mut f: impl FnMut(&mut private::Node) -> Result<Change<T>, CuratorError>,
     ) -> Result<T, CuratorError> {
+        let key = node_key(id);
+        let mut remembered = self.recent_nodes().get(id);
         for _ in 0..CAS_ATTEMPTS {
-            let entry = self
-                .node(id)
-                .await?
-                .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
-            let mut node = entry.node;
-            let out = match f(&mut node)? {
-                Change::Keep(out) => return Ok(out),
-                Change::Write(out) => out,
+            let from_memory = remembered.is_some();
+            let (mut node, mod_revision) = match remembered.take() {
+                Some(r) => r,
+                None => {
+                    let entry = self
+                        .node(id)
+                        .await?
+                        .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+                    (entry.node, entry.mod_revision)
+                }
             };
-            let key = node_key(id);
+            let out = match f(&mut node) {
+                Ok(Change::Write(out)) => out,
+                // Only a write is checked against the store (by the compare
+                // below); a refusal or a no-op decided on a remembered record
+                // is decided again on what the store holds now.
+                _ if from_memory => continue,
+                Ok(Change::Keep(out)) => return Ok(out),
+                Err(e) => return Err(e),
+            };
             let txn = Txn::new()
-                .when(Compare::mod_revision(key.clone(), entry.mod_revision))
-                .and_then(Op::put(key, node.encode_to_vec()));
-            if self.commit(txn).await?.succeeded {
-                return Ok(out);
+                .when(Compare::mod_revision(key.clone(), mod_revision))
+                .and_then(Op::put(key.clone(), node.encode_to_vec()));
+            match self.commit(txn).await {
+                Ok(resp) if resp.succeeded => {
+                    self.recent_nodes().insert(id, node, resp.revision);
+                    return Ok(out);
+                }
+                Ok(_) => self.recent_nodes().remove(id),
+                Err(e) => {
+                    self.recent_nodes().remove(id);
+                    return Err(e);
+                }
             }
         }
         Err(CuratorError::Internal(format!(
@@ -639,6 +720,7 @@ impl Cluster {
             .or_else(Op::get(KEY_TICKET));
         let resp = self.commit(txn).await?;
         if resp.succeeded {
+            self.recent_nodes().insert(&id, node, resp.revision);
             return Ok(id);
         }
         let mut found = resp.results.into_iter().map(|r| match r {
@@ -913,6 +995,85 @@ mod register_tests {
         c.register_node(other, &t2, NodeLabels::default())
             .await
             .expect("new ticket works");
+    }
+
+    /// Writes behind the curator's back (another leader, an operator with
+    /// etcdctl): what the curator remembers must never decide on its own.
+    #[tokio::test]
+    async fn remembered_records_and_ticket_are_only_guesses() {
+        let (_d, c) = cluster().await;
+        let put = |key: String, value: Vec<u8>| {
+            let store = c.store().clone();
+            async move {
+                store
+                    .txn(Txn::new().and_then(Op::put(key, value)))
+                    .await
+                    .expect("direct write");
+            }
+        };
+        let ticket = c.register_ticket().await.expect("ticket");
+        let register = |ticket: Vec<u8>| {
+            let c = c.clone();
+            async move {
+                let key = metropolis_identity::generate_key()
+                    .verifying_key()
+                    .to_bytes();
+                let r = c.register_node(key, &ticket, NodeLabels::default()).await;
+                (key, r)
+            }
+        };
+
+        // Decommissioned behind our back: approving must see it.
+        let (_, id) = register(ticket.clone()).await;
+        let id = id.expect("register");
+        let mut node = c.node(&id).await.expect("read").expect("node").node;
+        node.state = NodeState::Decommissioned as i32;
+        put(node_key(&id), node.encode_to_vec()).await;
+        assert!(matches!(
+            c.approve_node(&id).await,
+            Err(CuratorError::FailedPrecondition(_))
+        ));
+
+        // Labelled behind our back: approving keeps the label.
+        let (key, id) = register(ticket.clone()).await;
+        let id = id.expect("register");
+        let mut node = c.node(&id).await.expect("read").expect("node").node;
+        node.labels = Some(NodeLabels {
+            pairs: vec![metropolis_api::common::node_labels::Pair {
+                key: "k".into(),
+                value: "v".into(),
+            }],
+        });
+        put(node_key(&id), node.encode_to_vec()).await;
+        c.approve_node(&id).await.expect("approve");
+        c.commit_node(key).await.expect("commit");
+        let node = c.node(&id).await.expect("read").expect("node").node;
+        assert_eq!(node.state, NodeState::Up as i32);
+        assert_eq!(node.labels.map(|l| l.pairs.len()), Some(1));
+
+        // A ticket regenerated behind our back: the old one stops working,
+        // the new one works at once.
+        let t2 = random_ticket();
+        put(KEY_TICKET.into(), t2.clone()).await;
+        let (_, r) = register(ticket.clone()).await;
+        assert!(
+            matches!(r, Err(CuratorError::PermissionDenied(ref m)) if m.contains("regenerated")),
+            "{r:?}"
+        );
+        register(t2.clone()).await.1.expect("new ticket");
+
+        // A tombstone written after the ticket was remembered still refuses.
+        let key = metropolis_identity::generate_key()
+            .verifying_key()
+            .to_bytes();
+        let id = metropolis_identity::node_id(&key);
+        put(tombstone_key(&id), key.to_vec()).await;
+        let r = c.register_node(key, &t2, NodeLabels::default()).await;
+        assert!(
+            matches!(r, Err(CuratorError::PermissionDenied(ref m)) if m.contains("removed")),
+            "{r:?}"
+        );
+        assert!(c.node(&id).await.expect("read").is_none());
     }
 
     #[tokio::test]
@@ -1240,10 +1401,12 @@ impl Cluster {
         live: &dyn Liveness,
     ) -> Result<(), CuratorError> {
         for _ in 0..CAS_ATTEMPTS {
-            let all = self.nodes().await?;
-            let entry = all
-                .iter()
-                .find(|e| e.id == id)
+            // One key; the other nodes are read only when the consensus
+            // rules need them (every node, in a large cluster, is a lot to
+            // read for a worker role).
+            let entry = &self
+                .node(id)
+                .await?
                 .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
             let mut node = entry.node.clone();
             if change.adds_any() && node.state != NodeState::Up as i32 {
@@ -1289,6 +1452,9 @@ impl Cluster {
             let key = node_key(id);
             let mut txn = Txn::new().when(Compare::mod_revision(key.clone(), entry.mod_revision));
             if losing_consensus {
+                // Read after the node itself; the transaction compares every
+                // revision read, so the order does not matter.
+                let all = self.nodes().await?;
                 let others: Vec<&NodeEntry> = all
                     .iter()
                     .filter(|e| e.id != id && is_consensus_member(&e.node))
@@ -1307,7 +1473,11 @@ impl Cluster {
                 self.retire_consensus_member(entry, live).await?;
             }
             let txn = txn.and_then(Op::put(key, node.encode_to_vec()));
-            if self.commit(txn).await?.succeeded {
+            // Whatever the outcome, a remembered record of this node is
+            // stale now (it would only cost update_node a failed attempt).
+            let committed = self.commit(txn).await;
+            self.recent_nodes().remove(id);
+            if committed?.succeeded {
                 return Ok(());
             }
         }
@@ -1367,10 +1537,9 @@ impl Cluster {
         bypass_state: bool,
         live: &dyn Liveness,
     ) -> Result<(), CuratorError> {
-        let all = self.nodes().await?;
-        let entry = all
-            .iter()
-            .find(|e| e.id == id)
+        let entry = &self
+            .node(id)
+            .await?
             .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
         if has_roles(&entry.node) && !bypass_roles {
             return Err(CuratorError::FailedPrecondition(format!(
@@ -1385,6 +1554,8 @@ impl Cluster {
         }
         let mut txn = Txn::new().when(Compare::mod_revision(node_key(id), entry.mod_revision));
         if is_consensus_member(&entry.node) {
+            // Only now every node: see update_roles.
+            let all = self.nodes().await?;
             let others: Vec<&NodeEntry> = all
                 .iter()
                 .filter(|e| e.id != id && is_consensus_member(&e.node))
@@ -1403,7 +1574,9 @@ impl Cluster {
         let txn = txn
             .and_then(Op::delete(node_key(id)))
             .and_then(Op::put(tombstone_key(id), entry.node.public_key.clone()));
-        if !self.commit(txn).await?.succeeded {
+        let committed = self.commit(txn).await;
+        self.recent_nodes().remove(id);
+        if !committed?.succeeded {
             return Err(CuratorError::FailedPrecondition(format!(
                 "node {id} or the consensus members changed while deleting; retry"
             )));
