@@ -97,6 +97,9 @@ pub struct AuditLog {
     appended: AtomicU64,
     /// Set while a trim runs, so that trims never pile up.
     trimming: AtomicBool,
+    /// A trim came due; the running trim (if any) goes round once more
+    /// rather than let it drop.
+    trim_due: AtomicBool,
     /// Records in the store as of the last trim plus appends since (-1:
     /// not known yet). A trim reads the whole prefix, so it only runs when
     /// this says there is something to delete (or on the first append).
@@ -116,6 +119,7 @@ impl AuditLog {
             trim_every: trim_every.max(1),
             appended: AtomicU64::new(0),
             trimming: AtomicBool::new(false),
+            trim_due: AtomicBool::new(false),
             count: AtomicI64::new(-1),
         })
     }
@@ -146,15 +150,27 @@ impl AuditLog {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
         let over = known < 0 || usize::try_from(known + 1).unwrap_or(usize::MAX) > self.retention;
-        if n.is_multiple_of(self.trim_every) && over && !self.trimming.swap(true, Ordering::AcqRel)
-        {
-            let log = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = log.trim().await {
-                    tracing::warn!(error = %e, "trimming the audit log failed; will retry later");
-                }
-                log.trimming.store(false, Ordering::Release);
-            });
+        if n.is_multiple_of(self.trim_every) && over {
+            // Due first, then claim: if a trim is running it sees `trim_due`
+            // when it ends (or its current round already reads this record).
+            self.trim_due.store(true, Ordering::Release);
+            if !self.trimming.swap(true, Ordering::AcqRel) {
+                let log = self.clone();
+                tokio::spawn(async move {
+                    loop {
+                        log.trim_due.store(false, Ordering::Release);
+                        if let Err(e) = log.trim().await {
+                            tracing::warn!(error = %e, "trimming the audit log failed; will retry later");
+                        }
+                        log.trimming.store(false, Ordering::Release);
+                        if !log.trim_due.load(Ordering::Acquire)
+                            || log.trimming.swap(true, Ordering::AcqRel)
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
         }
         Ok(())
     }
