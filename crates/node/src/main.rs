@@ -61,8 +61,32 @@ struct Args {
     etcd_binary: Option<PathBuf>,
 }
 
+impl Args {
+    /// Durations clap accepts but the daemon cannot work with.
+    fn check(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout.is_zero() {
+            return Err(
+                "--heartbeat-interval and --heartbeat-timeout must be longer than zero".into(),
+            );
+        }
+        // etcd leases are whole seconds; a shorter TTL would be rounded up
+        // and the leader would renew it in a busy loop.
+        if self.leader_lease_ttl < Duration::from_secs(1) {
+            return Err(format!(
+                "--leader-lease-ttl must be at least 1s (got {}); the default is 3s",
+                humantime::format_duration(self.leader_lease_ttl)
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.check() {
+        eprintln!("metropolis-node: {e}");
+        return ExitCode::FAILURE;
+    }
     raise_fd_limit();
     // Logs go to stderr and into the log tree that NodeManagement.Logs serves.
     let logs = logtree::LogTree::new();

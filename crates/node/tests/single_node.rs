@@ -382,6 +382,23 @@ fn bad_parameters_exit_with_one_line_and_write_nothing() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--params"), "{}", stderr(&out));
     assert!(!data.exists());
+    // Durations the daemon cannot work with.
+    for (flag, value, expect) in [
+        ("--leader-lease-ttl", "500ms", "at least 1s"),
+        ("--heartbeat-interval", "0s", "longer than zero"),
+    ] {
+        let out = run_node(&[
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--address",
+            "127.0.0.1",
+            flag,
+            value,
+        ]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(expect), "{flag}: {}", stderr(&out));
+        assert!(!data.exists());
+    }
 }
 
 #[tokio::test]
