@@ -27,7 +27,13 @@ pub const PEER_PORT: u16 = 7834;
 
 /// The URL etcd members reach a member at.
 pub fn peer_url(address: IpAddr) -> String {
-    format!("https://{}", SocketAddr::new(address, PEER_PORT))
+    peer_url_on(address, PEER_PORT)
+}
+
+/// [`peer_url`] on another port (tests run several members per address).
+/// SocketAddr's Display brackets IPv6 addresses.
+pub fn peer_url_on(address: IpAddr, port: u16) -> String {
+    format!("https://{}", SocketAddr::new(address, port))
 }
 
 /// Tells whether a node is alive as far as this curator knows: Some(true)
@@ -339,5 +345,9 @@ mod tests {
             "https://127.0.0.2:7834"
         );
         assert_eq!(peer_url("::1".parse().unwrap()), "https://[::1]:7834");
+        assert_eq!(
+            peer_url_on("fd00::1".parse().unwrap(), 1234),
+            "https://[fd00::1]:1234"
+        );
     }
 }

@@ -20,7 +20,8 @@
 //!   returns once etcd accepts connections on [`Etcd::client_socket`], and
 //!   keeps etcd running (restarts with backoff) until [`Etcd::stop`].
 //! - [`find_binary`] locates etcd (`--etcd-binary` or `PATH`);
-//!   [`peer_url`] builds the URLs of [`PeerConfig::initial_cluster`].
+//!   `metropolis_curator::consensus::peer_url_on` builds the URLs of
+//!   [`PeerConfig::initial_cluster`].
 //!
 //! etcd's output (zap JSON on stderr) goes into the log tree under
 //! [`LOG_DN`]; the supervisor's own messages (starts, exits, restarts) are
@@ -65,6 +66,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use backon::{BackoffBuilder, ExponentialBuilder};
+use metropolis_curator::consensus::peer_url_on;
 use metropolis_identity::{SigningKey, cert_to_pem, encode_pkcs8_key_pem};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -125,7 +127,7 @@ pub struct PeerConfig {
     /// `CertificateAuthority::issue_peer_certificate` for `address`.
     pub peer_cert_der: Vec<u8>,
     /// Every member of the cluster as it will be once this one has joined,
-    /// as (name, [`peer_url`]); must contain this node.
+    /// as (name, peer URL); must contain this node.
     pub initial_cluster: Vec<(String, String)>,
     /// `true` to found a new cluster (`--initial-cluster-state new`), `false`
     /// to join an existing one (`existing`; the member must have been added
@@ -159,12 +161,6 @@ struct StoredMember {
     name: String,
     #[prost(string, tag = "2")]
     peer_url: String,
-}
-
-/// The URL etcd peers reach a member at: `https://ip:port`, IPv6 in brackets.
-pub fn peer_url(address: IpAddr, port: u16) -> String {
-    // SocketAddr's Display brackets IPv6 addresses.
-    format!("https://{}", std::net::SocketAddr::new(address, port))
 }
 
 /// Whether [`configure`] has completed in `dir`.
@@ -250,7 +246,7 @@ fn check_config(cfg: &PeerConfig, key: &SigningKey) -> anyhow::Result<()> {
             bail!("invalid peer URL {url:?} for etcd member {name:?}");
         }
     }
-    let own_url = peer_url(cfg.address, cfg.peer_port);
+    let own_url = peer_url_on(cfg.address, cfg.peer_port);
     if !cfg
         .initial_cluster
         .iter()
@@ -356,7 +352,7 @@ fn etcd_args(cfg: &StoredConfig) -> anyhow::Result<Vec<String>> {
     let corrupt = || format!("{CONFIG_FILE} is corrupt");
     let address: IpAddr = cfg.address.parse().with_context(corrupt)?;
     let port = u16::try_from(cfg.peer_port).with_context(corrupt)?;
-    let url = peer_url(address, port);
+    let url = peer_url_on(address, port);
     let members: Vec<(String, String)> = cfg
         .initial_cluster
         .iter()
@@ -1049,7 +1045,7 @@ mod tests {
         }
 
         fn url(&self) -> String {
-            peer_url(self.address, self.port)
+            peer_url_on(self.address, self.port)
         }
 
         fn config(
@@ -1464,7 +1460,7 @@ mod tests {
         cfg.initial_cluster = vec![("other".into(), m.url())];
         assert!(check(&cfg, &m.key).contains("must contain this member"));
         let mut cfg = good.clone();
-        cfg.initial_cluster = vec![(m.name.clone(), peer_url(m.address, m.port ^ 1))];
+        cfg.initial_cluster = vec![(m.name.clone(), peer_url_on(m.address, m.port ^ 1))];
         assert!(check(&cfg, &m.key).contains("must contain this member"));
         let mut cfg = good.clone();
         cfg.initial_cluster
@@ -1483,21 +1479,6 @@ mod tests {
 
         configure(&m.dir, &good, &m.key).unwrap();
         assert!(is_configured(&m.dir));
-    }
-
-    #[test]
-    fn peer_urls() {
-        assert_eq!(
-            peer_url(
-                "10.1.2.3".parse().unwrap(),
-                metropolis_curator::consensus::PEER_PORT
-            ),
-            "https://10.1.2.3:7834"
-        );
-        assert_eq!(
-            peer_url("fd00::1".parse().unwrap(), 1234),
-            "https://[fd00::1]:1234"
-        );
     }
 
     #[test]

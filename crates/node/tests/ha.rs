@@ -39,17 +39,6 @@ const FLAGS: &[&str] = &[
     "2s",
 ];
 
-fn require_etcd() {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "the etcd binary is not on PATH; the HA tests run real etcd servers: install it with \
-         `apt-get install etcd-server` (or run `bash scripts/setup`)"
-    );
-}
-
 /// An owner channel to whichever node leads now, found from any address.
 async fn leader_channel(addrs: &[SocketAddr], owner: &Owner) -> Option<Channel> {
     let tls = metropolis_identity::client_config(
@@ -184,7 +173,8 @@ fn etcd_pid(data_dir: &Path) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
-    require_etcd();
+    // Fails (never skips) without etcd, saying how to install it.
+    metropolis_store::testing::find_etcd();
     let tmp = tempfile::tempdir().expect("tmp");
     // The operator's way: metroctl writes HA bootstrap parameters (and
     // creates the owner key).

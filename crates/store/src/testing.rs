@@ -85,7 +85,8 @@ impl MemberConfig {
     }
 }
 
-fn find_etcd() -> PathBuf {
+/// The etcd binary on PATH; panics, saying how to install it, without one.
+pub fn find_etcd() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join("etcd"))
