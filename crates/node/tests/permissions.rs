@@ -233,6 +233,9 @@ async fn every_method_refuses_every_caller_that_may_not_use_it() {
     let register = tmp.path().join("register.pb");
     fetch_register_params(&mut mgmt, &ca, &register).await;
     let mut doomed = TestNode::spawn(fresh_address(), &tmp.path().join("doomed"), Some(&register));
+    // Bounded waits: a node that cannot start (say, a full disk) must fail
+    // the test with its log, not hang it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let doomed_node = loop {
         let nodes: Vec<Node> = mgmt
             .get_nodes(GetNodesRequest {
@@ -247,6 +250,11 @@ async fn every_method_refuses_every_caller_that_may_not_use_it() {
         if let Some(n) = nodes.into_iter().next() {
             break n;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second node never registered; its log:\n{}",
+            doomed.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     mgmt.approve_node(ApproveNodeRequest {
@@ -254,7 +262,13 @@ async fn every_method_refuses_every_caller_that_may_not_use_it() {
     })
     .await
     .expect("approve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !doomed.data_dir.join("credentials.pb").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the approved node never saved its credentials; its log:\n{}",
+            doomed.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let doomed_creds = node_credentials(&doomed.data_dir);
