@@ -85,6 +85,7 @@ impl ClusterAdmin for ClusterAdminService {
         let owner = self.cluster.owner_public_key().await?;
         let added = identities::add(
             self.cluster.store().as_ref(),
+            self.cluster.fence(),
             owner,
             &req.name,
             &req.public_key,
@@ -123,7 +124,7 @@ impl ClusterAdmin for ClusterAdminService {
     ) -> Result<Response<RemoveIdentityResponse>, Status> {
         let by = who(&request);
         let name = request.into_inner().name;
-        identities::remove(self.cluster.store().as_ref(), &name).await?;
+        identities::remove(self.cluster.store().as_ref(), self.cluster.fence(), &name).await?;
         tracing::info!(%by, identity = %name, "identity removed");
         Ok(Response::new(RemoveIdentityResponse {}))
     }

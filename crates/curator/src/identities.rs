@@ -24,6 +24,7 @@ use prost::Message;
 
 use crate::aaa::OWNER;
 use crate::error::CuratorError;
+use crate::leader::Fence;
 
 pub const IDENTITIES_PREFIX: &str = "/identities/";
 
@@ -161,6 +162,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<private::Identity>, CuratorEr
 /// identity by accident.
 pub async fn add(
     store: &dyn Store,
+    fence: &Fence,
     owner_public_key: [u8; 32],
     name: &str,
     public_key: &[u8],
@@ -201,7 +203,7 @@ pub async fn add(
     let txn = Txn::new()
         .when(Compare::absent(key.clone()))
         .and_then(Op::put(key, identity.encode_to_vec()));
-    if !store.txn(txn).await?.succeeded {
+    if !fence.commit(store, txn).await?.succeeded {
         return Err(CuratorError::AlreadyExists(format!(
             "identity {name:?} already exists; remove it first to change its key or role"
         )));
@@ -210,7 +212,11 @@ pub async fn add(
 }
 
 /// Forgets an identity; its certificates stop working with the next call.
-pub async fn remove(store: &dyn Store, name: &str) -> Result<private::Identity, CuratorError> {
+pub async fn remove(
+    store: &dyn Store,
+    fence: &Fence,
+    name: &str,
+) -> Result<private::Identity, CuratorError> {
     validate_name(name)?;
     if name == OWNER {
         return Err(CuratorError::InvalidArgument(format!(
@@ -230,7 +236,7 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<private::Identity, 
         let txn = Txn::new()
             .when(Compare::mod_revision(key.clone(), kv.mod_revision))
             .and_then(Op::delete(key.clone()));
-        if store.txn(txn).await?.succeeded {
+        if fence.commit(store, txn).await?.succeeded {
             return Ok(identity);
         }
     }
@@ -312,18 +318,95 @@ mod tests {
         assert!(parse_role(99).is_err());
     }
 
+    /// Identities grant access: a curator deposed while adding or removing
+    /// one must not commit it.
+    #[tokio::test]
+    async fn writes_commit_only_under_the_fencing_leadership() {
+        let (_d, s) = store().await;
+        let leader = crate::leader::KEY_LEADER;
+        let claim = s
+            .txn(Txn::new().and_then(Op::put(leader, b"me".to_vec())))
+            .await
+            .expect("claim");
+        assert!(claim.succeeded);
+        let rev = s
+            .get(leader.as_bytes())
+            .await
+            .expect("get")
+            .expect("leader key")
+            .create_revision;
+        let fence = Fence::default();
+        fence.set(rev);
+        add(
+            s.as_ref(),
+            &fence,
+            OWNER_KEY,
+            "bob",
+            &key(),
+            Role::Reader as i32,
+        )
+        .await
+        .expect("add while leading");
+
+        // Deposed: the key is gone (or belongs to a newer leader).
+        s.txn(Txn::new().and_then(Op::delete(leader)))
+            .await
+            .expect("depose");
+        let lost = |r: Result<private::Identity, CuratorError>| {
+            matches!(
+                r,
+                Err(CuratorError::Store(
+                    metropolis_store::StoreError::Unavailable(_)
+                ))
+            )
+        };
+        assert!(lost(
+            add(
+                s.as_ref(),
+                &fence,
+                OWNER_KEY,
+                "eve",
+                &key(),
+                Role::Owner as i32
+            )
+            .await
+        ));
+        assert!(lost(remove(s.as_ref(), &fence, "bob").await));
+        let names: Vec<String> = list(s.as_ref())
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["bob"]);
+    }
+
     #[tokio::test]
     async fn add_get_list_remove() {
         let (_d, s) = store().await;
         let (k1, k2) = (key(), key());
-        let added = add(s.as_ref(), OWNER_KEY, "bob", &k1, Role::Reader as i32)
-            .await
-            .expect("add");
+        let added = add(
+            s.as_ref(),
+            &Fence::default(),
+            OWNER_KEY,
+            "bob",
+            &k1,
+            Role::Reader as i32,
+        )
+        .await
+        .expect("add");
         assert_eq!(added.public_key, k1);
         assert!(added.created_at.is_some());
-        add(s.as_ref(), OWNER_KEY, "alice", &k2, Role::Operator as i32)
-            .await
-            .expect("add");
+        add(
+            s.as_ref(),
+            &Fence::default(),
+            OWNER_KEY,
+            "alice",
+            &k2,
+            Role::Operator as i32,
+        )
+        .await
+        .expect("add");
         let got = get(s.as_ref(), "bob").await.expect("get").expect("bob");
         assert_eq!(got, added);
         let names: Vec<String> = list(s.as_ref())
@@ -335,7 +418,15 @@ mod tests {
         assert_eq!(names, vec!["alice", "bob"]);
 
         // Taken names, reserved names, bad input.
-        let again = add(s.as_ref(), OWNER_KEY, "bob", &key(), Role::Owner as i32).await;
+        let again = add(
+            s.as_ref(),
+            &Fence::default(),
+            OWNER_KEY,
+            "bob",
+            &key(),
+            Role::Owner as i32,
+        )
+        .await;
         assert!(
             matches!(again, Err(CuratorError::AlreadyExists(_))),
             "{again:?}"
@@ -349,7 +440,7 @@ mod tests {
             ("carol", k1.to_vec(), Role::Reader as i32),
             ("carol", OWNER_KEY.to_vec(), Role::Reader as i32),
         ] {
-            let r = add(s.as_ref(), OWNER_KEY, name, &k, role).await;
+            let r = add(s.as_ref(), &Fence::default(), OWNER_KEY, name, &k, role).await;
             assert!(
                 matches!(r, Err(CuratorError::InvalidArgument(_))),
                 "{name} {role}: {r:?}"
@@ -360,7 +451,15 @@ mod tests {
             .map(|b| [b; 32])
             .find(|k| metropolis_identity::VerifyingKey::from_bytes(k).is_err())
             .expect("some byte pattern is not a curve point");
-        let r = add(s.as_ref(), OWNER_KEY, "dave", &not_a_point, 3).await;
+        let r = add(
+            s.as_ref(),
+            &Fence::default(),
+            OWNER_KEY,
+            "dave",
+            &not_a_point,
+            3,
+        )
+        .await;
         assert!(matches!(r, Err(CuratorError::InvalidArgument(_))), "{r:?}");
         assert!(get(s.as_ref(), "owner").await.expect("get").is_none());
         assert!(
@@ -370,24 +469,33 @@ mod tests {
                 .is_none()
         );
 
-        let removed = remove(s.as_ref(), "bob").await.expect("remove");
+        let removed = remove(s.as_ref(), &Fence::default(), "bob")
+            .await
+            .expect("remove");
         assert_eq!(removed.name, "bob");
         assert!(get(s.as_ref(), "bob").await.expect("get").is_none());
         assert!(matches!(
-            remove(s.as_ref(), "bob").await,
+            remove(s.as_ref(), &Fence::default(), "bob").await,
             Err(CuratorError::NotFound(_))
         ));
         assert!(matches!(
-            remove(s.as_ref(), "owner").await,
+            remove(s.as_ref(), &Fence::default(), "owner").await,
             Err(CuratorError::InvalidArgument(_))
         ));
         assert!(matches!(
-            remove(s.as_ref(), "no such/name").await,
+            remove(s.as_ref(), &Fence::default(), "no such/name").await,
             Err(CuratorError::InvalidArgument(_))
         ));
         // The name is free again, for another key.
-        add(s.as_ref(), OWNER_KEY, "bob", &key(), Role::Owner as i32)
-            .await
-            .expect("re-add");
+        add(
+            s.as_ref(),
+            &Fence::default(),
+            OWNER_KEY,
+            "bob",
+            &key(),
+            Role::Owner as i32,
+        )
+        .await
+        .expect("re-add");
     }
 }

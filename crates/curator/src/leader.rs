@@ -12,8 +12,11 @@
 //! - [`LeaderGate`] answers Management, Curator, AAA and ClusterAdmin calls
 //!   with UNAVAILABLE naming the leader whenever this curator does not lead.
 //! - Every write of cluster state carries a compare on the leader key's
-//!   creation revision ([`crate::Cluster::set_fence`]), so a curator that
-//!   lost its lease while a write was in flight cannot commit it.
+//!   creation revision ([`Fence`], set by [`crate::Cluster::set_fence`]), so
+//!   a curator that lost its lease while a write was in flight cannot commit
+//!   it. That covers node state and identities; audit records are not
+//!   fenced, since they record what happened (including a call that failed
+//!   because its curator was deposed) rather than decide anything.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,7 +24,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use metropolis_api::curator::GetCurrentLeaderResponse;
-use metropolis_store::{Compare, EventKind, Op, OpResult, Store, StoreError, Txn};
+use metropolis_store::{
+    Compare, CompareOp, CompareTarget, EventKind, Op, OpResult, Store, StoreError, Txn, TxnResponse,
+};
+
+use crate::error::CuratorError;
 use prost::Message;
 use tokio::sync::watch;
 
@@ -31,6 +38,51 @@ pub const KEY_LEADER: &str = "/curator/leader";
 
 /// Default lease TTL: a dead leader is replaced within about this long.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// The leadership a curator's writes depend on: once set, a write commits
+/// only while the leader key created at that revision exists. Unset (no
+/// leadership yet, or a test), writes are not fenced.
+#[derive(Debug, Default)]
+pub struct Fence(std::sync::Mutex<Option<i64>>);
+
+impl Fence {
+    pub fn set(&self, key_revision: i64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_revision);
+    }
+
+    pub fn get(&self) -> Option<i64> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits `txn` if this curator still leads. A transaction that failed
+    /// because the leadership is gone reads as UNAVAILABLE, so callers can
+    /// tell it from an ordinary compare failure (which they retry).
+    pub async fn commit(&self, store: &dyn Store, txn: Txn) -> Result<TxnResponse, CuratorError> {
+        let fence = self.get();
+        let txn = match fence {
+            Some(rev) => txn.when(Compare {
+                key: KEY_LEADER.as_bytes().to_vec(),
+                op: CompareOp::Equal,
+                target: CompareTarget::CreateRevision(rev),
+            }),
+            None => txn,
+        };
+        let resp = store.txn(txn).await?;
+        if let (false, Some(rev)) = (resp.succeeded, fence) {
+            let held = store
+                .get(KEY_LEADER.as_bytes())
+                .await?
+                .is_some_and(|kv| kv.create_revision == rev);
+            if !held {
+                return Err(CuratorError::Store(StoreError::Unavailable(
+                    "this curator lost the leadership while writing; retry against the new leader"
+                        .into(),
+                )));
+            }
+        }
+        Ok(resp)
+    }
+}
 
 /// Where a curator can be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]

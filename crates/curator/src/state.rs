@@ -24,7 +24,7 @@ use metropolis_api::common::{
 };
 use metropolis_api::private;
 use metropolis_identity::CertificateAuthority;
-use metropolis_store::{Compare, CompareOp, CompareTarget, Consensus, Op, Store, StoreError, Txn};
+use metropolis_store::{Compare, Consensus, Op, Store, Txn};
 use prost::Message;
 use rand::RngCore;
 
@@ -220,7 +220,7 @@ pub struct Cluster {
     ca: CertificateAuthority,
     /// Creation revision of this curator's leader key while it leads: every
     /// write compares it, so a deposed leader cannot commit (see `leader`).
-    fence: std::sync::Mutex<Option<i64>>,
+    fence: crate::leader::Fence,
     /// Membership of the etcd cluster behind `store`; None on the embedded
     /// store, which has exactly one member.
     consensus: Option<Arc<dyn Consensus>>,
@@ -306,7 +306,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             store,
             ca,
-            fence: std::sync::Mutex::new(None),
+            fence: crate::leader::Fence::default(),
             consensus: None,
             node_id: None,
             owner_key: std::sync::OnceLock::new(),
@@ -341,7 +341,7 @@ impl Cluster {
     /// From now on, writes commit only while the leader key created at
     /// `key_revision` exists (this curator leads).
     pub fn set_fence(&self, key_revision: i64) {
-        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_revision);
+        self.fence.set(key_revision);
         // Another leader may have written in between; remembered records
         // would only cost failed transactions.
         *self.recent_nodes() = RecentNodes::default();
@@ -351,8 +351,10 @@ impl Cluster {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn fence(&self) -> Option<i64> {
-        *self.fence.lock().unwrap_or_else(|p| p.into_inner())
+    /// What every write of cluster state is fenced with, for the writers
+    /// outside this type (identities).
+    pub fn fence(&self) -> &crate::leader::Fence {
+        &self.fence
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -370,32 +372,7 @@ impl Cluster {
                 "failpoint curator::store_commit".into(),
             ))
         });
-        let fence = self.fence();
-        let txn = match fence {
-            Some(rev) => txn.when(Compare {
-                key: crate::leader::KEY_LEADER.as_bytes().to_vec(),
-                op: CompareOp::Equal,
-                target: CompareTarget::CreateRevision(rev),
-            }),
-            None => txn,
-        };
-        let resp = self.store.txn(txn).await?;
-        if let (false, Some(rev)) = (resp.succeeded, fence) {
-            // Tell a lost leadership apart from an ordinary CAS conflict,
-            // which the caller retries.
-            let held = self
-                .store
-                .get(crate::leader::KEY_LEADER.as_bytes())
-                .await?
-                .is_some_and(|kv| kv.create_revision == rev);
-            if !held {
-                return Err(CuratorError::Store(StoreError::Unavailable(
-                    "this curator lost the leadership while writing; retry against the new leader"
-                        .into(),
-                )));
-            }
-        }
-        Ok(resp)
+        self.fence.commit(self.store.as_ref(), txn).await
     }
 
     pub fn ca(&self) -> &CertificateAuthority {
