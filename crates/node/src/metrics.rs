@@ -1,5 +1,5 @@
-//! Metrics on port 7840, Prometheus text format over HTTP: nodes by state and
-//! health, RPCs by method and code with latency histograms, heartbeats
+//! Metrics on port 7840, Prometheus text format over HTTP: whether this
+//! curator leads, nodes by state and health (from the leader only), RPCs by method and code with latency histograms, heartbeats
 //! received, store operation latency, process memory.
 
 use std::net::SocketAddr;
@@ -13,7 +13,8 @@ use metropolis_store::{
     KeyValue, LeaseId, RangeResponse, Store, StoreError, Txn, TxnResponse, WatchStream,
 };
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub const METRICS_PORT: u16 = 7840;
@@ -24,6 +25,7 @@ pub struct Metrics {
     rpc_seconds: HistogramVec,
     store_seconds: HistogramVec,
     nodes: IntGaugeVec,
+    leader: IntGauge,
     heartbeats: IntCounter,
     heartbeats_seen: Mutex<u64>,
 }
@@ -58,9 +60,13 @@ impl Metrics {
         let nodes = IntGaugeVec::new(
             Opts::new(
                 "metropolis_nodes",
-                "Nodes in the cluster by state and health (on curator nodes)",
+                "Nodes in the cluster by state and health (on the leading curator's node)",
             ),
             &["state", "health"],
+        )?;
+        let leader = IntGauge::new(
+            "metropolis_curator_leader",
+            "1 if this node's curator leads the cluster, else 0",
         )?;
         let heartbeats = IntCounter::new(
             "metropolis_heartbeats_received_total",
@@ -70,6 +76,7 @@ impl Metrics {
         registry.register(Box::new(rpc_seconds.clone()))?;
         registry.register(Box::new(store_seconds.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(heartbeats.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -80,6 +87,7 @@ impl Metrics {
             rpc_seconds,
             store_seconds,
             nodes,
+            leader,
             heartbeats,
             heartbeats_seen: Mutex::new(0),
         }))
@@ -109,9 +117,18 @@ impl Metrics {
     /// Renders every metric, refreshing the ones computed from cluster state.
     async fn render(&self, cluster: Option<&(Arc<Cluster>, Arc<Heartbeats>)>) -> String {
         if let Some((cluster, heartbeats)) = cluster {
-            match cluster.nodes().await {
+            let leading = heartbeats.is_leading();
+            self.leader.set(i64::from(leading));
+            // Health is the leader's to judge: heartbeats go to the leader
+            // only, so a follower's view would call every node timed out.
+            self.nodes.reset();
+            let nodes = if leading {
+                cluster.nodes().await
+            } else {
+                Ok(Vec::new())
+            };
+            match nodes {
                 Ok(nodes) => {
-                    self.nodes.reset();
                     let now = Instant::now();
                     for e in nodes {
                         let (health, _) = heartbeats.health(&e.id, e.node.state, now);

@@ -417,6 +417,24 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         "{shown}"
     );
 
+    // Node health in metrics comes from the leader only (heartbeats go to
+    // the leader; a follower would call every node timed out).
+    let follower = ids[1..3]
+        .iter()
+        .find(|id| **id != new_leader)
+        .expect("the other member");
+    for (id, leads) in [(&new_leader, true), (follower, false)] {
+        let out = metroctl(&cfg, &["--endpoints", &endpoints, "node", "metrics", id]);
+        assert!(out.status.success(), "metrics: {}", stderr(&out));
+        let text = stdout(&out);
+        let flag = if leads { 1 } else { 0 };
+        assert!(
+            text.contains(&format!("\nmetropolis_curator_leader {flag}\n")),
+            "{id}: {text}"
+        );
+        assert_eq!(text.contains("metropolis_nodes{"), leads, "{id}: {text}");
+    }
+
     // The killed node comes back: it rejoins etcd and the curator pool as a
     // follower.
     let first = TestNode::spawn_with(first.address, &first.data_dir.clone(), None, FLAGS);
