@@ -6,7 +6,10 @@
 //! start etcd: a peer certificate for its address, the CA, and the current
 //! peers. The leader promotes learners to voters once etcd says they have
 //! caught up ([`promote_learners`]). Removing the role removes the etcd
-//! member first, and only if the remaining voters keep a healthy quorum.
+//! member first, and only if the remaining voters keep a healthy quorum. The
+//! leading curator cannot remove its own member (its store would vanish
+//! mid-call): it steps down and answers UNAVAILABLE, and the retried call
+//! reaches a new leader that can.
 //!
 //! On the embedded store there is exactly one member and no way to add
 //! another: such a change is refused with the way to get HA.
@@ -25,6 +28,11 @@ use crate::state::{Cluster, NodeEntry};
 /// Port of etcd's peer traffic on every consensus member.
 pub const PEER_PORT: u16 = 7834;
 
+/// How long a leader that stepped down to have its own member removed stays
+/// out of elections: enough for another member to win and the caller to
+/// retry there. If nobody retries, it campaigns again afterwards.
+const STEP_DOWN_ABSTAIN: Duration = Duration::from_secs(10);
+
 /// The URL etcd members reach a member at.
 pub fn peer_url(address: IpAddr) -> String {
     peer_url_on(address, PEER_PORT)
@@ -41,6 +49,22 @@ pub fn peer_url_on(address: IpAddr, port: u16) -> String {
 /// heartbeat timeout).
 pub trait Liveness: Send + Sync {
     fn is_live(&self, node_id: &str) -> Option<bool>;
+}
+
+/// The node running this curator is alive, whatever its heartbeats say (a
+/// new leader has not heard its own node's yet).
+struct SelfIsLive<'a> {
+    me: Option<&'a str>,
+    others: &'a dyn Liveness,
+}
+
+impl Liveness for SelfIsLive<'_> {
+    fn is_live(&self, node_id: &str) -> Option<bool> {
+        if self.me == Some(node_id) {
+            return Some(true);
+        }
+        self.others.is_live(node_id)
+    }
 }
 
 const EMBEDDED_REFUSAL: &str = "this cluster keeps its state in the embedded store of its single consensus \
@@ -120,27 +144,39 @@ impl Cluster {
         let Some(consensus) = self.consensus() else {
             return Ok(());
         };
-        if self.node_id() == Some(entry.id.as_str()) {
-            return Err(CuratorError::FailedPrecondition(format!(
-                "node {} runs the leading curator, whose store is this etcd member; restart that node \
-                 so that another member leads, then remove its role",
-                entry.id
-            )));
-        }
         let address = entry
             .node
             .status
             .as_ref()
             .and_then(|s| s.external_address.parse::<IpAddr>().ok());
         let members = consensus.members().await?;
-        let Some(target) = members.iter().find(|m| {
+        let target = members.iter().find(|m| {
             m.name == entry.id || address.is_some_and(|a| m.peer_urls.contains(&peer_url(a)))
-        }) else {
+        });
+        if let Some(target) = target
+            && !target.is_learner
+        {
+            let live = SelfIsLive {
+                me: self.node_id(),
+                others: live,
+            };
+            check_quorum_after_removal(&members, target, &live)?;
+        }
+        if self.node_id() == Some(entry.id.as_str()) {
+            // This curator's store is that member: removing it would cut the
+            // ground from under the rest of this call. Hand over instead; the
+            // next leader is another member and can do it.
+            self.step_down().request(STEP_DOWN_ABSTAIN);
+            return Err(CuratorError::Unavailable(format!(
+                "node {} runs the leading curator, whose store is the etcd member to remove: it has \
+                 stepped down so that another consensus member leads; retry, and the new leader \
+                 removes it",
+                entry.id
+            )));
+        }
+        let Some(target) = target else {
             return Ok(());
         };
-        if !target.is_learner {
-            check_quorum_after_removal(&members, target, live)?;
-        }
         consensus.remove(target.id).await?;
         tracing::info!(node = %entry.id, member = target.id, "removed etcd member");
         Ok(())
@@ -215,21 +251,51 @@ fn check_quorum_after_removal(
         .iter()
         .filter(|m| !m.is_learner && m.id != target.id)
         .collect();
+    if remaining.is_empty() {
+        return Err(CuratorError::FailedPrecondition(format!(
+            "removing consensus member {} would leave no voting member: give another node the \
+             ConsensusMember role first, wait until it is a voter (`metroctl cluster status`), then \
+             retry",
+            target.name
+        )));
+    }
     let quorum = remaining.len() / 2 + 1;
+    let label = |m: &Member| {
+        if m.name.is_empty() {
+            m.peer_urls.join(",")
+        } else {
+            m.name.clone()
+        }
+    };
+    let liveness = |m: &Member| match m.name.as_str() {
+        // A member that never started has no node to ask about.
+        "" => Some(false),
+        name => live.is_live(name),
+    };
     let down: Vec<String> = remaining
         .iter()
-        .filter(|m| m.name.is_empty() || live.is_live(&m.name) != Some(true))
-        .map(|m| {
-            if m.name.is_empty() {
-                m.peer_urls.join(",")
-            } else {
-                m.name.clone()
-            }
-        })
+        .filter(|m| liveness(m) != Some(true))
+        .map(|m| label(m))
         .collect();
     let up = remaining.len() - down.len();
     if up >= quorum {
         return Ok(());
+    }
+    let unknown: Vec<String> = remaining
+        .iter()
+        .filter(|m| liveness(m).is_none())
+        .map(|m| label(m))
+        .collect();
+    if up + unknown.len() >= quorum {
+        // Not known yet is not known to be down: a new leader learns within
+        // one heartbeat timeout, so the same call can succeed shortly.
+        return Err(CuratorError::Unavailable(format!(
+            "removing consensus member {} needs {quorum} healthy members to remain, and the health \
+             of {} is not known yet (this curator leads since less than a heartbeat timeout); retry \
+             in a few seconds",
+            target.name,
+            unknown.join(", "),
+        )));
     }
     Err(CuratorError::FailedPrecondition(format!(
         "removing consensus member {} would lose quorum: of the {} members that would remain, {} ({}) {} \
@@ -322,13 +388,26 @@ mod tests {
         );
         // Removing the member that is down is how one repairs that.
         assert!(check_quorum_after_removal(&members, &members[1], &b_down).is_ok());
-        // Unknown health (a fresh leader) counts as not healthy.
+        // Unknown health (a fresh leader): not now, but maybe in a moment.
         let unknown = Live(HashMap::from([
             ("a", Some(true)),
             ("b", None),
             ("c", Some(true)),
         ]));
-        assert!(check_quorum_after_removal(&members, &members[2], &unknown).is_err());
+        let err = check_quorum_after_removal(&members, &members[2], &unknown).expect_err("refused");
+        assert!(
+            matches!(err, CuratorError::Unavailable(ref m) if m.contains("not known yet")),
+            "{err}"
+        );
+        // ... while one known to be down is not worth a retry.
+        let b_down_c_unknown = Live(HashMap::from([
+            ("a", Some(true)),
+            ("b", Some(false)),
+            ("c", None),
+        ]));
+        let err = check_quorum_after_removal(&members, &members[0], &b_down_c_unknown)
+            .expect_err("refused");
+        assert!(matches!(err, CuratorError::FailedPrecondition(_)), "{err}");
         // Learners neither count nor vote.
         let two = [
             member(1, "a", false),
@@ -336,6 +415,9 @@ mod tests {
             member(3, "c", true),
         ];
         assert!(check_quorum_after_removal(&two, &two[1], &all_up).is_ok());
+        // The last voter, with only a learner beside it.
+        let err = check_quorum_after_removal(&two[1..], &two[1], &all_up).expect_err("refused");
+        assert!(err.to_string().contains("no voting member"), "{err}");
     }
 
     #[test]

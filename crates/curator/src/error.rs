@@ -15,6 +15,10 @@ pub enum CuratorError {
     PermissionDenied(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// Nothing was done, and the same call may succeed shortly (for example
+    /// at a new leader).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("cluster state is corrupt: {0}")]
     Corrupt(String),
     #[error("consensus store: {0}")]
@@ -32,6 +36,7 @@ impl From<CuratorError> for Status {
             CuratorError::FailedPrecondition(_) => Status::failed_precondition(msg),
             CuratorError::PermissionDenied(_) => Status::permission_denied(msg),
             CuratorError::AlreadyExists(_) => Status::already_exists(msg),
+            CuratorError::Unavailable(_) => Status::unavailable(msg),
             CuratorError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             CuratorError::Store(StoreError::FailedPrecondition(_)) => {
                 Status::failed_precondition(msg)

@@ -145,9 +145,22 @@ impl Heartbeats {
 
 /// Consensus membership changes ask whether the other members are alive.
 /// They are UP nodes by construction, so health is theirs.
+/// Stricter than nothing, looser than reported health: a beat this leader
+/// received within the timeout proves a node alive even while the contract
+/// still has its health UNKNOWN (the first timeout after taking over).
 impl crate::consensus::Liveness for Heartbeats {
     fn is_live(&self, node_id: &str) -> Option<bool> {
-        match self.health(node_id, NodeState::Up as i32, Instant::now()).0 {
+        let now = Instant::now();
+        let recent = self
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < self.timeout);
+        if recent {
+            return Some(true);
+        }
+        match self.health(node_id, NodeState::Up as i32, now).0 {
             Health::Healthy => Some(true),
             Health::HeartbeatTimeout => Some(false),
             _ => None,
@@ -194,5 +207,23 @@ mod tests {
         );
         hb.forget("a");
         assert_eq!(hb.tracked(), 0);
+    }
+
+    #[test]
+    fn a_fresh_beat_proves_liveness_before_health_is_known() {
+        use crate::consensus::Liveness;
+        let hb = Heartbeats::new(Duration::from_secs(60));
+        hb.start_leading();
+        assert_eq!(hb.is_live("a"), None, "nothing heard yet");
+        hb.beat("a");
+        assert_eq!(hb.is_live("a"), Some(true));
+        // Reported health still follows the contract.
+        assert_eq!(
+            hb.health("a", NodeState::Up as i32, Instant::now()).0,
+            Health::Unknown
+        );
+        // A new leadership forgets it.
+        hb.start_leading();
+        assert_eq!(hb.is_live("a"), None);
     }
 }

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use metropolis_api::curator::GetCurrentLeaderResponse;
 use metropolis_store::{
-    Compare, CompareOp, CompareTarget, EventKind, Op, OpResult, Store, StoreError, Txn, TxnResponse,
+    Compare, CompareOp, CompareTarget, EventKind, KeyValue, Op, OpResult, Store, StoreError, Txn,
+    TxnResponse,
 };
 
 use crate::error::CuratorError;
@@ -81,6 +82,39 @@ impl Fence {
             }
         }
         Ok(resp)
+    }
+}
+
+/// A leader's request to hand leadership to another consensus member: the
+/// leading curator cannot remove its own etcd member (its store would stop
+/// serving halfway through), so it steps down and abstains for a while, and
+/// the member that takes over does the removal when the caller retries.
+#[derive(Debug, Default)]
+pub struct StepDown {
+    until: std::sync::Mutex<Option<Instant>>,
+    requested: tokio::sync::Notify,
+}
+
+impl StepDown {
+    /// Stops leading (if this curator leads) and does not campaign for
+    /// `abstain`.
+    pub fn request(&self, abstain: Duration) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + abstain);
+        // notify_one keeps a permit if the holder is between two waits.
+        self.requested.notify_one();
+    }
+
+    /// Whether this curator stays out of elections right now.
+    pub fn abstaining(&self) -> bool {
+        self.remaining().is_some()
+    }
+
+    /// How much longer this curator abstains from campaigning.
+    fn remaining(&self) -> Option<Duration> {
+        let until = (*self.until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 }
 
@@ -151,9 +185,16 @@ pub fn campaign(
     store: Arc<dyn Store>,
     me: LeaderInfo,
     ttl: Duration,
+    step_down: Arc<StepDown>,
 ) -> (watch::Receiver<Leadership>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Leadership::Unknown);
-    let election = Election { store, me, ttl, tx };
+    let election = Election {
+        store,
+        me,
+        ttl,
+        tx,
+        step_down,
+    };
     let task = tokio::spawn(async move { election.run().await });
     (rx, task)
 }
@@ -163,6 +204,7 @@ struct Election {
     me: LeaderInfo,
     ttl: Duration,
     tx: watch::Sender<Leadership>,
+    step_down: Arc<StepDown>,
 }
 
 impl Election {
@@ -206,6 +248,15 @@ impl Election {
     /// leader key goes away.
     async fn round(&self) -> Result<(), StoreError> {
         let key = KEY_LEADER.as_bytes();
+        if let Some(left) = self.step_down.remaining() {
+            // Abstaining: follow whoever leads, without claiming.
+            let Some(kv) = self.store.get(key).await? else {
+                self.set(Leadership::Unknown);
+                tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                return Ok(());
+            };
+            return self.follow(kv).await;
+        }
         let lease = self.store.grant_lease(self.ttl).await?;
         let claim = Txn::new()
             .when(Compare::absent(key))
@@ -255,8 +306,19 @@ impl Election {
                             .and_then(Op::delete(key)),
                     )
                     .await?;
-                return Ok(());
+                Ok(())
             }
+            _ => self.follow(kv).await,
+        }
+    }
+
+    /// Follows the leader named by `kv` until its key goes away.
+    async fn follow(&self, kv: KeyValue) -> Result<(), StoreError> {
+        let key = KEY_LEADER.as_bytes();
+        match LeaderInfo::decode(&kv.value) {
+            // This curator's own claim, while it abstains: it goes with the
+            // lease.
+            Some(info) if info.node_id == self.me.node_id => self.set(Leadership::Unknown),
             Some(info) => self.set(Leadership::Following(info)),
             None => tracing::warn!("unreadable leader key; waiting for it to expire"),
         }
@@ -284,7 +346,16 @@ impl Election {
         let interval = self.ttl / 3;
         let mut renewed = Instant::now();
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.step_down.requested.notified() => {
+                    if self.step_down.remaining().is_some() {
+                        tracing::info!("stepping down as the curator leader on request");
+                        return;
+                    }
+                    continue;
+                }
+            }
             match self.store.keep_alive(lease).await {
                 Ok(()) => renewed = Instant::now(),
                 Err(StoreError::LeaseNotFound(_)) => {
@@ -420,9 +491,9 @@ mod tests {
     async fn one_leader_and_takeover_after_the_leader_stops() {
         let (_dir, store, _) = crate::state::test_support::store().await;
         let ttl = Duration::from_secs(1);
-        let (mut a, task_a) = campaign(store.clone(), me("a"), ttl);
+        let (mut a, task_a) = campaign(store.clone(), me("a"), ttl, Default::default());
         wait_for(&mut a, Leadership::is_leading).await;
-        let (mut b, task_b) = campaign(store.clone(), me("b"), ttl);
+        let (mut b, task_b) = campaign(store.clone(), me("b"), ttl, Default::default());
         let seen = wait_for(&mut b, |l| matches!(l, Leadership::Following(_))).await;
         assert_eq!(seen, Leadership::Following(me("a")));
         // The leader dies without a word: its lease expires, b takes over.
@@ -432,14 +503,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_leader_that_steps_down_hands_over_and_abstains() {
+        let (_dir, store, _) = crate::state::test_support::store().await;
+        // Long enough that only a handover (not an expiry) can explain b
+        // leading within the test's timeout.
+        let ttl = Duration::from_secs(60);
+        let step_down = Arc::new(StepDown::default());
+        let (mut a, task_a) = campaign(store.clone(), me("a"), ttl, step_down.clone());
+        wait_for(&mut a, Leadership::is_leading).await;
+        let (mut b, task_b) = campaign(store.clone(), me("b"), ttl, Default::default());
+        wait_for(&mut b, |l| matches!(l, Leadership::Following(_))).await;
+
+        step_down.request(Duration::from_millis(500));
+        wait_for(&mut b, Leadership::is_leading).await;
+        let seen = wait_for(&mut a, |l| matches!(l, Leadership::Following(_))).await;
+        assert_eq!(seen, Leadership::Following(me("b")));
+
+        // Abstaining ends, but a leader is there: a keeps following, and
+        // takes over once b is gone.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(*a.borrow(), Leadership::Following(me("b")));
+        task_b.abort();
+        store
+            .txn(Txn::new().and_then(Op::delete(KEY_LEADER)))
+            .await
+            .expect("remove b's claim");
+        wait_for(&mut a, Leadership::is_leading).await;
+        task_a.abort();
+    }
+
+    #[tokio::test]
     async fn a_restarted_node_reclaims_its_own_stale_claim() {
         let (_dir, store, _) = crate::state::test_support::store().await;
         // A long TTL: waiting it out would fail the test's timeout.
         let ttl = Duration::from_secs(60);
-        let (mut first, task) = campaign(store.clone(), me("a"), ttl);
+        let (mut first, task) = campaign(store.clone(), me("a"), ttl, Default::default());
         wait_for(&mut first, Leadership::is_leading).await;
         task.abort();
-        let (mut again, task) = campaign(store, me("a"), ttl);
+        let (mut again, task) = campaign(store, me("a"), ttl, Default::default());
         wait_for(&mut again, Leadership::is_leading).await;
         task.abort();
     }

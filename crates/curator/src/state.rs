@@ -221,6 +221,9 @@ pub struct Cluster {
     /// Creation revision of this curator's leader key while it leads: every
     /// write compares it, so a deposed leader cannot commit (see `leader`).
     fence: crate::leader::Fence,
+    /// Lets code acting for this curator hand leadership to another member
+    /// (see `consensus`); the node's election watches it.
+    step_down: Arc<crate::leader::StepDown>,
     /// Membership of the etcd cluster behind `store`; None on the embedded
     /// store, which has exactly one member.
     consensus: Option<Arc<dyn Consensus>>,
@@ -307,6 +310,7 @@ impl Cluster {
             store,
             ca,
             fence: crate::leader::Fence::default(),
+            step_down: Arc::default(),
             consensus: None,
             node_id: None,
             owner_key: std::sync::OnceLock::new(),
@@ -355,6 +359,11 @@ impl Cluster {
     /// outside this type (identities).
     pub fn fence(&self) -> &crate::leader::Fence {
         &self.fence
+    }
+
+    /// For the election of the curator using this cluster handle.
+    pub fn step_down(&self) -> &Arc<crate::leader::StepDown> {
+        &self.step_down
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -1722,13 +1731,26 @@ mod lifecycle_tests {
                 .any(|m| m.is_learner && m.peer_urls == ["https://127.0.0.9:7834"]),
             "{members:?}"
         );
-        // The leading curator's own member stays.
+        // The leading curator's own member: it steps down (another member
+        // removes it when the call is retried there) and nothing changes.
         let r = c
             .update_roles(first, set(None, None, Some(false)), &ALL_LIVE)
             .await;
         assert!(
-            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("leading curator")),
+            matches!(r, Err(CuratorError::Unavailable(ref m)) if m.contains("stepped down")),
             "{r:?}"
+        );
+        assert!(c.step_down().abstaining());
+        assert!(
+            c.node(first)
+                .await
+                .expect("read")
+                .expect("node")
+                .node
+                .roles
+                .and_then(|r| r.consensus_member)
+                .is_some(),
+            "the role stays until another leader removes the member"
         );
         c.update_roles(id, set(None, Some(false), Some(false)), &ALL_LIVE)
             .await

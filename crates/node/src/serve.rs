@@ -87,8 +87,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             host: cfg.address.to_string(),
             port: CURATOR_PORT,
         };
-        let (rx, election) =
-            leader::campaign(cluster.store().clone(), me.clone(), cfg.leader_lease_ttl);
+        let (rx, election) = leader::campaign(
+            cluster.store().clone(),
+            me.clone(),
+            cfg.leader_lease_ttl,
+            cluster.step_down().clone(),
+        );
         background.push(election);
         background.push(tokio::spawn(follow_leadership(
             rx.clone(),

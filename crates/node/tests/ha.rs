@@ -143,6 +143,32 @@ async fn set_consensus_member(ch: Channel, id: &str, on: bool) -> Result<(), ton
         .map(|_| ())
 }
 
+/// The curator leader as the node behind `ch` sees it.
+async fn leader_seen_by(ch: Channel) -> Option<String> {
+    let l = CuratorLocalClient::new(ch)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .message()
+        .await
+        .ok()??;
+    Some(l.leader_node_id)
+}
+
+/// A former consensus member that settled: no role, no curator, healthy.
+fn a_healthy_plain_node(n: &Node) -> bool {
+    let plain = n
+        .roles
+        .as_ref()
+        .is_none_or(|r| r.consensus_member.is_none());
+    let running_curator = n
+        .status
+        .as_ref()
+        .is_some_and(|s| s.running_curator.is_some());
+    plain && !running_curator && n.health == Health::Healthy as i32
+}
+
 fn by_address<'a>(list: &'a [Node], node: &TestNode) -> Option<&'a Node> {
     list.iter().find(|n| {
         n.status
@@ -332,15 +358,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         |ch| async move {
             let mut m = ManagementClient::new(ch.clone());
             nodes(&mut m).await.ok()?;
-            let l = CuratorLocalClient::new(ch)
-                .get_current_leader(GetCurrentLeaderRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .message()
-                .await
-                .ok()??;
-            Some(l.leader_node_id)
+            leader_seen_by(ch).await
         },
     )
     .await;
@@ -597,19 +615,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
                 let s = consensus(&ch).await.ok()?;
                 let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
                 let n = list.iter().find(|n| n.id == x_id)?;
-                let plain = n
-                    .roles
-                    .as_ref()
-                    .is_none_or(|r| r.consensus_member.is_none());
-                let running_curator = n
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.running_curator.is_some());
-                (s.members.len() == 2
-                    && plain
-                    && !running_curator
-                    && n.health == Health::Healthy as i32)
-                    .then_some(())
+                (s.members.len() == 2 && a_healthy_plain_node(n)).then_some(())
             }
         },
     )
@@ -617,6 +623,57 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     assert!(
         !all[x].data_dir.join("etcd").exists(),
         "the former member removed its etcd data"
+    );
+
+    // The leading curator's own membership: it steps down, and metroctl's
+    // retry reaches the new leader, which removes it.
+    let leader_now = current_leader(all[y].endpoint(), &ca).await.leader_node_id;
+    let l = ids.iter().position(|id| *id == leader_now).expect("leader");
+    let stays = (0..3)
+        .find(|i| *i != x && *i != l)
+        .expect("the other member");
+    let out = metroctl(
+        &cfg,
+        &[
+            "--endpoints",
+            &endpoints,
+            "node",
+            "remove",
+            "role",
+            "ConsensusMember",
+            &leader_now,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "remove the leader's role: {}",
+        stderr(&out)
+    );
+    let (l_id, stays_id) = (ids[l].clone(), ids[stays].clone());
+    eventually(
+        "the other member leading alone, the old leader a plain node",
+        Duration::from_secs(60),
+        &addrs,
+        &owner,
+        |ch| {
+            let (l_id, stays_id) = (l_id.clone(), stays_id.clone());
+            async move {
+                let s = consensus(&ch).await.ok()?;
+                let leader = leader_seen_by(ch.clone()).await?;
+                let list = nodes(&mut ManagementClient::new(ch)).await.ok()?;
+                let n = list.iter().find(|n| n.id == l_id)?;
+                (s.members.len() == 1
+                    && s.members[0].name == stays_id
+                    && leader == stays_id
+                    && a_healthy_plain_node(n))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        !all[l].data_dir.join("etcd").exists(),
+        "the former leader removed its etcd data"
     );
 }
 

@@ -219,8 +219,8 @@ pub enum Role {
 
 /// `metroctl node add|remove role ROLE ID...`.
 pub async fn set_role(ctx: &Ctx, role: Role, on: bool, ids: &[String]) -> anyhow::Result<()> {
+    use backon::{ExponentialBuilder, Retryable};
     use metropolis_api::api::{UpdateNodeRolesRequest, update_node_roles_request};
-    let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
     for id in ids {
         let mut req = UpdateNodeRolesRequest {
             node: Some(update_node_roles_request::Node::Id(id.clone())),
@@ -231,7 +231,33 @@ pub async fn set_role(ctx: &Ctx, role: Role, on: bool, ids: &[String]) -> anyhow
             Role::KubernetesController => req.kubernetes_controller = Some(on),
             Role::KubernetesWorker => req.kubernetes_worker = Some(on),
         }
-        mgmt.update_node_roles(req)
+        // A role change is idempotent, so an UNAVAILABLE answer (nothing
+        // done: the curator leadership moved, e.g. because the leader stepped
+        // down to have its own consensus membership removed) is retried at
+        // whichever curator leads by then.
+        // The first connection fails fast (no credentials, no cluster);
+        // retries connect anew, to the leader of the moment.
+        let first = std::sync::Mutex::new(Some(ctx.owner_channel().await?));
+        let update = || async {
+            let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let channel = match ready {
+                Some(c) => c,
+                None => ctx
+                    .owner_channel()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?,
+            };
+            ManagementClient::new(channel)
+                .update_node_roles(req.clone())
+                .await
+        };
+        update
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(std::time::Duration::from_millis(500))
+                    .with_max_times(4),
+            )
+            .when(|s| s.code() == tonic::Code::Unavailable)
             .await
             .map_err(|s| call_error(&format!("UpdateNodeRoles of {id}"), s))?;
         println!(
