@@ -116,7 +116,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(args, logs)) {
         // Reconfigured consensus membership is turned into a restart by run().
-        Ok(serve::Exit::Stopped | serve::Exit::Consensus(_)) => ExitCode::SUCCESS,
+        Ok(serve::Exit::Stopped | serve::Exit::Consensus(_) | serve::Exit::CuratorReady) => {
+            ExitCode::SUCCESS
+        }
         Ok(serve::Exit::Restart) => {
             drop(runtime);
             restart()
@@ -198,8 +200,20 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             Held::Embedded(open_store(&data).await?)
         } else if consensus::is_configured(&data.etcd_dir()) {
             let etcd = start_etcd(&args, &data, &logs).await?;
-            let store = connect_etcd(&etcd).await?;
-            Held::Etcd { etcd, store }
+            match tokio::time::timeout(ETCD_PATIENCE, connect_etcd(etcd.client_socket())).await {
+                Ok(store) => Held::Etcd {
+                    etcd,
+                    store: store?,
+                },
+                Err(_) => {
+                    tracing::info!(
+                        "this node's etcd member does not serve yet (a new member serves once it has \
+                         caught up and was promoted; a restarted one once its cluster has quorum); \
+                         serving as a plain node until it does"
+                    );
+                    Held::CatchingUp(etcd)
+                }
+            }
         } else {
             Held::Nothing
         };
@@ -251,56 +265,80 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         v["runs_curator"] = (!matches!(held, Held::Nothing)).into();
     }
     let metrics = metrics::Metrics::new()?;
-    let (cluster, etcd) = match held {
-        Held::Nothing => (None, None),
-        Held::Embedded(store) => (Some(Cluster::open(metrics.instrument(store)).await?), None),
-        Held::Etcd { etcd, store } => {
-            let consensus: Arc<dyn metropolis_store::Consensus> = store.clone();
-            let cluster =
-                Cluster::open_replicated(metrics.instrument(store), consensus, creds.node_id())
-                    .await?;
-            (Some(cluster), Some(etcd))
+    let creds = Arc::new(creds);
+    let mut held = held;
+    loop {
+        let mut until_curator = None;
+        let (cluster, etcd) = match held {
+            Held::Nothing => (None, None),
+            Held::Embedded(store) => (Some(Cluster::open(metrics.instrument(store)).await?), None),
+            Held::Etcd { etcd, store } => {
+                let consensus: Arc<dyn metropolis_store::Consensus> = store.clone();
+                let cluster =
+                    Cluster::open_replicated(metrics.instrument(store), consensus, creds.node_id())
+                        .await?;
+                (Some(cluster), Some(etcd))
+            }
+            Held::CatchingUp(etcd) => {
+                let socket = etcd.client_socket();
+                until_curator = Some(Box::pin(async move {
+                    let _ = connect_etcd(socket).await;
+                })
+                    as futures::future::BoxFuture<'static, ()>);
+                (None, Some(etcd))
+            }
+        };
+        // Consensus members ask their own curator first (it leads, or knows
+        // who does); every node then falls back on the cluster directory it
+        // saved.
+        let mut curators = Vec::new();
+        if cluster.is_some() {
+            curators.push(SocketAddr::new(args.address, serve::CURATOR_PORT));
         }
-    };
-    // Consensus members ask their own curator first (it leads, or knows who
-    // does); every node then falls back on the cluster directory it saved.
-    let mut curators = Vec::new();
-    if cluster.is_some() {
-        curators.push(SocketAddr::new(args.address, serve::CURATOR_PORT));
-    }
-    if let Some(dir) = data.directory()? {
-        for e in membership::directory_endpoints(&dir) {
-            if !curators.contains(&e) {
-                curators.push(e);
+        if let Some(dir) = data.directory()? {
+            for e in membership::directory_endpoints(&dir) {
+                if !curators.contains(&e) {
+                    curators.push(e);
+                }
             }
         }
-    }
-    if curators.is_empty() {
-        bail!("this node runs no curator and knows no cluster directory");
-    }
-    let exit = serve::run(serve::Config {
-        address: args.address,
-        creds: Arc::new(creds),
-        cluster,
-        runs_etcd: etcd.is_some(),
-        curators,
-        heartbeat_interval: args.heartbeat_interval,
-        heartbeat_timeout: args.heartbeat_timeout,
-        leader_lease_ttl: args.leader_lease_ttl,
-        data_dir: args.data_dir.clone(),
-        logs,
-        metrics,
-    })
-    .await;
-    if let Some(etcd) = etcd {
-        etcd.stop().await;
-    }
-    match exit? {
-        serve::Exit::Consensus(role) => {
-            reconfigure(&args, &data, role)?;
-            Ok(serve::Exit::Restart)
+        if curators.is_empty() {
+            bail!("this node runs no curator and knows no cluster directory");
         }
-        other => Ok(other),
+        let exit = serve::run(serve::Config {
+            address: args.address,
+            creds: creds.clone(),
+            cluster,
+            runs_etcd: etcd.is_some(),
+            until_curator,
+            curators,
+            heartbeat_interval: args.heartbeat_interval,
+            heartbeat_timeout: args.heartbeat_timeout,
+            leader_lease_ttl: args.leader_lease_ttl,
+            data_dir: args.data_dir.clone(),
+            logs: logs.clone(),
+            metrics: metrics.clone(),
+        })
+        .await;
+        match (exit, etcd) {
+            (Ok(serve::Exit::CuratorReady), Some(etcd)) => {
+                tracing::info!("this node's etcd member serves now; starting its curator");
+                let store = connect_etcd(etcd.client_socket()).await?;
+                held = Held::Etcd { etcd, store };
+            }
+            (exit, etcd) => {
+                if let Some(etcd) = etcd {
+                    etcd.stop().await;
+                }
+                return match exit? {
+                    serve::Exit::Consensus(role) => {
+                        reconfigure(&args, &data, role)?;
+                        Ok(serve::Exit::Restart)
+                    }
+                    other => Ok(other),
+                };
+            }
+        }
     }
 }
 
@@ -312,7 +350,17 @@ enum Held {
         etcd: consensus::Etcd,
         store: Arc<EtcdStore>,
     },
+    /// An etcd member that does not serve clients yet: a learner catching
+    /// up, or a member whose cluster has no quorum. The node serves as a
+    /// plain node meanwhile (reachable, heartbeating, its logs readable)
+    /// and starts its curator once the member serves.
+    CatchingUp(consensus::Etcd),
 }
+
+/// How long a starting consensus member waits for its etcd member before
+/// serving as a plain node until it is ready. A restarted voter of a healthy
+/// cluster serves within about a second.
+const ETCD_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The node gained or lost the ConsensusMember role: set up (or tear down)
 /// its etcd directory; the restart that follows starts the node as what it
@@ -363,11 +411,10 @@ async fn start_etcd(
     consensus::Etcd::start(&data.etcd_dir(), &binary, logs.clone()).await
 }
 
-/// Connects to this node's etcd member. A member that joined as a learner
-/// serves no client requests until the leader promotes it, once it has
-/// caught up: wait for that.
-async fn connect_etcd(etcd: &consensus::Etcd) -> anyhow::Result<Arc<EtcdStore>> {
-    let socket = etcd.client_socket();
+/// Connects to this node's etcd member (at `socket`). A member that joined
+/// as a learner serves no client requests until the leader promotes it, once
+/// it has caught up: wait for that.
+async fn connect_etcd(socket: std::path::PathBuf) -> anyhow::Result<Arc<EtcdStore>> {
     let mut delay = Duration::from_millis(100);
     let mut next_report = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -446,7 +493,7 @@ async fn bootstrap(
             }],
         };
         let etcd = start_etcd(args, data, logs).await?;
-        let store = connect_etcd(&etcd).await?;
+        let store = connect_etcd(etcd.client_socket()).await?;
         (store.clone() as Arc<dyn Store>, Held::Etcd { etcd, store })
     } else {
         data.create_store_dir()?;

@@ -47,8 +47,13 @@ pub struct Config {
     pub creds: Arc<Credentials>,
     /// Set on nodes that hold the consensus store and so run the curator.
     pub cluster: Option<Arc<Cluster>>,
-    /// Whether this node runs etcd (then `cluster` is etcd-backed).
+    /// Whether this node runs etcd (then `cluster` is etcd-backed, or None
+    /// while the member catches up).
     pub runs_etcd: bool,
+    /// While this node's etcd member does not serve yet: resolves when it
+    /// does, and the node stops serving as a plain node (Exit::CuratorReady)
+    /// to start again with its curator.
+    pub until_curator: Option<futures::future::BoxFuture<'static, ()>>,
     /// Where this node's curator client looks for the leader.
     pub curators: Vec<SocketAddr>,
     pub heartbeat_interval: Duration,
@@ -212,7 +217,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     ));
     tracing::info!(node = %node_id, %addr, %mgmt_addr, %metrics_addr, "serving");
 
+    let curator_ready = async {
+        match cfg.until_curator {
+            Some(ready) => ready.await,
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
+        () = curator_ready => Ok(Exit::CuratorReady),
         r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
         r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
         r = &mut metrics_srv => Err(anyhow::anyhow!("the metrics server stopped: {:?}", r)),
@@ -259,6 +271,8 @@ pub enum Exit {
     Stopped,
     /// Start again as a fresh process (Reboot).
     Restart,
+    /// This node's etcd member serves now: serve again, with the curator.
+    CuratorReady,
     /// The node gained (Some) or lost (None) the ConsensusMember role of an
     /// etcd cluster: reconfigure, then start again.
     Consensus(Option<node_roles::ConsensusMember>),

@@ -215,4 +215,55 @@ fn launch_ha_makes_three_consensus_members() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("json");
     assert_eq!(v["backend"], "BACKEND_ETCD", "{v}");
     assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{v}");
+
+    // A member that starts while its etcd cluster has no quorum serves as a
+    // plain node (reachable, its logs readable) and starts its curator once
+    // a second member is back.
+    let out = metroctl(&cfg, &["cluster", "stop", "--dir", dir_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let members: Vec<(std::net::IpAddr, PathBuf)> = (1..=4)
+        .map(|i| dir.join(format!("node{i}")))
+        .filter(|d| d.join("data/etcd").exists())
+        .map(|d| {
+            let address = std::fs::read_to_string(d.join("address")).expect("address file");
+            (address.trim().parse().expect("an IP"), d.join("data"))
+        })
+        .collect();
+    assert_eq!(members.len(), 3, "the launched members' data directories");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let alone = TestNode::spawn(members[0].0, &members[0].1, None);
+    runtime.block_on(alone.wait_serving());
+    wait_for_log(&alone, "serving as a plain node until it does");
+    assert!(!alone.log_text().contains("starting its curator"));
+    let _second = TestNode::spawn(members[1].0, &members[1].1, None);
+    wait_for_log(&alone, "starting its curator");
+    let endpoints = format!("{},{}", members[0].0, members[1].0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = metroctl(&cfg, &["--endpoints", &endpoints, "cluster", "status"]);
+        if status.status.success() {
+            assert_eq!(stdout(&status).matches(" voter").count(), 3);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no curator after quorum returned: {}",
+            stderr(&status)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Waits (at most a minute) for `text` in the node's log.
+fn wait_for_log(node: &TestNode, text: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !node.log_text().contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{text:?} never appeared in the log of {}:\n{}",
+            node.address,
+            node.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
