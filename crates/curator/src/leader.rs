@@ -28,10 +28,10 @@ use metropolis_store::{
     Compare, CompareOp, CompareTarget, EventKind, KeyValue, Op, OpResult, Store, StoreError, Txn,
     TxnResponse,
 };
-
-use crate::error::CuratorError;
 use prost::Message;
 use tokio::sync::watch;
+
+use crate::error::CuratorError;
 
 /// The leader key. Its value is a `GetCurrentLeaderResponse` without
 /// `this_node_id`.

@@ -262,7 +262,6 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         v["phase"] = "member".into();
         v["node_id"] = creds.node_id().into();
         v["ca_fingerprint"] = metropolis_identity::fingerprint_sha256(&creds.ca_certificate).into();
-        v["runs_curator"] = (!matches!(held, Held::Nothing)).into();
     }
     let metrics = metrics::Metrics::new()?;
     let creds = Arc::new(creds);
@@ -288,6 +287,10 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 (None, Some(etcd))
             }
         };
+        #[cfg(feature = "debug")]
+        if let Ok(mut v) = view.lock() {
+            v["runs_curator"] = cluster.is_some().into();
+        }
         // Consensus members ask their own curator first (it leads, or knows
         // who does); every node then falls back on the cluster directory it
         // saved.
