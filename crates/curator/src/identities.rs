@@ -263,6 +263,29 @@ mod tests {
 
     const OWNER_KEY: [u8; 32] = [7; 32];
 
+    /// Writes outside any leadership (no fence set), as most tests need.
+    async fn add_unfenced(
+        s: &dyn Store,
+        name: &str,
+        key: &[u8],
+        role: i32,
+    ) -> Result<private::Identity, CuratorError> {
+        add(s, &Fence::default(), OWNER_KEY, name, key, role).await
+    }
+
+    async fn names_in(s: &dyn Store) -> Vec<String> {
+        list(s)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|i| i.name)
+            .collect()
+    }
+
+    async fn remove_unfenced(s: &dyn Store, name: &str) -> Result<private::Identity, CuratorError> {
+        remove(s, &Fence::default(), name).await
+    }
+
     #[test]
     fn names() {
         for ok in ["a", "alice", "ci-bot.2", "0", "a_b", &"x".repeat(64)] {
@@ -372,12 +395,7 @@ mod tests {
             .await
         ));
         assert!(lost(remove(s.as_ref(), &fence, "bob").await));
-        let names: Vec<String> = list(s.as_ref())
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
+        let names = names_in(s.as_ref()).await;
         assert_eq!(names, ["bob"]);
     }
 
@@ -385,48 +403,21 @@ mod tests {
     async fn add_get_list_remove() {
         let (_d, s) = store().await;
         let (k1, k2) = (key(), key());
-        let added = add(
-            s.as_ref(),
-            &Fence::default(),
-            OWNER_KEY,
-            "bob",
-            &k1,
-            Role::Reader as i32,
-        )
-        .await
-        .expect("add");
+        let added = add_unfenced(s.as_ref(), "bob", &k1, Role::Reader as i32)
+            .await
+            .expect("add");
         assert_eq!(added.public_key, k1);
         assert!(added.created_at.is_some());
-        add(
-            s.as_ref(),
-            &Fence::default(),
-            OWNER_KEY,
-            "alice",
-            &k2,
-            Role::Operator as i32,
-        )
-        .await
-        .expect("add");
+        add_unfenced(s.as_ref(), "alice", &k2, Role::Operator as i32)
+            .await
+            .expect("add");
         let got = get(s.as_ref(), "bob").await.expect("get").expect("bob");
         assert_eq!(got, added);
-        let names: Vec<String> = list(s.as_ref())
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
+        let names = names_in(s.as_ref()).await;
         assert_eq!(names, vec!["alice", "bob"]);
 
         // Taken names, reserved names, bad input.
-        let again = add(
-            s.as_ref(),
-            &Fence::default(),
-            OWNER_KEY,
-            "bob",
-            &key(),
-            Role::Owner as i32,
-        )
-        .await;
+        let again = add_unfenced(s.as_ref(), "bob", &key(), Role::Owner as i32).await;
         assert!(
             matches!(again, Err(CuratorError::AlreadyExists(_))),
             "{again:?}"
@@ -440,7 +431,7 @@ mod tests {
             ("carol", k1.to_vec(), Role::Reader as i32),
             ("carol", OWNER_KEY.to_vec(), Role::Reader as i32),
         ] {
-            let r = add(s.as_ref(), &Fence::default(), OWNER_KEY, name, &k, role).await;
+            let r = add_unfenced(s.as_ref(), name, &k, role).await;
             assert!(
                 matches!(r, Err(CuratorError::InvalidArgument(_))),
                 "{name} {role}: {r:?}"
@@ -451,15 +442,7 @@ mod tests {
             .map(|b| [b; 32])
             .find(|k| metropolis_identity::VerifyingKey::from_bytes(k).is_err())
             .expect("some byte pattern is not a curve point");
-        let r = add(
-            s.as_ref(),
-            &Fence::default(),
-            OWNER_KEY,
-            "dave",
-            &not_a_point,
-            3,
-        )
-        .await;
+        let r = add_unfenced(s.as_ref(), "dave", &not_a_point, 3).await;
         assert!(matches!(r, Err(CuratorError::InvalidArgument(_))), "{r:?}");
         assert!(get(s.as_ref(), "owner").await.expect("get").is_none());
         assert!(
@@ -469,33 +452,24 @@ mod tests {
                 .is_none()
         );
 
-        let removed = remove(s.as_ref(), &Fence::default(), "bob")
-            .await
-            .expect("remove");
+        let removed = remove_unfenced(s.as_ref(), "bob").await.expect("remove");
         assert_eq!(removed.name, "bob");
         assert!(get(s.as_ref(), "bob").await.expect("get").is_none());
         assert!(matches!(
-            remove(s.as_ref(), &Fence::default(), "bob").await,
+            remove_unfenced(s.as_ref(), "bob").await,
             Err(CuratorError::NotFound(_))
         ));
         assert!(matches!(
-            remove(s.as_ref(), &Fence::default(), "owner").await,
+            remove_unfenced(s.as_ref(), "owner").await,
             Err(CuratorError::InvalidArgument(_))
         ));
         assert!(matches!(
-            remove(s.as_ref(), &Fence::default(), "no such/name").await,
+            remove_unfenced(s.as_ref(), "no such/name").await,
             Err(CuratorError::InvalidArgument(_))
         ));
         // The name is free again, for another key.
-        add(
-            s.as_ref(),
-            &Fence::default(),
-            OWNER_KEY,
-            "bob",
-            &key(),
-            Role::Owner as i32,
-        )
-        .await
-        .expect("re-add");
+        add_unfenced(s.as_ref(), "bob", &key(), Role::Owner as i32)
+            .await
+            .expect("re-add");
     }
 }
