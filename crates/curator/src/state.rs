@@ -1705,15 +1705,19 @@ mod lifecycle_tests {
         c.update_roles(id, set(None, None, Some(true)), &ALL_LIVE)
             .await
             .expect("consensus member");
-        let role = c
-            .node(id)
-            .await
-            .expect("r")
-            .expect("n")
-            .node
-            .roles
-            .and_then(|r| r.consensus_member)
-            .expect("role");
+        let consensus_role = |id: String| {
+            let c = &c;
+            async move {
+                c.node(&id)
+                    .await
+                    .expect("read")
+                    .expect("node")
+                    .node
+                    .roles
+                    .and_then(|r| r.consensus_member)
+            }
+        };
+        let role = consensus_role(id.to_string()).await.expect("role");
         assert_eq!(role.ca_certificate, c.ca().cert_der());
         let peer =
             metropolis_identity::parse_certificate(&role.peer_certificate).expect("peer cert");
@@ -1742,14 +1746,7 @@ mod lifecycle_tests {
         );
         assert!(c.step_down().abstaining());
         assert!(
-            c.node(first)
-                .await
-                .expect("read")
-                .expect("node")
-                .node
-                .roles
-                .and_then(|r| r.consensus_member)
-                .is_some(),
+            consensus_role(first.to_string()).await.is_some(),
             "the role stays until another leader removes the member"
         );
         c.update_roles(id, set(None, Some(false), Some(false)), &ALL_LIVE)

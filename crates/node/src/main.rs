@@ -268,6 +268,9 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
     let mut held = held;
     loop {
         let mut until_curator = None;
+        // The connection that ends the catching-up phase is the one the
+        // curator then uses.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (cluster, etcd) = match held {
             Held::Nothing => (None, None),
             Held::Embedded(store) => (Some(Cluster::open(metrics.instrument(store)).await?), None),
@@ -281,7 +284,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             Held::CatchingUp(etcd) => {
                 let socket = etcd.client_socket();
                 until_curator = Some(Box::pin(async move {
-                    let _ = connect_etcd(socket).await;
+                    let _ = ready_tx.send(connect_etcd(socket).await);
                 })
                     as futures::future::BoxFuture<'static, ()>);
                 (None, Some(etcd))
@@ -326,7 +329,10 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         match (exit, etcd) {
             (Ok(serve::Exit::CuratorReady), Some(etcd)) => {
                 tracing::info!("this node's etcd member serves now; starting its curator");
-                let store = connect_etcd(etcd.client_socket()).await?;
+                let store = match ready_rx.await {
+                    Ok(store) => store?,
+                    Err(_) => connect_etcd(etcd.client_socket()).await?,
+                };
                 held = Held::Etcd { etcd, store };
             }
             (exit, etcd) => {
