@@ -17,7 +17,13 @@ fn main() {
     let version = env!("CARGO_PKG_VERSION");
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).filter(|c| !c.is_empty());
     let dirty = commit.is_some()
-        && git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        && git(&[
+            "--no-optional-locks",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ])
+        .is_some_and(|s| !s.is_empty());
     let full = match &commit {
         Some(c) if dirty => format!("{version}-g{c}-dirty"),
         Some(c) => format!("{version}-g{c}"),

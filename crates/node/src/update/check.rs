@@ -28,7 +28,9 @@ pub enum CheckError {
     Failed(String, String),
     #[error("`--version` did not finish within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("`--version` printed {0:?}, not a metropolis-node version line: not a metropolis-node binary")]
+    #[error(
+        "`--version` printed {0:?}, not a metropolis-node version line: not a metropolis-node binary"
+    )]
     NotNode(String),
     #[error("cannot run the check: {0}")]
     Local(String),

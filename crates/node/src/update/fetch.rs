@@ -49,7 +49,11 @@ pub enum FetchError {
         hint: &'static str,
     },
     #[error("{url} is {size} bytes; a node binary may be at most {limit} bytes")]
-    TooLarge { url: String, size: String, limit: u64 },
+    TooLarge {
+        url: String,
+        size: String,
+        limit: u64,
+    },
     #[error("fetching {url} took longer than {}", humantime::format_duration(*.limit))]
     Timeout { url: String, limit: Duration },
     #[error("{url} sent nothing for {}", humantime::format_duration(*.limit))]
@@ -148,13 +152,10 @@ async fn download(
         url: shown.to_string(),
         detail: format!("cannot set up TLS: {e}"),
     })?;
-    let resp = client
-        .get(uri)
-        .await
-        .map_err(|e| FetchError::Unreachable {
-            url: shown.to_string(),
-            detail: error_chain(&e),
-        })?;
+    let resp = client.get(uri).await.map_err(|e| FetchError::Unreachable {
+        url: shown.to_string(),
+        detail: error_chain(&e),
+    })?;
     let status = resp.status();
     if !status.is_success() {
         return Err(FetchError::Status {
@@ -300,12 +301,15 @@ mod tests {
     #[tokio::test]
     async fn refuses_a_claimed_size_over_the_limit_before_reading() {
         let url = serve(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\nconnection: close\r\n\r\nxx".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\nconnection: close\r\n\r\nxx"
+                .to_vec(),
         )
         .await;
         let tmp = tempfile::tempdir().expect("tmp");
         let dest = tmp.path().join("f");
-        let e = fetch(&url, &dest, &limits(1024)).await.expect_err("too large");
+        let e = fetch(&url, &dest, &limits(1024))
+            .await
+            .expect_err("too large");
         assert!(matches!(e, FetchError::TooLarge { .. }), "{e}");
         assert!(e.refused_content());
         assert!(!dest.exists(), "nothing written");
@@ -336,8 +340,9 @@ mod tests {
         let url = serve(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec()).await;
         let e = fetch(&url, &dest, &limits(10)).await.expect_err("404");
         assert!(e.to_string().contains("404"), "{e}");
-        let url = serve(b"HTTP/1.1 302 Found\r\nlocation: /x\r\ncontent-length: 0\r\n\r\n".to_vec())
-            .await;
+        let url =
+            serve(b"HTTP/1.1 302 Found\r\nlocation: /x\r\ncontent-length: 0\r\n\r\n".to_vec())
+                .await;
         let e = fetch(&url, &dest, &limits(10)).await.expect_err("302");
         assert!(e.to_string().contains("redirects are not followed"), "{e}");
 

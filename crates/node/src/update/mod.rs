@@ -43,6 +43,10 @@ pub const RESTART_EXIT: u8 = 75;
 /// How long a downloaded binary's `--version` may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What the node logs (DN `root.update`) after a failed update, before the
+/// reason.
+const ROLLED_BACK: &str = "rolled back: ";
+
 /// The version line of this build, as `--version` prints it after the name.
 pub const VERSION: &str = env!("METROPOLIS_VERSION");
 
@@ -122,10 +126,10 @@ fn announce(slot: Option<Slot>, state: Option<&State>, sha256: &str) {
     }
     if let Some(f) = state.and_then(|s| s.last_failure.as_ref()) {
         let sha = f.sha256.get(..12).unwrap_or(&f.sha256);
+        // metroctl quotes what follows ROLLED_BACK to the operator.
         tracing::warn!(
-            slot = %f.slot,
-            sha256 = %sha,
-            "the update to {sha} failed and was rolled back: {}",
+            "update to {sha} (slot {}) {ROLLED_BACK}{}",
+            f.slot,
             f.reason
         );
     }
@@ -137,9 +141,7 @@ pub fn forwarded_args() -> Vec<std::ffi::OsString> {
     without_params(std::env::args_os().skip(1))
 }
 
-fn without_params(
-    mut args: impl Iterator<Item = std::ffi::OsString>,
-) -> Vec<std::ffi::OsString> {
+fn without_params(mut args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     let mut keep = Vec::new();
     while let Some(a) = args.next() {
         if a == "--params" {
@@ -207,7 +209,10 @@ pub fn register_metrics(registry: &prometheus::Registry) -> prometheus::Result<(
     info.with_label_values(&[
         VERSION,
         running.map(|r| r.sha256.as_str()).unwrap_or_default(),
-        running.and_then(|r| r.slot).map(Slot::name).unwrap_or("none"),
+        running
+            .and_then(|r| r.slot)
+            .map(Slot::name)
+            .unwrap_or("none"),
     ])
     .set(1);
     registry.register(Box::new(rollbacks))?;
@@ -362,11 +367,10 @@ impl Updater {
             });
         }
         let (path, sandbox) = (incoming.clone(), self.slots.sandbox());
-        let version = tokio::task::spawn_blocking(move || {
-            check::check_runs(&path, &sandbox, CHECK_TIMEOUT)
-        })
-        .await
-        .map_err(|e| UpdateError::Local(format!("the check did not finish: {e}")))??;
+        let version =
+            tokio::task::spawn_blocking(move || check::check_runs(&path, &sandbox, CHECK_TIMEOUT))
+                .await
+                .map_err(|e| UpdateError::Local(format!("the check did not finish: {e}")))??;
         let slots = self.slots.clone();
         let info = SlotInfo {
             sha256: got.sha256.clone(),
@@ -496,9 +500,12 @@ mod tests {
             .expect("valid");
         assert_eq!(ok.activation, Activation::Now);
         let upper = format!("sha256:{}", sha.to_uppercase());
-        let t = Target::from_request(&req("https://h/x", &upper, ActivationMode::None))
-            .expect("valid");
-        assert_eq!((t.sha256.as_str(), t.activation), (sha.as_str(), Activation::NextStart));
+        let t =
+            Target::from_request(&req("https://h/x", &upper, ActivationMode::None)).expect("valid");
+        assert_eq!(
+            (t.sha256.as_str(), t.activation),
+            (sha.as_str(), Activation::NextStart)
+        );
 
         let bad = |r: UpdateNodeRequest| match Target::from_request(&r) {
             Err(e) => e.to_string(),
@@ -532,7 +539,15 @@ mod tests {
 
     #[test]
     fn forwarded_args_drop_the_parameters() {
-        let args = ["--data-dir", "d", "--params", "p.pb", "--params=q.pb", "--address", "::1"];
+        let args = [
+            "--data-dir",
+            "d",
+            "--params",
+            "p.pb",
+            "--params=q.pb",
+            "--address",
+            "::1",
+        ];
         let kept = without_params(args.iter().map(std::ffi::OsString::from));
         assert_eq!(kept, ["--data-dir", "d", "--address", "::1"]);
     }

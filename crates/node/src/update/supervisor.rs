@@ -498,7 +498,13 @@ mod tests {
     fn exit_codes_follow_the_child() {
         assert_eq!(exit_code(ExitStatus::from_raw(0)), ExitCode::SUCCESS);
         assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), ExitCode::from(3));
-        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGKILL)), ExitCode::from(137));
-        assert_eq!(describe(ExitStatus::from_raw(2 << 8)), "exited with status 2");
+        assert_eq!(
+            exit_code(ExitStatus::from_raw(libc::SIGKILL)),
+            ExitCode::from(137)
+        );
+        assert_eq!(
+            describe(ExitStatus::from_raw(2 << 8)),
+            "exited with status 2"
+        );
     }
 }
