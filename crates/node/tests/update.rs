@@ -785,7 +785,7 @@ fn sleeping_trials() -> usize {
         .map(|d| {
             d.filter_map(Result::ok)
                 .filter(|e| {
-                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\0613\0")
+                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x00613\x00")
                 })
                 .count()
         })
