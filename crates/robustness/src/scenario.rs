@@ -149,7 +149,7 @@ impl Scenario {
             Scenario::EtcdKill => {
                 let l = leader(c).await?;
                 // Alternately the leader's own etcd and a follower's.
-                let m = if n % 2 == 0 {
+                let m = if n.is_multiple_of(2) {
                     l
                 } else {
                     (l + 1) % c.nodes.len()

@@ -105,7 +105,7 @@ pub fn planted() -> Vec<Planted> {
             ops: H::new("lost")
                 .write(1, "a", 0, 10)
                 .write(2, "b", 20, 30)
-                .read(3, Some("b"), 35, 38)
+                .read(4, Some("b"), 35, 38)
                 .read(3, Some("a"), 40, 50)
                 .ops,
         },
