@@ -263,3 +263,20 @@ async fn set_failpoint(c: &Cluster, actions: &str) -> anyhow::Result<()> {
         })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_unknown_names_list_the_choices() {
+        for s in Scenario::ALL {
+            assert_eq!(Scenario::parse(s.name()).unwrap(), s);
+        }
+        let err = Scenario::parse("leader-nap").unwrap_err().to_string();
+        assert!(
+            err.contains("leader-pause") && err.contains("partition-like"),
+            "{err}"
+        );
+    }
+}
