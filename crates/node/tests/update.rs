@@ -195,18 +195,19 @@ impl Cluster {
     /// `count` nodes on the embedded store: the first is the consensus
     /// member, the others plain nodes; metroctl owns it.
     async fn start(dir: &Path, count: usize) -> Cluster {
+        Self::start_on(dir, count, false).await
+    }
+
+    /// With `ha`, bootstrapped on etcd (still one consensus member).
+    async fn start_on(dir: &Path, count: usize, ha: bool) -> Cluster {
         let cfg = dir.join("metroctl");
         let params = dir.join("bootstrap.pb");
-        let out = metroctl(
-            &cfg,
-            &[
-                "install",
-                "params",
-                "--bootstrap",
-                "-o",
-                params.to_str().expect("utf-8"),
-            ],
-        );
+        let mut args = vec!["install", "params", "--bootstrap"];
+        if ha {
+            args.push("--ha");
+        }
+        args.extend(["-o", params.to_str().expect("utf-8")]);
+        let out = metroctl(&cfg, &args);
         assert!(out.status.success(), "install params: {}", stderr(&out));
         let owner_key = metropolis_identity::decode_owner_key_pem(
             &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
@@ -777,6 +778,168 @@ async fn bad_input_changes_nothing_and_a_node_updates_itself_without_help() {
         std::net::TcpListener::bind((address, CURATOR_PORT)).is_ok(),
         "the supervised node stopped with its supervisor"
     );
+}
+
+/// The nodes as `metroctl node describe -o json` shows them (through
+/// whichever node leads).
+fn described(cfg: &Path) -> Vec<serde_json::Value> {
+    let out = metroctl(cfg, &["node", "describe", "-o", "json"]);
+    assert!(out.status.success(), "describe: {}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_consensus_members_update_one_at_a_time() {
+    metropolis_store::testing::find_etcd();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start_on(tmp.path(), 3, true).await;
+    let list = nodes(&mut ManagementClient::new(c.owner.clone()))
+        .await
+        .expect("nodes");
+    let leader_addr = c.nodes[0].address.to_string();
+    for n in list.iter().filter(|n| {
+        n.status.as_ref().map(|s| s.external_address.as_str()) != Some(leader_addr.as_str())
+    }) {
+        let out = metroctl(&c.cfg, &["node", "add", "role", "ConsensusMember", &n.id]);
+        assert!(out.status.success(), "add role: {}", stderr(&out));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = metroctl(&c.cfg, &["cluster", "status", "-o", "json"]);
+            let text = stdout(&out);
+            let status: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let voter = status["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["name"] == n.id.as_str() && m["isLearner"] != true);
+            if voter {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become a voter: {text}{}",
+                n.id,
+                stderr(&out)
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let before = described(&c.cfg);
+    let image = marked_copy(tmp.path(), "image-ha");
+    let new_sha = sha256_file(&image);
+    let started = Instant::now();
+    let out = metroctl(
+        &c.cfg,
+        &["node", "update", "--image", image.to_str().expect("utf-8")],
+    );
+    println!(
+        "rolling update of 3 consensus members took {:.1}s\n{}{}",
+        started.elapsed().as_secs_f64(),
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(out.status.success(), "update failed\n{}", c.logs());
+    let text = stdout(&out);
+    assert_eq!(text.matches(": HEALTHY on").count(), 3, "{text}");
+    assert!(
+        !text.contains("cluster API is unavailable"),
+        "three members keep a quorum: {text}"
+    );
+    // One at a time: each member's install follows the previous member's
+    // HEALTHY line.
+    let events: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(": installing") || l.contains(": HEALTHY on"))
+        .collect();
+    for pair in events.chunks(2) {
+        assert!(
+            pair.len() == 2
+                && pair[0].contains("installing")
+                && pair[1].contains("HEALTHY")
+                && pair[0].split(':').next() == pair[1].split(':').next(),
+            "{text}"
+        );
+    }
+    let after = described(&c.cfg);
+    assert_eq!(after.len(), 3);
+    for n in &after {
+        assert_eq!(n["health"], "HEALTH_HEALTHY", "{n}");
+        assert_eq!(
+            n["status"]["version"]["binarySha256"],
+            new_sha.as_str(),
+            "{n}"
+        );
+        let old = before
+            .iter()
+            .find(|b| b["id"] == n["id"])
+            .expect("same node");
+        assert_ne!(old["status"]["bootId"], n["status"]["bootId"], "{n}");
+    }
+    let out = metroctl(&c.cfg, &["cluster", "status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("status json");
+    let members = status["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 3, "{status}");
+    assert!(members.iter().all(|m| m["isLearner"] != true), "{status}");
+
+    // With one member down, updating another would leave one of three:
+    // metroctl refuses (after waiting --timeout for the member to return),
+    // and touches nothing.
+    let mut c = c;
+    let down_addr = c.nodes[1].address.to_string();
+    c.nodes[1].stop();
+    let down = after
+        .iter()
+        .find(|n| n["status"]["externalAddress"] == down_addr.as_str())
+        .and_then(|n| n["id"].as_str())
+        .expect("the stopped node")
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while described(&c.cfg)
+        .iter()
+        .any(|n| n["id"] == down.as_str() && n["health"] == "HEALTH_HEALTHY")
+    {
+        assert!(Instant::now() < deadline, "{down} still HEALTHY");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = metroctl(
+        &c.cfg,
+        &["node", "update", "--image", image.to_str().expect("utf-8")],
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains(&format!("{down} (HEARTBEAT_TIMEOUT)")),
+        "an unhealthy node is not updated: {}",
+        stderr(&out)
+    );
+    let out = metroctl(
+        &c.cfg,
+        &[
+            "node",
+            "update",
+            "--image",
+            image.to_str().expect("utf-8"),
+            "--exclude",
+            &down,
+            "--timeout",
+            "3s",
+        ],
+    );
+    let err = stderr(&out);
+    assert!(
+        !out.status.success()
+            && err.contains("only 1 of the other 2 members are HEALTHY")
+            && err.contains("0 of 2 node(s) were updated"),
+        "{err}"
+    );
+    for n in described(&c.cfg)
+        .iter()
+        .filter(|n| n["id"] != down.as_str())
+    {
+        let old = after
+            .iter()
+            .find(|b| b["id"] == n["id"])
+            .expect("same node");
+        assert_eq!(old["status"]["bootId"], n["status"]["bootId"], "{n}");
+    }
 }
 
 /// Processes running the hanging trial binary (`sleep 613`).

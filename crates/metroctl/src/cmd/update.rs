@@ -109,6 +109,19 @@ pub async fn run(ctx: &Ctx, a: UpdateArgs) -> anyhow::Result<()> {
     if chosen.is_empty() {
         bail!("no UP node to update among the selected ones");
     }
+    // A node that is not HEALTHY now would not be HEALTHY after either, and
+    // a rollout waits for exactly that.
+    let unhealthy: Vec<String> = chosen
+        .iter()
+        .filter(|n| n.health != Health::Healthy as i32)
+        .map(|n| format!("{} ({})", n.id, health_name(n.health)))
+        .collect();
+    if !unhealthy.is_empty() {
+        bail!(
+            "not HEALTHY, so not updated: {}; bring them back first, or leave them out with --exclude ID",
+            unhealthy.join(", ")
+        );
+    }
     let leader = super::cluster::current_leader(ctx.owner_channel().await?)
         .await
         .map(|l| l.leader_node_id)
