@@ -122,7 +122,8 @@ fn announce(slot: Option<Slot>, state: Option<&State>, sha256: &str) {
             let trial = st.trial.is_some_and(|t| t.slot == slot);
             tracing::info!(%slot, sha256 = %short, version = VERSION, trial, "running from update slot {slot}");
         }
-        _ => tracing::info!(sha256 = %short, version = VERSION, "running"),
+        // Not updated yet: nothing to say beyond the version.
+        _ => tracing::debug!(sha256 = %short, version = VERSION, "running"),
     }
     if let Some(f) = state.and_then(|s| s.last_failure.as_ref()) {
         let sha = f.sha256.get(..12).unwrap_or(&f.sha256);
