@@ -82,6 +82,11 @@ fn handler_code(path: &str, who: Who) -> Code {
         | ("/metropolis.proto.admin.NodeFaults", _) => Code::Unimplemented,
         ("/metropolis.proto.api.AAA", "Escrow") => Code::InvalidArgument,
         ("/metropolis.node.core.curator.proto.api.CuratorLocal", _) => Code::Ok,
+        // Only nodes may call it on themselves; no decommission was asked.
+        ("/metropolis.proto.admin.NodeCurator", "ReportDecommissioned") if who.is_node() => {
+            Code::FailedPrecondition
+        }
+        ("/metropolis.proto.admin.NodeCurator", "ReportDecommissioned") => Code::PermissionDenied,
         ("/metropolis.node.core.curator.proto.api.Curator", m) => match m {
             "RegisterNode" if !who.presents_certificate() => Code::Unauthenticated,
             // Wrong (empty) ticket, or a deleted node's key.
@@ -96,8 +101,10 @@ fn handler_code(path: &str, who: Who) -> Code {
             // Methods only nodes may call on themselves.
             _ if !who.is_node() => Code::PermissionDenied,
             "Heartbeat" | "JoinNode" => Code::Ok,
-            "UpdateNodeStatus" => Code::InvalidArgument,
-            "ReportDecommissioned" => Code::FailedPrecondition,
+            // No status or no clusternet in the empty request.
+            "UpdateNodeStatus" | "UpdateNodeClusterNetworking" => Code::InvalidArgument,
+            // No Kubernetes here.
+            "IssueCertificate" => Code::Unimplemented,
             other => panic!("no expectation for Curator/{other}: add it"),
         },
         ("/metropolis.proto.api.Management", m) => match m {

@@ -63,6 +63,7 @@ pub fn write_bootstrap_params(path: &Path, owner: &SigningKey) {
             owner_public_key: owner.verifying_key().to_bytes().to_vec(),
             ..Default::default()
         })),
+        network_config: None,
     };
     std::fs::write(path, params.encode_to_vec()).expect("write params");
 }
@@ -323,6 +324,7 @@ pub fn write_register_params(
                 }),
             },
         )),
+        network_config: None,
     };
     std::fs::write(path, params.encode_to_vec()).expect("write params");
 }
