@@ -228,7 +228,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         Some(&params),
         FLAGS,
     );
-    first.wait_serving().await;
+    first.wait_leading().await;
     let ca = fetch_ca(first.endpoint()).await.expect("ca");
     let cert = escrow_owner(first.endpoint(), &ca, &key).await;
     let owner = Owner {
