@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use metropolis_api::admin::{ConsensusBackend, ConsensusMember};
 use metropolis_api::common::node_roles;
 use metropolis_api::curator::{GetConsensusStatusResponse, get_consensus_status_response};
 use metropolis_store::{Consensus, Member};
@@ -182,12 +183,26 @@ impl Cluster {
         Ok(())
     }
 
-    /// The consensus store's state, for Curator.GetConsensusStatus.
+    /// The consensus store's state, for Curator.GetConsensusStatus:
+    /// upstream's member list, and our details in fields 1000 and up.
     pub async fn consensus_status(&self) -> Result<GetConsensusStatusResponse, CuratorError> {
-        use get_consensus_status_response::{Backend, Member as PbMember};
+        use get_consensus_status_response::{EtcdMember, etcd_member::Status};
         let Some(consensus) = self.consensus() else {
+            // The embedded store has one member, the node serving it: this
+            // curator's own (a curator on the embedded store is alone).
+            let me = match self.node_id() {
+                Some(id) => Some(id.to_string()),
+                None => self.sole_member().await?,
+            };
             return Ok(GetConsensusStatusResponse {
-                backend: Backend::Embedded as i32,
+                etcd_member: me
+                    .into_iter()
+                    .map(|id| EtcdMember {
+                        id,
+                        status: Status::Full as i32,
+                    })
+                    .collect(),
+                backend: ConsensusBackend::Embedded as i32,
                 revision: self.store().revision().await?,
                 ..Default::default()
             });
@@ -195,10 +210,21 @@ impl Cluster {
         let members = consensus.members().await?;
         let status = consensus.status().await?;
         Ok(GetConsensusStatusResponse {
-            backend: Backend::Etcd as i32,
+            etcd_member: members
+                .iter()
+                .map(|m| EtcdMember {
+                    id: m.name.clone(),
+                    status: if m.is_learner {
+                        Status::Learner
+                    } else {
+                        Status::Full
+                    } as i32,
+                })
+                .collect(),
+            backend: ConsensusBackend::Etcd as i32,
             members: members
                 .into_iter()
-                .map(|m| PbMember {
+                .map(|m| ConsensusMember {
                     id: m.id,
                     name: m.name,
                     peer_urls: m.peer_urls,
@@ -208,6 +234,20 @@ impl Cluster {
             raft_leader_id: status.leader_id,
             raft_term: status.raft_term,
             revision: status.revision,
+        })
+    }
+
+    /// The one node with the ConsensusMember role (the embedded store's
+    /// holder), if there is exactly one.
+    async fn sole_member(&self) -> Result<Option<String>, CuratorError> {
+        let mut members = self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|e| crate::state::is_consensus_member(&e.node));
+        Ok(match (members.next(), members.next()) {
+            (Some(only), None) => Some(only.id),
+            _ => None,
         })
     }
 }
@@ -348,6 +388,37 @@ mod tests {
     impl Liveness for Live {
         fn is_live(&self, id: &str) -> Option<bool> {
             self.0.get(id).copied().flatten()
+        }
+    }
+
+    #[tokio::test]
+    async fn consensus_status_fills_upstream_members_and_our_details() {
+        use get_consensus_status_response::etcd_member::Status;
+        let t = crate::state::test_support::bootstrapped().await;
+        let s = t.cluster.consensus_status().await.expect("status");
+        assert!(s.revision > 0);
+        match t.cluster.consensus() {
+            None => {
+                assert_eq!(s.backend, ConsensusBackend::Embedded as i32);
+                assert_eq!(s.etcd_member.len(), 1, "{s:?}");
+                assert_eq!(s.etcd_member[0].id, t.first_id);
+                assert_eq!(s.etcd_member[0].status, Status::Full as i32);
+                assert!(s.members.is_empty());
+            }
+            Some(_) => {
+                assert_eq!(s.backend, ConsensusBackend::Etcd as i32);
+                assert!(!s.members.is_empty());
+                assert_eq!(s.etcd_member.len(), s.members.len());
+                for (up, ours) in s.etcd_member.iter().zip(&s.members) {
+                    assert_eq!(up.id, ours.name);
+                    let want = if ours.is_learner {
+                        Status::Learner
+                    } else {
+                        Status::Full
+                    };
+                    assert_eq!(up.status, want as i32);
+                }
+            }
         }
     }
 

@@ -889,9 +889,10 @@ async fn three_consensus_members_update_one_at_a_time() {
     let deadline = Instant::now() + Duration::from_secs(60);
     // (The stopped node may have led: the others reach the new leader
     // within a few seconds.)
-    while !described(&c.cfg).iter().all(|n| {
-        (n["id"] == down.as_str()) != (n["health"] == "HEALTH_HEALTHY")
-    }) {
+    while !described(&c.cfg)
+        .iter()
+        .all(|n| (n["id"] == down.as_str()) != (n["health"] == "HEALTH_HEALTHY"))
+    {
         assert!(
             Instant::now() < deadline,
             "{down} still HEALTHY, or the others not"

@@ -179,10 +179,8 @@ pub async fn current_leader(
 /// `metroctl cluster status`: who leads the curator, and the consensus
 /// store's members with their health.
 pub async fn status(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
-    use metropolis_api::curator::{
-        GetConsensusStatusRequest, curator_client::CuratorClient,
-        get_consensus_status_response::Backend,
-    };
+    use metropolis_api::admin::ConsensusBackend as Backend;
+    use metropolis_api::curator::{GetConsensusStatusRequest, curator_client::CuratorClient};
     let channel = ctx.owner_channel().await?;
     let consensus = CuratorClient::new(channel.clone())
         .get_consensus_status(GetConsensusStatusRequest {})
