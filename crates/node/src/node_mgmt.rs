@@ -71,6 +71,7 @@ fn update_status(e: UpdateError) -> Status {
         }
         UpdateError::Check(_) => Status::invalid_argument(msg),
         UpdateError::Fetch(f) if f.refused_content() => Status::invalid_argument(msg),
+        UpdateError::Fetch(f) if f.local() => Status::internal(msg),
         UpdateError::Fetch(_) => Status::unavailable(msg),
         UpdateError::OsImage | UpdateError::Refused(_) => Status::failed_precondition(msg),
         UpdateError::Busy => Status::aborted(msg),

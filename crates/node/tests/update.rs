@@ -442,6 +442,7 @@ async fn metroctl_rolls_a_new_binary_through_three_nodes() {
     let again = nodes(&mut ManagementClient::new(c.owner.clone()))
         .await
         .expect("nodes");
+    assert!(all_healthy_on(&again, 3, &new_sha), "{again:#?}");
     for n in &again {
         let old = list.iter().find(|b| b.id == n.id).expect("same node");
         assert_eq!(boot_of(n), boot_of(old), "{} was not restarted", n.id);

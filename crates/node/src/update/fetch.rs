@@ -70,6 +70,11 @@ impl FetchError {
     pub fn refused_content(&self) -> bool {
         matches!(self, FetchError::BadUrl(_) | FetchError::TooLarge { .. })
     }
+
+    /// Whether this node failed to store it (a full disk, say).
+    pub fn local(&self) -> bool {
+        matches!(self, FetchError::Write { .. })
+    }
 }
 
 /// Shortens user input quoted in errors.
