@@ -64,3 +64,5 @@ pub use metropolis::proto::ext;
 
 pub mod authorization;
 pub mod json;
+pub mod quote;
+pub use quote::quote;

@@ -43,15 +43,45 @@ pub enum ParamsError {
     NoCluster { path: String },
     #[error("{path}: {problem}")]
     Invalid { path: String, problem: String },
+    #[error(
+        "{path} is larger than {MAX_PARAMS_BYTES} bytes; node parameters are a few KiB \
+         (made by `metroctl install params`): is this the right file?"
+    )]
+    TooLarge { path: String },
 }
+
+/// The largest Node Parameters file read. Real ones are a few KiB (a CA
+/// certificate, a ticket, a directory, labels).
+pub const MAX_PARAMS_BYTES: u64 = 1024 * 1024;
 
 pub fn load(path: &Path) -> Result<Params, ParamsError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| ParamsError::Read {
+    let read_err = |source| ParamsError::Read {
         path: p.clone(),
         source,
-    })?;
-    let msg = NodeParameters::decode(bytes.as_slice()).map_err(|source| ParamsError::Decode {
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if file.metadata().map_err(read_err)?.len() > MAX_PARAMS_BYTES {
+        return Err(ParamsError::TooLarge { path: p.clone() });
+    }
+    // The size can change after the check (or lie: devices, pipes): read
+    // at most one byte more than the limit.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_PARAMS_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_PARAMS_BYTES {
+        return Err(ParamsError::TooLarge { path: p.clone() });
+    }
+    parse(&p, &bytes)
+}
+
+/// Validates the bytes of a Node Parameters file; `p` names it in errors.
+pub fn parse(p: &str, bytes: &[u8]) -> Result<Params, ParamsError> {
+    let p = p.to_string();
+    let msg = NodeParameters::decode(bytes).map_err(|source| ParamsError::Decode {
         path: p.clone(),
         source,
     })?;
@@ -159,6 +189,10 @@ mod tests {
     fn rejects_bad_parameters_with_a_reason() {
         let dir = tempfile::tempdir().expect("tmp");
         let missing = load(&dir.path().join("nope")).expect_err("missing");
+        let huge = std::fs::File::create(dir.path().join("huge")).expect("create");
+        huge.set_len(256 << 20).expect("sparse 256 MiB");
+        let huge = load(&dir.path().join("huge")).expect_err("huge");
+        assert!(matches!(huge, ParamsError::TooLarge { .. }), "{huge}");
         assert!(matches!(missing, ParamsError::Read { .. }));
         let garbage = load(&write(dir.path(), b"\xff\xff\xff\xff")).expect_err("garbage");
         assert!(matches!(garbage, ParamsError::Decode { .. }), "{garbage}");

@@ -159,6 +159,24 @@ impl TestNode {
         }
     }
 
+    /// The process ID while the node runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The node process's resident memory in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Whether the process has exited, and with what status.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child
