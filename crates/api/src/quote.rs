@@ -34,6 +34,18 @@ pub fn quote_bytes(value: &[u8]) -> String {
     }
 }
 
+/// How much of a library's error text is kept when it may embed the input
+/// it failed on (a regexp parser's message quotes the pattern).
+pub const CUT_CHARS: usize = 256;
+
+/// `text` cut to [`CUT_CHARS`] characters, marked when cut.
+pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(CUT_CHARS) {
+        None => text.into(),
+        Some((at, _)) => format!("{}… ({} bytes, cut)", &text[..at], text.len()).into(),
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

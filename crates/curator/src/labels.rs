@@ -2,6 +2,7 @@
 //! to Kubernetes nodes unchanged.
 
 use metropolis_api::common::NodeLabels;
+use metropolis_api::quote;
 
 /// Most labels a node may carry.
 pub const MAX_LABELS: usize = 128;
@@ -15,9 +16,9 @@ pub fn validate_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        validate_dns_subdomain(prefix).map_err(|e| format!("label key {key:?}: prefix {e}"))?;
+        validate_dns_subdomain(prefix).map_err(|e| format!("label key {}: prefix {e}", quote(key)))?;
     }
-    validate_name(name).map_err(|e| format!("label key {key:?}: name {e}"))
+    validate_name(name).map_err(|e| format!("label key {}: name {e}", quote(key)))
 }
 
 /// Checks a label value: empty, or a name.
@@ -25,7 +26,7 @@ pub fn validate_value(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Ok(());
     }
-    validate_name(value).map_err(|e| format!("label value {value:?}: {e}"))
+    validate_name(value).map_err(|e| format!("label value {}: {e}", quote(value)))
 }
 
 fn validate_name(s: &str) -> Result<(), String> {
@@ -65,7 +66,8 @@ fn validate_dns_subdomain(s: &str) -> Result<(), String> {
             && !part.ends_with('-');
         if !ok {
             return Err(format!(
-                "{s:?} is not a DNS subdomain (lowercase letters, digits, '-' and '.')"
+                "{} is not a DNS subdomain (lowercase letters, digits, '-' and '.')",
+                quote(s)
             ));
         }
     }
@@ -83,11 +85,11 @@ pub fn sanitize_initial(labels: Option<NodeLabels>) -> (NodeLabels, Vec<String>)
         if let Err(e) = check {
             dropped.push(e);
         } else if kept.pairs.iter().any(|p| p.key == pair.key) {
-            dropped.push(format!("label key {:?}: duplicate", pair.key));
+            dropped.push(format!("label key {}: duplicate", quote(&pair.key)));
         } else if kept.pairs.len() >= MAX_LABELS {
             dropped.push(format!(
-                "label key {:?}: more than {MAX_LABELS} labels",
-                pair.key
+                "label key {}: more than {MAX_LABELS} labels",
+                quote(&pair.key)
             ));
         } else {
             kept.pairs.push(pair);

@@ -93,7 +93,7 @@ impl NodeFaults for Debug {
             )));
         }
         fail::cfg(&req.name, &req.actions)
-            .map_err(|e| Status::invalid_argument(format!("actions {:?}: {e}", req.actions)))?;
+            .map_err(|e| Status::invalid_argument(format!("actions {}: {e}", metropolis_api::quote(&req.actions))))?;
         tracing::warn!(name = %req.name, actions = %req.actions, "failpoint configured");
         Ok(Response::new(SetFailpointResponse {}))
     }

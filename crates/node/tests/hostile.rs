@@ -14,13 +14,18 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use metropolis_api::api::{
-    GetClusterInfoRequest, GetNodesRequest, management_client::ManagementClient, node::Health,
+    GetClusterInfoRequest, GetNodesRequest, UpdateNodeLabelsRequest,
+    management_client::ManagementClient, node::Health, update_node_labels_request,
 };
-use metropolis_api::curator::{GetCurrentLeaderRequest, curator_local_client::CuratorLocalClient};
+use metropolis_api::curator::{
+    GetCurrentLeaderRequest, RegisterNodeRequest, curator_client::CuratorClient,
+    curator_local_client::CuratorLocalClient,
+};
 use metropolis_identity::{ServerTrust, SigningKey, generate_key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tonic::Code;
 use tonic::transport::Channel;
 
 use support::*;
@@ -386,4 +391,196 @@ async fn concurrent_streams_per_connection_are_bounded() {
 #[ignore = "load test: 10,000 streams"]
 async fn load_10000_streams_on_one_connection() {
     stream_flood(10_000, Duration::from_secs(60)).await;
+}
+
+/// Writes the HTTP/2 client preface and an empty SETTINGS frame.
+async fn h2_preface(tls: &mut (impl AsyncWriteExt + Unpin)) {
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("settings");
+    tls.flush().await.expect("flush");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_streams_are_closed_when_idle() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let params = tmp.path().join("bootstrap.pb");
+    write_bootstrap_params(&params, &generate_key());
+    let idle = Duration::from_secs(2);
+    let node = TestNode::spawn_with(
+        fresh_address(),
+        &tmp.path().join("node"),
+        Some(&params),
+        &["--connection-idle-timeout", "2s"],
+    );
+    node.wait_serving().await;
+    let addr = node.endpoint();
+
+    // An HTTP/2 connection that opens no stream.
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
+        .expect("client config");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut conn = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    h2_preface(&mut conn).await;
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let after = start.elapsed();
+    assert!(
+        closed.is_ok(),
+        "a connection without streams stayed open for 30 s"
+    );
+    println!("a connection without streams was closed after {after:?} (idle timeout {idle:?})");
+
+    // A connection that carries a stream stays open past the idle timeout.
+    let ch = channel(addr, ServerTrust::Capture(seen), None)
+        .await
+        .expect("connect");
+    let mut stream = CuratorLocalClient::new(ch)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .expect("GetCurrentLeader")
+        .into_inner();
+    stream.message().await.expect("first answer");
+    let next = tokio::time::timeout(idle * 3, stream.message()).await;
+    assert!(
+        next.is_err(),
+        "the stream ended while open: {next:?} (the connection was closed as idle)"
+    );
+}
+
+/// An UpdateNodeLabels request for the node, as the owner.
+fn label_request(node_id: &str, key: &str, value: String) -> UpdateNodeLabelsRequest {
+    UpdateNodeLabelsRequest {
+        node: Some(update_node_labels_request::Node::Id(node_id.into())),
+        upsert: vec![update_node_labels_request::Pair {
+            key: key.into(),
+            value,
+        }],
+        delete: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_resource_exhausted() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let owner = generate_key();
+    let node = TestNode::bootstrap(tmp.path(), &owner).await;
+    let addr = node.endpoint();
+    let ca = fetch_ca(addr).await.expect("ca");
+    let mut mgmt = ManagementClient::new(owner_channel(addr, &ca, &owner).await);
+    let (cert, _) = node_credentials(&node.data_dir);
+    let id = metropolis_identity::parse_certificate(&cert)
+        .expect("cert")
+        .common_name;
+
+    // Authenticated: 5 MiB in one label value.
+    let err = mgmt
+        .update_node_labels(label_request(&id, "big", "x".repeat(5 << 20)))
+        .await
+        .expect_err("5 MiB request");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    println!("5 MiB UpdateNodeLabels: {:?}: {}", err.code(), err.message());
+
+    // Without any certificate: 5 MiB of register ticket.
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let anon = channel(addr, ServerTrust::Capture(seen), None)
+        .await
+        .expect("connect");
+    let err = CuratorClient::new(anon)
+        .register_node(RegisterNodeRequest {
+            register_ticket: vec![7; 5 << 20],
+            labels: None,
+        })
+        .await
+        .expect_err("5 MiB request");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    println!("5 MiB RegisterNode: {:?}: {}", err.code(), err.message());
+
+    // The connection still serves.
+    mgmt.get_cluster_info(GetClusterInfoRequest {})
+        .await
+        .expect("GetClusterInfo after the refusals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quote_user_input_briefly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let owner = generate_key();
+    let node = TestNode::bootstrap(tmp.path(), &owner).await;
+    let addr = node.endpoint();
+    let ca = fetch_ca(addr).await.expect("ca");
+    let mut mgmt = ManagementClient::new(owner_channel(addr, &ca, &owner).await);
+    let (cert, _) = node_credentials(&node.data_dir);
+    let id = metropolis_identity::parse_certificate(&cert)
+        .expect("cert")
+        .common_name;
+
+    let mib = "v".repeat(1 << 20);
+    let cases: Vec<(&str, Result<tonic::Response<_>, tonic::Status>)> = vec![
+        (
+            "label value",
+            mgmt.update_node_labels(label_request(&id, "zone", mib.clone()))
+                .await
+                .map(|_| tonic::Response::new(())),
+        ),
+        (
+            "label key",
+            mgmt.update_node_labels(label_request(&id, &mib, "a".into()))
+                .await
+                .map(|_| tonic::Response::new(())),
+        ),
+        (
+            "node id",
+            mgmt.update_node_labels(label_request(&mib, "zone", "a".into()))
+                .await
+                .map(|_| tonic::Response::new(())),
+        ),
+        (
+            "filter",
+            mgmt.get_nodes(GetNodesRequest {
+                filter: format!("node.id == '{mib}'"),
+            })
+            .await
+            .map(|_| tonic::Response::new(())),
+        ),
+    ];
+    for (what, result) in cases {
+        let err = result.expect_err(what);
+        assert!(
+            matches!(err.code(), Code::InvalidArgument | Code::NotFound),
+            "{what}: {:?} {}",
+            err.code(),
+            &err.message()[..err.message().len().min(300)]
+        );
+        assert!(
+            err.message().len() < 1024,
+            "{what}: a {} byte message",
+            err.message().len()
+        );
+        println!(
+            "1 MiB {what}: {:?}, {} byte message: {}",
+            err.code(),
+            err.message().len(),
+            err.message()
+        );
+    }
 }

@@ -146,7 +146,7 @@ pub enum FilterError {
          conditionals); the limit is {limit}"
     )]
     TooDeep { depth: usize, limit: usize },
-    #[error("filter is not valid CEL: {message}")]
+    #[error("filter is not valid CEL: {}", metropolis_api::quote::cut(message))]
     Syntax { message: String },
     #[error("unknown identifier `{name}` in filter: {hint}")]
     UnknownIdentifier { name: String, hint: String },
@@ -175,7 +175,11 @@ pub enum FilterError {
          per request"
     )]
     DynamicPattern,
-    #[error("invalid matches() pattern {pattern:?}: {message}")]
+    #[error(
+        "invalid matches() pattern {}: {}",
+        metropolis_api::quote(pattern),
+        metropolis_api::quote::cut(message)
+    )]
     InvalidPattern { pattern: String, message: String },
     #[error(
         "filter is too expensive: an estimated {cost} evaluation steps per node; the limit \

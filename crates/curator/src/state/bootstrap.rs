@@ -1,6 +1,7 @@
 //! Bootstrap: the first transaction of a cluster, and the configuration a
 //! new cluster starts with.
 
+use metropolis_api::quote;
 use super::*;
 
 /// What a node needs to bootstrap a new cluster.
@@ -88,7 +89,8 @@ fn validate_domain(d: &str) -> Result<(), CuratorError> {
         Ok(())
     } else {
         Err(CuratorError::InvalidArgument(format!(
-            "cluster_domain {d:?} is not a valid DNS name"
+            "cluster_domain {} is not a valid DNS name",
+            quote(d)
         )))
     }
 }

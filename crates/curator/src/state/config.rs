@@ -1,5 +1,6 @@
 //! Cluster configuration after bootstrap (ConfigureCluster).
 
+use metropolis_api::quote;
 use super::*;
 
 /// The one configuration path that may change after bootstrap.
@@ -22,14 +23,19 @@ impl Cluster {
         for p in paths {
             if p != PATH_LABELS_TO_SYNC {
                 return Err(CuratorError::InvalidArgument(format!(
-                    "field {p:?} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
+                    "field {} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}",
+                    quote(p)
                 )));
             }
         }
         let wanted = sync_regexps(&new);
         for r in &wanted {
             regex::Regex::new(r).map_err(|e| {
-                CuratorError::InvalidArgument(format!("regexp {r:?} does not compile: {e}"))
+                CuratorError::InvalidArgument(format!(
+                    "regexp {} does not compile: {}",
+                    quote(r),
+                    metropolis_api::quote::cut(&e.to_string())
+                ))
             })?;
         }
         for _ in 0..CAS_ATTEMPTS {

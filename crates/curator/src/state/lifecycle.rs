@@ -1,5 +1,6 @@
 //! Decommissioning and deleting nodes, and their tombstones.
 
+use metropolis_api::quote;
 use super::*;
 
 impl Cluster {
@@ -57,7 +58,7 @@ impl Cluster {
         let entry = &self
             .node(id)
             .await?
-            .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+            .ok_or_else(|| CuratorError::NotFound(format!("node {} not found", quote(id))))?;
         if has_roles(&entry.node) && !bypass_roles {
             return Err(CuratorError::FailedPrecondition(format!(
                 "node {id} still has roles; remove them first or set safety_bypass_has_roles"

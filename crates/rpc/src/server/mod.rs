@@ -116,7 +116,7 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_request_message: 4 * 1024 * 1024,
-            max_status_message: 1024,
+            max_status_message: 2048,
         }
     }
 }
