@@ -66,3 +66,5 @@ pub mod authorization;
 pub mod json;
 pub mod quote;
 pub use quote::quote;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -150,3 +150,49 @@ mod tests {
         assert_eq!(dropped.len(), 3);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use metropolis_api::testing::props;
+    use metropolis_api::testing::proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-zA-Z0-9._/-]{0,80}",
+            "([a-z0-9-]{1,10}\\.){0,4}[a-z0-9-]{0,10}/[a-zA-Z0-9._-]{0,70}",
+            "[a-z]{0,5}".prop_map(|s| s.repeat(60)),
+        ]
+    }
+
+    #[test]
+    fn props_label_keys_and_values() {
+        props("label keys and values", (text(), text()), |(key, value)| {
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= MAX_NAME
+                    && n
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            };
+            match validate_key(&key) {
+                Ok(()) => {
+                    let name = key.rsplit_once('/').map_or(key.as_str(), |(_, n)| n);
+                    prop_assert!(name_ok(name), "accepted key {key:?}");
+                    prop_assert!(key.len() <= MAX_PREFIX + 1 + MAX_NAME);
+                }
+                Err(e) => prop_assert!(e.len() < 512, "a {} byte message", e.len()),
+            }
+            match validate_value(&value) {
+                Ok(()) => prop_assert!(value.is_empty() || name_ok(&value), "{value:?}"),
+                Err(e) => prop_assert!(e.len() < 512, "a {} byte message", e.len()),
+            }
+            let pairs = vec![metropolis_api::common::node_labels::Pair { key, value }; 2];
+            let (kept, dropped) = sanitize_initial(Some(NodeLabels { pairs }));
+            prop_assert_eq!(kept.pairs.len() + dropped.len(), 2);
+            prop_assert!(kept.pairs.len() <= 1, "a duplicate was kept");
+            Ok(())
+        });
+    }
+}

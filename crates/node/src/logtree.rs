@@ -1245,6 +1245,9 @@ where
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use metropolis_api::common::LogFilter;

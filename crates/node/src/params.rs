@@ -202,3 +202,78 @@ mod tests {
         assert!(short.to_string().contains("32-byte"), "{short}");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use metropolis_api::api::node_parameters::{ClusterBootstrap, ClusterRegister};
+    use metropolis_api::common::{ClusterDirectory, cluster_directory};
+    use metropolis_api::testing::props;
+    use metropolis_api::testing::proptest::prelude::*;
+
+    fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..max)
+    }
+
+    fn structured() -> impl Strategy<Value = NodeParameters> {
+        let labels = prop::collection::vec((any::<String>(), any::<String>()), 0..3).prop_map(
+            |pairs| NodeLabels {
+                pairs: pairs
+                    .into_iter()
+                    .map(|(key, value)| metropolis_api::common::node_labels::Pair { key, value })
+                    .collect(),
+            },
+        );
+        let bootstrap = (bytes(40), any::<bool>(), labels.clone()).prop_map(|(key, ha, labels)| {
+            node_parameters::Cluster::ClusterBootstrap(ClusterBootstrap {
+                owner_public_key: key,
+                high_availability: ha,
+                labels: Some(labels),
+                ..Default::default()
+            })
+        });
+        let register = (
+            bytes(64),
+            bytes(600),
+            prop::collection::vec(any::<String>(), 0..3),
+            labels,
+        )
+            .prop_map(|(ticket, ca, addresses, labels)| {
+                node_parameters::Cluster::ClusterRegister(ClusterRegister {
+                    register_ticket: ticket,
+                    ca_certificate: ca,
+                    cluster_directory: Some(ClusterDirectory {
+                        nodes: vec![cluster_directory::Node {
+                            addresses: addresses
+                                .into_iter()
+                                .map(|host| cluster_directory::node::Address { host })
+                                .collect(),
+                            ..Default::default()
+                        }],
+                    }),
+                    labels: Some(labels),
+                })
+            });
+        prop::option::of(prop_oneof![bootstrap, register])
+            .prop_map(|cluster| NodeParameters { cluster })
+    }
+
+    #[test]
+    fn props_node_parameters() {
+        let input = prop_oneof![bytes(4096), structured().prop_map(|m| m.encode_to_vec())];
+        props("Node Parameters", input, |bytes| {
+            match parse("params.pb", &bytes) {
+                Ok(Params::Bootstrap {
+                    owner_public_key, ..
+                }) => {
+                    prop_assert!(ed25519_check(&owner_public_key).is_ok());
+                }
+                Ok(Params::Register { ca_certificate, .. }) => {
+                    prop_assert!(metropolis_identity::parse_certificate(&ca_certificate).is_ok());
+                }
+                Err(e) => prop_assert!(e.to_string().len() < 1024, "{e}"),
+            }
+            Ok(())
+        });
+    }
+}

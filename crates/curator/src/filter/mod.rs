@@ -352,6 +352,8 @@ fn regex_var(i: usize) -> String {
 mod check;
 mod eval;
 mod scan;
+#[cfg(test)]
+mod props;
 use check::*;
 use eval::*;
 use scan::*;
@@ -363,7 +365,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     /// A node as registered and never heard from: only identity and state.
-    fn bare_node() -> api::Node {
+    pub(super) fn bare_node() -> api::Node {
         api::Node {
             pubkey: vec![7; 32],
             id: "metropolis-0123abcd".to_owned(),
@@ -373,7 +375,7 @@ mod tests {
     }
 
     /// A node with every sub-message set.
-    fn full_node() -> api::Node {
+    pub(super) fn full_node() -> api::Node {
         api::Node {
             pubkey: vec![1; 32],
             id: "metropolis-fedc9876".to_owned(),

@@ -148,4 +148,41 @@ mod operate_tests {
             Err(CuratorError::InvalidArgument(_))
         ));
     }
+
+    #[test]
+    fn props_configure_cluster_masks() {
+        use metropolis_api::testing::props;
+        use metropolis_api::testing::proptest::prelude::*;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (_d, c, _) = rt.block_on(cluster());
+        let path = prop_oneof![
+            Just(PATH_LABELS_TO_SYNC.to_string()),
+            Just("cluster_domain".to_string()),
+            "[a-z_.]{0,40}",
+            any::<String>(),
+        ];
+        let regexp = prop_oneof!["[a-z^$.*()\\[\\]+?|{},0-9-]{0,20}", any::<String>()];
+        let masks = prop::collection::vec(path, 0..4);
+        let regexps = prop::collection::vec(regexp, 0..4);
+        props("ConfigureCluster masks", (masks, regexps), |(paths, rs)| {
+            let rs: Vec<&str> = rs.iter().map(String::as_str).collect();
+            let result = rt.block_on(c.configure(None, sync(&rs), &paths));
+            let mutable_only = !paths.is_empty() && paths.iter().all(|p| p == PATH_LABELS_TO_SYNC);
+            match result {
+                Ok(out) => {
+                    prop_assert!(mutable_only, "accepted mask {paths:?}");
+                    prop_assert_eq!(sync_regexps(&out), rs.clone());
+                    prop_assert_eq!(out.cluster_domain, "cluster.local");
+                }
+                Err(CuratorError::InvalidArgument(m)) => {
+                    prop_assert!(m.len() < 1024, "a {} byte message", m.len())
+                }
+                Err(other) => prop_assert!(false, "unexpected error {other}"),
+            }
+            Ok(())
+        });
+    }
 }
