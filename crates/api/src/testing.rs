@@ -11,11 +11,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// Runs `test` on `cases` inputs from `strategy` and prints the count;
 /// panics with the minimal failing input if one fails (or panics).
-pub fn props<S>(
-    name: &str,
-    strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) where
+pub fn props<S>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
     S: Strategy,
     S::Value: std::fmt::Debug,
 {

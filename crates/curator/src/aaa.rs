@@ -137,7 +137,9 @@ impl Aaa for AaaService {
             .cluster
             .ca()
             .issue_user_certificate(&name, &public_key)
-            .map_err(|e| Status::internal(format!("issuing certificate for {}: {e}", quote(&name))))?;
+            .map_err(|e| {
+                Status::internal(format!("issuing certificate for {}: {e}", quote(&name)))
+            })?;
         tracing::info!(identity = %name, "issued user certificate through escrow");
         let resp = EscrowResponse {
             fulfilled: vec![proof(Kind::RefreshCertificate)],

@@ -16,7 +16,8 @@ pub fn validate_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        validate_dns_subdomain(prefix).map_err(|e| format!("label key {}: prefix {e}", quote(key)))?;
+        validate_dns_subdomain(prefix)
+            .map_err(|e| format!("label key {}: prefix {e}", quote(key)))?;
     }
     validate_name(name).map_err(|e| format!("label key {}: name {e}", quote(key)))
 }
@@ -172,8 +173,7 @@ mod props {
             let name_ok = |n: &str| {
                 !n.is_empty()
                     && n.len() <= MAX_NAME
-                    && n
-                        .bytes()
+                    && n.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             };
             match validate_key(&key) {

@@ -249,10 +249,20 @@ impl DataDir {
             .map_err(|e| damaged(format!("the CA certificate is not valid ({e})")))?;
         let cert = metropolis_identity::parse_certificate(&msg.node_certificate)
             .map_err(|e| damaged(format!("the node certificate does not parse ({e})")))?;
-        metropolis_identity::verify_signed_by(&cert, &msg.ca_certificate, time::OffsetDateTime::now_utc())
-            .map_err(|e| damaged(format!("the node certificate is not valid for its CA ({e})")))?;
+        metropolis_identity::verify_signed_by(
+            &cert,
+            &msg.ca_certificate,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| {
+            damaged(format!(
+                "the node certificate is not valid for its CA ({e})"
+            ))
+        })?;
         if !cert.is_node_certificate() {
-            return Err(damaged("the node certificate is not a node certificate".into()));
+            return Err(damaged(
+                "the node certificate is not a node certificate".into(),
+            ));
         }
         if cert.public_key != key.verifying_key().to_bytes() {
             return Err(damaged(

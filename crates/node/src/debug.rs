@@ -92,8 +92,12 @@ impl NodeFaults for Debug {
                 FAILPOINTS.join(", ")
             )));
         }
-        fail::cfg(&req.name, &req.actions)
-            .map_err(|e| Status::invalid_argument(format!("actions {}: {e}", metropolis_api::quote(&req.actions))))?;
+        fail::cfg(&req.name, &req.actions).map_err(|e| {
+            Status::invalid_argument(format!(
+                "actions {}: {e}",
+                metropolis_api::quote(&req.actions)
+            ))
+        })?;
         tracing::warn!(name = %req.name, actions = %req.actions, "failpoint configured");
         Ok(Response::new(SetFailpointResponse {}))
     }
@@ -185,7 +189,9 @@ pub async fn start(address: IpAddr, logs: Arc<LogTree>, view: View) -> anyhow::R
     tracing::warn!(%addr, "serving the debug service (debug build): unauthenticated, for development only");
     tokio::spawn(async move {
         if let Err(e) = router
-            .serve_with_incoming(metropolis_rpc::server::tls_incoming(listener, tls, &limits, None))
+            .serve_with_incoming(metropolis_rpc::server::tls_incoming(
+                listener, tls, &limits, None,
+            ))
             .await
         {
             tracing::error!(error = %e, "debug service stopped");

@@ -216,14 +216,18 @@ mod props {
     }
 
     fn structured() -> impl Strategy<Value = NodeParameters> {
-        let labels = prop::collection::vec((any::<String>(), any::<String>()), 0..3).prop_map(
-            |pairs| NodeLabels {
-                pairs: pairs
-                    .into_iter()
-                    .map(|(key, value)| metropolis_api::common::node_labels::Pair { key, value })
-                    .collect(),
-            },
-        );
+        let labels =
+            prop::collection::vec((any::<String>(), any::<String>()), 0..3).prop_map(|pairs| {
+                NodeLabels {
+                    pairs: pairs
+                        .into_iter()
+                        .map(|(key, value)| metropolis_api::common::node_labels::Pair {
+                            key,
+                            value,
+                        })
+                        .collect(),
+                }
+            });
         let bootstrap = (bytes(40), any::<bool>(), labels.clone()).prop_map(|(key, ha, labels)| {
             node_parameters::Cluster::ClusterBootstrap(ClusterBootstrap {
                 owner_public_key: key,

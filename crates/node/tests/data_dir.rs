@@ -41,16 +41,28 @@ fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 /// line naming `expect`, leaving the data directory as it was.
 fn refused_start(data: &Path, address: &str, expect: &str) {
     let before = snapshot(data);
-    let out = run_node(&["--data-dir", data.to_str().expect("utf8"), "--address", address]);
+    let out = run_node(&[
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--address",
+        address,
+    ]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{expect}: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "{expect}: not one line:\n{err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "{expect}: not one line:\n{err}"
+    );
     assert!(err.contains(expect), "{expect}: {err}");
     assert!(
         !err.contains("serving"),
         "{expect}: a port was opened: {err}"
     );
-    assert!(snapshot(data) == before, "{expect}: the data directory changed");
+    assert!(
+        snapshot(data) == before,
+        "{expect}: the data directory changed"
+    );
     println!("refused as expected: {}", err.trim());
 }
 
@@ -77,7 +89,11 @@ async fn damaged_credentials_stop_the_node_before_it_serves() {
         let last = c.node_certificate.len() - 1;
         c.node_certificate[last] ^= 0x01;
     });
-    refused_start(&data, &address, "the node certificate is not valid for its CA");
+    refused_start(
+        &data,
+        &address,
+        "the node certificate is not valid for its CA",
+    );
     restore();
 
     // A CA certificate that is not a certificate.
@@ -88,7 +104,11 @@ async fn damaged_credentials_stop_the_node_before_it_serves() {
     // Another cluster's CA.
     let other = metropolis_identity::CertificateAuthority::generate().expect("ca");
     rewrite_credentials(&data, |c| c.ca_certificate = other.cert_der().to_vec());
-    refused_start(&data, &address, "the node certificate is not valid for its CA");
+    refused_start(
+        &data,
+        &address,
+        "the node certificate is not valid for its CA",
+    );
     restore();
 
     // A key that is not the certificate's.

@@ -498,7 +498,11 @@ async fn oversized_requests_are_resource_exhausted() {
         .await
         .expect_err("5 MiB request");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
-    println!("5 MiB UpdateNodeLabels: {:?}: {}", err.code(), err.message());
+    println!(
+        "5 MiB UpdateNodeLabels: {:?}: {}",
+        err.code(),
+        err.message()
+    );
 
     // Without any certificate: 5 MiB of register ticket.
     let seen = Arc::new(std::sync::Mutex::new(None));

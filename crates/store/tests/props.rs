@@ -64,7 +64,8 @@ fn props_store_keys() {
         }
         let prefix = at(&query);
         let range = rt.block_on(store.range(&prefix)).expect("range");
-        let got: Vec<(Vec<u8>, Vec<u8>)> = range.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+        let got: Vec<(Vec<u8>, Vec<u8>)> =
+            range.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
         let want: Vec<(Vec<u8>, Vec<u8>)> = model
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))

@@ -351,9 +351,9 @@ fn regex_var(i: usize) -> String {
 
 mod check;
 mod eval;
-mod scan;
 #[cfg(test)]
 mod props;
+mod scan;
 use check::*;
 use eval::*;
 use scan::*;

@@ -1,8 +1,8 @@
 //! Bootstrap: the first transaction of a cluster, and the configuration a
 //! new cluster starts with.
 
-use metropolis_api::quote;
 use super::*;
+use metropolis_api::quote;
 
 /// What a node needs to bootstrap a new cluster.
 #[derive(Debug, Clone)]

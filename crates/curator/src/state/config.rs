@@ -1,7 +1,7 @@
 //! Cluster configuration after bootstrap (ConfigureCluster).
 
-use metropolis_api::quote;
 use super::*;
+use metropolis_api::quote;
 
 /// The one configuration path that may change after bootstrap.
 pub const PATH_LABELS_TO_SYNC: &str = "kubernetes.node_labels_to_synchronize";

@@ -1,7 +1,7 @@
 //! Node labels.
 
-use metropolis_api::quote;
 use super::*;
+use metropolis_api::quote;
 
 impl Cluster {
     /// Applies label upserts and deletes in one atomic change.

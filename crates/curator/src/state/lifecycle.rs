@@ -1,7 +1,7 @@
 //! Decommissioning and deleting nodes, and their tombstones.
 
-use metropolis_api::quote;
 use super::*;
+use metropolis_api::quote;
 
 impl Cluster {
     /// Asks a node to decommission itself. Only nodes without roles; nodes

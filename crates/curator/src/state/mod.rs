@@ -391,10 +391,9 @@ impl Cluster {
             let (mut node, mod_revision) = match remembered.take() {
                 Some(r) => r,
                 None => {
-                    let entry = self
-                        .node(id)
-                        .await?
-                        .ok_or_else(|| CuratorError::NotFound(format!("node {} not found", quote(id))))?;
+                    let entry = self.node(id).await?.ok_or_else(|| {
+                        CuratorError::NotFound(format!("node {} not found", quote(id)))
+                    })?;
                     (entry.node, entry.mod_revision)
                 }
             };

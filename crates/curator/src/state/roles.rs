@@ -1,7 +1,7 @@
 //! Node roles (UpdateNodeRoles).
 
-use metropolis_api::quote;
 use super::*;
+use metropolis_api::quote;
 
 /// Requested role changes; `None` leaves a role as it is.
 #[derive(Debug, Clone, Copy, Default)]

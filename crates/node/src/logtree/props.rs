@@ -36,28 +36,28 @@ fn request() -> impl Strategy<Value = LogsRequest> {
         any::<i64>(),
         -1i32..4,
     )
-        .prop_map(|(dn, filters, backlog_mode, backlog_count, stream_mode)| LogsRequest {
-            dn,
-            filters,
-            backlog_mode,
-            backlog_count,
-            stream_mode,
-        })
+        .prop_map(
+            |(dn, filters, backlog_mode, backlog_count, stream_mode)| LogsRequest {
+                dn,
+                filters,
+                backlog_mode,
+                backlog_count,
+                stream_mode,
+            },
+        )
 }
 
 #[test]
 fn props_logs_requests() {
     let decoded = prop::collection::vec(any::<u8>(), 0..512)
-        .prop_filter_map("not a LogsRequest", |b| LogsRequest::decode(b.as_slice()).ok());
-    props(
-        "Logs requests",
-        prop_oneof![request(), decoded],
-        |req| {
-            match Plan::parse(&req) {
-                Ok(_) => prop_assert!(req.dn.is_empty() || validate_dn(&req.dn).is_ok()),
-                Err(e) => prop_assert!(e.to_string().len() < 1024, "{e}"),
-            }
-            Ok(())
-        },
-    );
+        .prop_filter_map("not a LogsRequest", |b| {
+            LogsRequest::decode(b.as_slice()).ok()
+        });
+    props("Logs requests", prop_oneof![request(), decoded], |req| {
+        match Plan::parse(&req) {
+            Ok(_) => prop_assert!(req.dn.is_empty() || validate_dn(&req.dn).is_ok()),
+            Err(e) => prop_assert!(e.to_string().len() < 1024, "{e}"),
+        }
+        Ok(())
+    });
 }

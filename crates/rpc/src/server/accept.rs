@@ -65,10 +65,7 @@ pub fn tls_incoming(
                 },
             };
             let ip = peer.ip();
-            let Some(pending) = shared
-                .pending
-                .take(ip, shared.limits.pending_per_source)
-            else {
+            let Some(pending) = shared.pending.take(ip, shared.limits.pending_per_source) else {
                 refused.note(ip, "handshakes in progress");
                 continue;
             };
@@ -115,7 +112,7 @@ impl Shared {
                 Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
                 Err(_) => return Err("TLS handshake timed out".into()),
             };
-        let slot = if self.from_cluster(&stream) {
+        let slot = if self.issued_by_cluster(&stream) {
             None
         } else {
             Some(self.anonymous_slot(ip).ok_or(
@@ -126,10 +123,14 @@ impl Shared {
     }
 
     /// Whether the client presented a certificate the cluster CA issued.
-    fn from_cluster(&self, stream: &TlsStream<TcpStream>) -> bool {
+    fn issued_by_cluster(&self, stream: &TlsStream<TcpStream>) -> bool {
         let (Some(ca), Some(leaf)) = (
             &self.ca_der,
-            stream.get_ref().1.peer_certificates().and_then(|c| c.first()),
+            stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first()),
         ) else {
             return false;
         };
@@ -325,14 +326,20 @@ impl AsyncRead for Conn {
         if activity.streams.load(Ordering::Acquire) > 0 {
             return Poll::Pending;
         }
-        let since = *activity.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+        let since = *activity
+            .idle_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let deadline = since + this.idle_timeout;
         if this.idle.deadline() != deadline {
             this.idle.as_mut().reset(deadline);
         }
         match this.idle.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                tracing::debug!("closing a connection that carried no stream for {:?}", this.idle_timeout);
+                tracing::debug!(
+                    "closing a connection that carried no stream for {:?}",
+                    this.idle_timeout
+                );
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => Poll::Pending,
@@ -382,7 +389,10 @@ mod tests {
         let first = counts.take(a, 2).expect("first");
         let second = counts.take(a, 2).expect("second");
         assert!(counts.take(a, 2).is_none(), "a third from one address");
-        assert!(counts.take(b, 2).is_some(), "another address is not affected");
+        assert!(
+            counts.take(b, 2).is_some(),
+            "another address is not affected"
+        );
         drop(first);
         let third = counts.take(a, 2).expect("a place was given back");
         drop((second, third));

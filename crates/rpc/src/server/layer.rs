@@ -230,9 +230,7 @@ where
 /// Cuts the `grpc-message` in `headers` to at most `max` bytes (decoded),
 /// keeping the code, details and metadata.
 fn cap_status(headers: &mut http::HeaderMap, max: usize) {
-    let too_long = headers
-        .get("grpc-message")
-        .is_some_and(|m| m.len() > max);
+    let too_long = headers.get("grpc-message").is_some_and(|m| m.len() > max);
     if !too_long {
         return;
     }
@@ -321,7 +319,9 @@ mod tests {
         assert!(status.message().starts_with("bad label é"));
 
         let mut short = http::HeaderMap::new();
-        Status::not_found("short").add_header(&mut short).expect("encode");
+        Status::not_found("short")
+            .add_header(&mut short)
+            .expect("encode");
         let before = short.clone();
         cap_status(&mut short, 100);
         assert_eq!(short, before);
