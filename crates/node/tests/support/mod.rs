@@ -278,14 +278,23 @@ pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Ve
     let ch = channel(addr, trust(ca), Some((self_signed, owner.clone())))
         .await
         .expect("connect");
-    let mut s = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([escrow_request(
-            "owner",
-            owner.verifying_key().as_bytes(),
-        )]))
-        .await
-        .expect("escrow")
-        .into_inner();
+    // A node serves a moment before its curator has won the election;
+    // meanwhile Escrow answers UNAVAILABLE.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        let call = AaaClient::new(ch.clone())
+            .escrow(tokio_stream::iter([escrow_request(
+                "owner",
+                owner.verifying_key().as_bytes(),
+            )]))
+            .await;
+        match call {
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.expect("escrow").into_inner(),
+        }
+    };
     let resp = s
         .message()
         .await
