@@ -70,6 +70,10 @@ pub use metropolis::proto::storage as private;
 
 pub mod authorization;
 pub mod json;
+pub mod quote;
+pub use quote::quote;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// Limits of UpdateNode's project-owned fields: the node enforces them,
 /// metroctl checks them first to say so before anything is sent.

@@ -14,6 +14,7 @@
 //! concurrent curator calls (and, with etcd, several curators) never overwrite
 //! each other's writes.
 
+use metropolis_api::quote;
 use std::sync::Arc;
 
 use metropolis_api::common::{
@@ -392,10 +393,9 @@ impl Cluster {
             let (mut node, mod_revision) = match remembered.take() {
                 Some(r) => r,
                 None => {
-                    let entry = self
-                        .node(id)
-                        .await?
-                        .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+                    let entry = self.node(id).await?.ok_or_else(|| {
+                        CuratorError::NotFound(format!("node {} not found", quote(id)))
+                    })?;
                     (entry.node, entry.mod_revision)
                 }
             };

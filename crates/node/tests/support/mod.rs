@@ -201,6 +201,24 @@ impl TestNode {
         }
     }
 
+    /// The process ID while the node runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The node process's resident memory in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Whether the process has exited, and with what status.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child
@@ -302,14 +320,23 @@ pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Ve
     let ch = channel(addr, trust(ca), Some((self_signed, owner.clone())))
         .await
         .expect("connect");
-    let mut s = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([escrow_request(
-            "owner",
-            owner.verifying_key().as_bytes(),
-        )]))
-        .await
-        .expect("escrow")
-        .into_inner();
+    // A node serves a moment before its curator has won the election;
+    // meanwhile Escrow answers UNAVAILABLE.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        let call = AaaClient::new(ch.clone())
+            .escrow(tokio_stream::iter([escrow_request(
+                "owner",
+                owner.verifying_key().as_bytes(),
+            )]))
+            .await;
+        match call {
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.expect("escrow").into_inner(),
+        }
+    };
     let resp = s
         .message()
         .await
