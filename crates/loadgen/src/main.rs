@@ -94,6 +94,7 @@ mod progress;
 mod register;
 mod report;
 mod stats;
+mod store;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -106,7 +107,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use metropolis_api::api::management_client::ManagementClient;
-use metropolis_store::EtcdStore;
 
 use crate::node::NodeProcess;
 use crate::progress::Progress;
@@ -153,10 +153,13 @@ struct Args {
     /// (high-availability bootstrap; `etcd` must be on PATH).
     #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
+    /// Also write the run's key figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    summary_json: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum StoreKind {
+pub enum StoreKind {
     Embedded,
     Etcd,
 }
@@ -207,12 +210,6 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Slack on top of the heartbeat timeout before health is read: the
 /// curator's clock starts a little after the process does.
 const HEALTH_SLACK: Duration = Duration::from_secs(1);
-/// With `--store etcd`: how long the store revision is watched with nothing
-/// in flight before the registrations, to see writes that are not theirs.
-const IDLE_WATCH: Duration = Duration::from_secs(1);
-/// Fewest raw etcd transactions: below this, start-up and the tail of the
-/// last ones in flight weigh on the rate.
-const MIN_RAW_TXNS: u64 = 2_000;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -239,9 +236,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let summary_json = args.summary_json.clone();
     match runtime.block_on(run(args, progress)) {
         Ok(report) => {
             print!("{}", report.render());
+            if let Some(path) = summary_json {
+                let text = format!("{:#}\n", report.summary());
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!(
+                        "metropolis-loadgen: cannot write the summary to {}: {e}",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
             if report.failed() {
                 // The report has the details; one line each is enough here.
                 let summary: Vec<&str> = report
@@ -310,7 +318,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
     tracing::info!(pid = node.pid, addr = %node.addr, dir = %dir.path().display(), "started the node");
 
     let outcome = tokio::select! {
-        r = phases(&args, &mut node, &owner, &mut report, &progress) => r,
+        r = phases(&args, dir.path(), &mut node, &owner, &mut report, &progress) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     let phases_failed = outcome.is_err();
@@ -364,6 +372,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
 
 async fn phases(
     args: &Args,
+    dir: &std::path::Path,
     node: &mut NodeProcess,
     owner_key: &metropolis_identity::SigningKey,
     r: &mut Report,
@@ -384,10 +393,7 @@ async fn phases(
         concurrency = args.concurrency,
         "registering"
     );
-    let etcd_before = match args.store {
-        StoreKind::Etcd => Some(etcd_before_registration(node).await?),
-        StoreKind::Embedded => None,
-    };
+    let store_before = store::before_registration(args.store, node).await?;
     let cpu = node.cpu_time()?;
     let mut reg = register::run(
         register::Setup {
@@ -430,10 +436,12 @@ async fn phases(
         commit: reg.commit,
         node_cpu,
     });
-    if let Some(before) = etcd_before {
-        let wall = r.registration.as_ref().map_or(Duration::ZERO, |g| g.wall);
-        etcd_after_registration(args, node, before, &admitted, wall, r, progress).await;
-    }
+    let wall = r.registration.as_ref().map_or(Duration::ZERO, |g| g.wall);
+    let raw = store::RawSetup {
+        concurrency: args.concurrency,
+        dir,
+    };
+    store::after_registration(raw, node, store_before, &admitted, wall, r, progress).await;
     if admitted.is_empty() {
         bail!("no simulated node was admitted; nothing left to heartbeat");
     }
@@ -520,7 +528,7 @@ async fn phases(
     r.node_threads = node.threads().ok();
 
     tracing::info!(repeats = args.get_nodes_repeats, "timing GetNodes");
-    match getnodes::measure(&mut owner, args.get_nodes_repeats).await {
+    match getnodes::measure(&mut owner, args.get_nodes_repeats, &simulated).await {
         Ok(t) => r.get_nodes = Some(t),
         Err(e) => r.failures.push(format!("{e:#}")),
     }
@@ -623,7 +631,7 @@ async fn phases(
     });
     drop(owner);
     node.check_alive()?;
-    if let Some(e) = r.etcd.as_mut() {
+    if let Some(e) = r.store_backend.as_mut().filter(|e| e.etcd_socket.is_some()) {
         let addr = SocketAddr::new(args.address, node::NODE_MGMT_PORT);
         match etcd::log(addr, &ca, (owner_cert, owner_key.clone())).await {
             Ok(log) => e.log = Some(log),
@@ -634,151 +642,6 @@ async fn phases(
         }
     }
     Ok(())
-}
-
-/// The node's etcd as the registrations find it.
-struct EtcdBefore {
-    store: Arc<EtcdStore>,
-    socket: PathBuf,
-    idle_drift: (i64, Duration),
-    revision: i64,
-    etcd_cpu: Option<Duration>,
-    own_cpu: Option<Duration>,
-}
-
-async fn etcd_before_registration(node: &NodeProcess) -> anyhow::Result<EtcdBefore> {
-    let socket = node.etcd_socket();
-    let store = etcd::connect(&socket).await?;
-    let idle_start = etcd::revision(&store).await?;
-    tokio::time::sleep(IDLE_WATCH).await;
-    let revision = etcd::revision(&store).await?;
-    Ok(EtcdBefore {
-        store,
-        socket,
-        idle_drift: (revision - idle_start, IDLE_WATCH),
-        revision,
-        etcd_cpu: etcd_cpu(node),
-        own_cpu: node::own_cpu_time().ok(),
-    })
-}
-
-/// Reads what the registrations cost the store, then measures the raw
-/// transaction rate of the same etcd. Problems are failures of the run, but
-/// the heartbeat phases still run: their figures do not depend on these.
-async fn etcd_after_registration(
-    args: &Args,
-    node: &NodeProcess,
-    before: EtcdBefore,
-    admitted: &[register::Admitted],
-    registration_wall: Duration,
-    r: &mut Report,
-    progress: &Progress,
-) {
-    // Read first, so nothing else lands between the phase and the reading.
-    let revision_after = etcd::revision(&before.store).await;
-    let etcd_cpu_registration = cpu_since(before.etcd_cpu, etcd_cpu(node));
-    let loadgen_cpu_registration = cpu_since(before.own_cpu, node::own_cpu_time().ok());
-    let mut backend = report::EtcdBackend {
-        socket: before.socket.display().to_string(),
-        idle_drift: Some(before.idle_drift),
-        revision_before: before.revision,
-        revision_after: None,
-        registrations: admitted.len(),
-        registration_wall,
-        etcd_cpu_registration,
-        loadgen_cpu_registration,
-        raw: None,
-        etcd_rss: None,
-        log: None,
-    };
-    let revision_after = match revision_after {
-        Ok(rev) => rev,
-        Err(e) => {
-            r.failures.push(format!("{e:#}"));
-            r.etcd = Some(backend);
-            return;
-        }
-    };
-    backend.revision_after = Some(revision_after);
-    match raw_phase(
-        args,
-        node,
-        &before.store,
-        admitted,
-        revision_after - before.revision,
-        progress,
-    )
-    .await
-    {
-        Ok(raw) => {
-            if raw.results.errors.total() > 0 {
-                r.failures.push(format!(
-                    "{} of {} raw etcd transactions failed",
-                    raw.results.errors.total(),
-                    raw.results.attempted
-                ));
-            }
-            backend.raw = Some(raw);
-        }
-        Err(e) => r.failures.push(format!("{e:#}")),
-    }
-    backend.etcd_rss = node.etcd_pid().and_then(node::pid_rss).ok();
-    r.etcd = Some(backend);
-}
-
-/// As many CAS transactions as the registrations made (at least
-/// [`MIN_RAW_TXNS`]), each putting one real node record's bytes.
-async fn raw_phase(
-    args: &Args,
-    node: &NodeProcess,
-    store: &Arc<EtcdStore>,
-    admitted: &[register::Admitted],
-    registration_txns: i64,
-    progress: &Progress,
-) -> anyhow::Result<report::RawTxns> {
-    let first = admitted
-        .first()
-        .context("no simulated node was admitted, so there is no node record to size the raw etcd transactions by")?;
-    let record = etcd::node_record(store, &first.id).await?;
-    let total = u64::try_from(registration_txns)
-        .unwrap_or(0)
-        .max(MIN_RAW_TXNS);
-    tracing::info!(
-        txns = total,
-        concurrency = args.concurrency,
-        value_bytes = record.len(),
-        "measuring raw etcd transactions"
-    );
-    let value_len = record.len();
-    let start_revision = etcd::revision(store).await?;
-    let cpu = etcd_cpu(node);
-    let own_cpu = node::own_cpu_time().ok();
-    let results = etcd::raw_txns(store.clone(), total, args.concurrency, record, progress).await;
-    let etcd_cpu = cpu_since(cpu, etcd_cpu(node));
-    let loadgen_cpu = cpu_since(own_cpu, node::own_cpu_time().ok());
-    let revision_delta = etcd::revision(store)
-        .await
-        .ok()
-        .map(|rev| rev - start_revision);
-    Ok(report::RawTxns {
-        value_len,
-        concurrency: args.concurrency,
-        results,
-        revision_delta,
-        etcd_cpu,
-        loadgen_cpu,
-    })
-}
-
-/// CPU time of the node's etcd so far. The PID is read each time: the node
-/// would restart a dead etcd under a new one, and a figure across two
-/// processes means nothing (`cpu_since` then gives none).
-fn etcd_cpu(node: &NodeProcess) -> Option<Duration> {
-    node.etcd_pid().and_then(node::pid_cpu_time).ok()
-}
-
-fn cpu_since(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
-    now?.checked_sub(before?)
 }
 
 fn human(d: Duration) -> String {

@@ -22,6 +22,8 @@ pub const NODE_MGMT_PORT: u16 = 7839;
 /// Port etcd's peers talk to each other on, on the node's address; a
 /// high-availability node binds it at bootstrap.
 pub const ETCD_PEER_PORT: u16 = 7834;
+/// The node's Prometheus metrics (HTTP).
+pub const METRICS_PORT: u16 = 7840;
 /// The node keeps its etcd here, under its data directory.
 const ETCD_DIR: &str = "etcd";
 /// etcd can listen on a unix socket only as `unix://client.sock:0`, which
