@@ -25,24 +25,20 @@
 //!
 //! With `--store etcd` the node bootstraps a high-availability cluster
 //! (`ClusterBootstrap.high_availability`): it runs etcd as a child process
-//! and keeps cluster state there. The loadgen then also connects to that
-//! etcd's client socket (`<node data dir>/etcd/client.sock:0`) and:
+//! and keeps cluster state there.
 //!
-//! - reads the store revision just before and just after the registration
-//!   phase (every write transaction is one revision), which gives the store
-//!   transactions one registration + approval costs; a second of watching
-//!   the revision idle beforehand shows whether anything else writes;
-//! - right after the registrations, runs as many compare-and-swap
-//!   transactions as they made (at least 2,000) with `--concurrency` tasks
-//!   on that one connection, each task creating one key under
-//!   `/loadgen-raw/` and rewriting it on its last revision, with a node
-//!   record's bytes as the value: etcd's own rate for the curator's kind of
-//!   write, on the same machine, disk and data;
-//! - reports, in an "etcd backend" section, the curator's store-write rate
-//!   while registering as a share of that raw rate (target: at least 50%),
-//!   and, at the end of the run, etcd's own log lines by level (they go to
-//!   the node's log tree, read through `NodeManagement.Logs`, not to the
-//!   node's stderr).
+//! On either store, a "Store" section (`store`) puts the registrations'
+//! store transactions next to the same store's raw rate: the revision just
+//! before and after the registrations (from the node's etcd, or from the
+//! node's `/metrics` on the embedded store) gives the write transactions
+//! per registration; right after, as many compare-and-swap transactions as
+//! they made (at least 2,000) run with `--concurrency` writers, each on its
+//! own key with a node record's bytes, on the node's etcd or on an embedded
+//! store the loadgen opens in the run's directory (same code, same disk).
+//! The share of the raw rate the registrations reached is reported (target:
+//! at least 50%), and with etcd also etcd's CPU and its own log lines by
+//! level (they go to the node's log tree, read through
+//! `NodeManagement.Logs`, not to the node's stderr).
 //!
 //! The node's memory figures are then the node process alone; etcd's CPU
 //! and memory are reported separately.
@@ -82,7 +78,11 @@
 //! flight), `--heartbeat-timeout` (passed to the node), `--duration` (how long
 //! the heartbeats run once all streams are open), `--get-nodes-repeats`,
 //! `--node-log` (the node's `RUST_LOG`), `--keep` (keep the data directory
-//! and the node's log), `--store` (`embedded`, the default, or `etcd`).
+//! and the node's log), `--store` (`embedded`, the default, or `etcd`),
+//! `--summary-json FILE` (the key figures as JSON: `nodes`, `healthy_min`,
+//! `bytes_per_connected_node`, `bytes_per_node_state`, `registrations_per_s`,
+//! `store_txns_per_registration`, `raw_store_txns_per_s`, `store_ratio`,
+//! `heartbeats_per_s`, `heartbeat_rtt_p99_ms`, `get_nodes_ms`).
 //! `RUST_LOG` sets the loadgen's own log level.
 
 mod cluster;
@@ -486,6 +486,7 @@ async fn phases(
         attempted,
         opened,
         errors: connected.errors,
+        connect_retries: connected.connect_retries,
         wall: connected.wall,
         total: connected.total,
         connect: connected.connect,

@@ -129,6 +129,7 @@ pub struct Connections {
     pub attempted: usize,
     pub opened: usize,
     pub errors: ErrorTally,
+    pub connect_retries: u64,
     pub wall: Duration,
     pub total: Samples,
     pub connect: Samples,
@@ -343,6 +344,13 @@ impl Report {
                 fmt_duration(c.wall),
                 c.opened as f64 / c.wall.as_secs_f64().max(1e-9)
             );
+            if c.connect_retries > 0 {
+                let _ = writeln!(
+                    o,
+                    "  connection attempts that failed and were retried (as a node would): {}",
+                    c.connect_retries
+                );
+            }
             cpu_line(o, "  node CPU   ", c.node_cpu, c.wall);
             latency_header(o);
             latency_row(o, "whole setup", &mut c.total.clone());
