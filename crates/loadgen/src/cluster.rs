@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{ConstantBuilder, Retryable};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use metropolis_api::api::{
@@ -70,7 +71,9 @@ pub async fn wait_serving(node: &mut NodeProcess, limit: Duration) -> anyhow::Re
 }
 
 /// Trades the self-signed initial owner credentials for the owner
-/// certificate (AAA.Escrow), as metroctl does on first use.
+/// certificate (AAA.Escrow), as metroctl does on first use. The node serves
+/// before its curator has won its first election; until then the call is
+/// UNAVAILABLE, and is retried for up to [`LEADER_WAIT`].
 pub async fn escrow_owner(
     addr: SocketAddr,
     ca: &[u8],
@@ -79,23 +82,33 @@ pub async fn escrow_owner(
     let self_signed = metropolis_identity::self_signed_certificate(owner, "")
         .context("creating the initial owner certificate")?;
     let ch = channel(addr, ca, (self_signed, owner.clone())).await?;
-    let request = EscrowRequest {
-        parameters: Some(Parameters {
-            requested_identity_name: "owner".into(),
-            public_key: owner.verifying_key().to_bytes().to_vec(),
-        }),
-        proofs: None,
+    let attempt = || async {
+        let request = EscrowRequest {
+            parameters: Some(Parameters {
+                requested_identity_name: "owner".into(),
+                public_key: owner.verifying_key().to_bytes().to_vec(),
+            }),
+            proofs: None,
+        };
+        let mut replies = AaaClient::new(ch.clone())
+            .escrow(tokio_stream::iter([request]))
+            .await?
+            .into_inner();
+        match replies.next().await {
+            Some(reply) => reply.map(Some),
+            None => Ok(None),
+        }
     };
-    let mut replies = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([request]))
+    let reply = attempt
+        .retry(
+            ConstantBuilder::default()
+                .with_delay(LEADER_RETRY)
+                .with_max_times((LEADER_WAIT.as_millis() / LEADER_RETRY.as_millis()) as usize),
+        )
+        .when(|s: &tonic::Status| s.code() == tonic::Code::Unavailable)
         .await
         .map_err(|s| anyhow::anyhow!("Escrow: {}", explain_status(&s)))?
-        .into_inner();
-    let reply = replies
-        .next()
-        .await
-        .context("Escrow: the node closed the stream without an answer")?
-        .map_err(|s| anyhow::anyhow!("Escrow: {}", explain_status(&s)))?;
+        .context("Escrow: the node closed the stream without an answer")?;
     if reply.emitted_certificate.is_empty() {
         bail!(
             "Escrow: no owner certificate emitted (needed proofs: {:?})",
@@ -104,6 +117,10 @@ pub async fn escrow_owner(
     }
     Ok(reply.emitted_certificate)
 }
+
+/// How long the first election may take, and how often to ask meanwhile.
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+const LEADER_RETRY: Duration = Duration::from_millis(100);
 
 pub async fn register_ticket(owner: &mut ManagementClient<Channel>) -> anyhow::Result<Vec<u8>> {
     let ticket = owner
