@@ -57,7 +57,7 @@ pub(super) enum Written {
 
 struct Request {
     write: Write,
-    reply: oneshot::Sender<Result<Written, StoreError>>,
+    reply: Reply,
 }
 
 /// Writes waiting for the next batch, and whether a task is draining them.
@@ -325,12 +325,10 @@ fn mismatch(written: &Written) -> StoreError {
 }
 
 /// The outcome of each write of a committed batch, to its caller.
-struct Answers(
-    Vec<(
-        oneshot::Sender<Result<Written, StoreError>>,
-        Result<Written, StoreError>,
-    )>,
-);
+struct Answers(Vec<(Reply, Result<Written, StoreError>)>);
+
+/// Where a write's outcome goes.
+type Reply = oneshot::Sender<Result<Written, StoreError>>;
 
 impl Answers {
     fn send(self) {
@@ -551,8 +549,6 @@ impl<'t> Writer<'t> {
     }
 }
 
-/// State of one watch stream. It owns no task: dropping the stream drops the
-
 #[cfg(test)]
 mod tests {
     //! One batch assembled by hand: the writes are queued while the queue is
@@ -571,27 +567,30 @@ mod tests {
     ) -> Vec<oneshot::Receiver<Result<Written, StoreError>>> {
         // A write answered just now may leave its drain task finishing.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut queue = loop {
-            let queue = store.inner.lock_queue();
-            if !queue.running {
-                break queue;
+        let mut writes = Some(writes);
+        loop {
+            {
+                let mut queue = store.inner.lock_queue();
+                if !queue.running {
+                    queue.running = true;
+                    return writes
+                        .take()
+                        .into_iter()
+                        .flatten()
+                        .map(|write| {
+                            let (reply, answer) = oneshot::channel();
+                            queue.pending.push(Request { write, reply });
+                            answer
+                        })
+                        .collect();
+                }
             }
-            drop(queue);
             assert!(
                 std::time::Instant::now() < deadline,
                 "the queue never went idle"
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
-        };
-        queue.running = true;
-        writes
-            .into_iter()
-            .map(|write| {
-                let (reply, answer) = oneshot::channel();
-                queue.pending.push(Request { write, reply });
-                answer
-            })
-            .collect()
+        }
     }
 
     async fn drain(store: &EmbeddedStore) {

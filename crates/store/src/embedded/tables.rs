@@ -95,8 +95,6 @@ pub(super) struct Opened {
     pub(super) leases: Vec<(LeaseId, Duration)>,
 }
 
-/// `now + ttl`, saturating far in the future for absurd TTLs instead of
-
 pub(super) fn backend<E: fmt::Display>(context: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Backend(format!("{context}: {e}"))
 }
