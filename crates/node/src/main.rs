@@ -22,15 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-
-/// A curator holds thousands of long-lived connections, each with buffers
-/// (TLS, HTTP/2, gRPC) that are allocated whole but mostly never written,
-/// amid a churn of short-lived allocations. glibc's arenas hand those
-/// buffers memory that earlier churn already made resident; mimalloc keeps
-/// fresh buffers on untouched pages and returns freed pages to the kernel,
-/// which the loadgen measured at 19,000 connections (see the scale note).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use metropolis_curator::{BootstrapRequest, Cluster};
 use metropolis_identity::CertificateAuthority;
