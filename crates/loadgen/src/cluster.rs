@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{ConstantBuilder, Retryable};
 use anyhow::{Context, bail};
+use backon::{ConstantBuilder, Retryable};
 use futures::StreamExt;
 use metropolis_api::api::{
     EscrowRequest, GetRegisterTicketRequest, aaa_client::AaaClient, escrow_request::Parameters,

@@ -59,6 +59,7 @@ pub struct Spawn<'a> {
     pub address: IpAddr,
     pub owner: &'a SigningKey,
     pub heartbeat_timeout: Duration,
+    pub leader_lease_ttl: Duration,
     pub log_level: &'a str,
     /// Bootstrap on an etcd the node runs (found on its PATH) instead of
     /// the embedded store.
@@ -124,6 +125,8 @@ impl NodeProcess {
             .arg(s.address.to_string())
             .arg("--heartbeat-timeout")
             .arg(humantime::format_duration(s.heartbeat_timeout).to_string())
+            .arg("--leader-lease-ttl")
+            .arg(humantime::format_duration(s.leader_lease_ttl).to_string())
             .env("RUST_LOG", s.log_level)
             .stdin(Stdio::null())
             .stdout(out)
