@@ -9,6 +9,8 @@
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
+pub mod codec;
+
 pub mod metropolis {
     pub mod proto {
         pub mod ext {

@@ -94,7 +94,11 @@ impl Cluster {
             .and_then(Op::put(tombstone_key(id), entry.node.public_key.clone()));
         let committed = self.commit(txn).await;
         self.recent_nodes().remove(id);
-        if !committed?.succeeded {
+        let committed = committed.inspect_err(|_| self.directory.invalidate())?;
+        if committed.succeeded {
+            self.node_written(id, committed.revision, None);
+        }
+        if !committed.succeeded {
             return Err(CuratorError::FailedPrecondition(format!(
                 "node {id} or the consensus members changed while deleting; retry"
             )));

@@ -112,8 +112,16 @@ impl Cluster {
             // stale now (it would only cost update_node a failed attempt).
             let committed = self.commit(txn).await;
             self.recent_nodes().remove(id);
-            if committed?.succeeded {
-                return Ok(());
+            match committed {
+                Ok(resp) if resp.succeeded => {
+                    self.node_written(id, resp.revision, Some(&node));
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.directory.invalidate();
+                    return Err(e);
+                }
             }
         }
         Err(CuratorError::Internal(format!(

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use metropolis_api::api::{
     EscrowRequest, NodeParameters,
-    aaa_client::AaaClient,
     escrow_request::Parameters,
     node_parameters::{Cluster, ClusterBootstrap},
 };
@@ -316,37 +315,9 @@ pub fn escrow_request(name: &str, key: &[u8]) -> EscrowRequest {
 
 /// Runs the owner escrow flow over gRPC and returns the owner certificate.
 pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Vec<u8> {
-    let self_signed = metropolis_identity::self_signed_certificate(owner, "").expect("self-signed");
-    let ch = channel(addr, trust(ca), Some((self_signed, owner.clone())))
+    metropolis_rpc::client::escrow_owner(addr, ca, owner)
         .await
-        .expect("connect");
-    // A node serves a moment before its curator has won the election;
-    // meanwhile Escrow answers UNAVAILABLE.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut s = loop {
-        let call = AaaClient::new(ch.clone())
-            .escrow(tokio_stream::iter([escrow_request(
-                "owner",
-                owner.verifying_key().as_bytes(),
-            )]))
-            .await;
-        match call {
-            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => break other.expect("escrow").into_inner(),
-        }
-    };
-    let resp = s
-        .message()
-        .await
-        .expect("escrow response")
-        .expect("one response");
-    assert!(
-        !resp.emitted_certificate.is_empty(),
-        "no certificate emitted: {resp:?}"
-    );
-    resp.emitted_certificate
+        .expect("escrow the owner certificate")
 }
 
 /// A Management-capable channel authenticated as the owner.
