@@ -5,7 +5,9 @@
 //! Logs live in a tree of distinguished names (DNs): dot-separated segments
 //! of ASCII letters, digits, `_` and `-`, at most [`MAX_DN_LEN`] bytes, all
 //! under `root` (`root`, `root.curator`, `root.consensus.etcd`). `a.b` is a
-//! child of `a`. Readers may ask for the empty DN, which means `root`.
+//! child of `a`. Readers may name any DN without empty segments (one that
+//! nobody logs to has no entries); the empty DN is the top of the tree and
+//! reads all of it, with or without `WithChildren`.
 //!
 //! # Entries
 //! - *Leveled* entries come from `tracing` through [`LogTreeLayer`], or from
@@ -37,7 +39,11 @@
 //! it and returns the backlog (chronological; children merged in the order
 //! the entries were appended) and, when streaming, a [`LogStream`] of the
 //! entries appended after the backlog was taken: no entry is in both, none is
-//! missed. Filters apply to both. [`serve`] turns that into `LogsResponse`s.
+//! missed. Filters apply to both (at most ten). As upstream's service reads
+//! a request: an unset `stream_mode` streams nothing, `backlog_count` counts
+//! only with `BACKLOG_MODE_COUNT`, and asking for neither backlog nor stream
+//! is an empty answer. [`serve`] turns that into `LogsResponse`s of at most
+//! 2000 entries (upstream's chunk) and 2 MiB.
 //!
 //! # Lagging readers
 //! Appending never waits for readers. A stream reader that falls
@@ -83,9 +89,13 @@ pub const MAX_DN_LEN: usize = 256;
 pub const RAW_LINE_MAX: usize = 1024;
 /// Leveled messages (message and fields) are cut to this many bytes.
 pub const LEVELED_MESSAGE_MAX: usize = 8 * 1024;
-/// Entries per `LogsResponse`: with entries of at most ~8 KiB this keeps a
-/// response far below gRPC's default 4 MiB message limit.
-pub const RESPONSE_CHUNK: usize = 256;
+/// Most entries in one `LogsResponse` (upstream sends the backlog in chunks
+/// of 2000).
+pub const RESPONSE_CHUNK: usize = 2000;
+/// Most encoded bytes of entries in one `LogsResponse`: leveled entries here
+/// can be 8 KiB, so 2000 of them could pass gRPC's default 4 MiB message
+/// limit that clients decode with; half of it leaves room.
+pub const RESPONSE_MAX_BYTES: usize = 2 * 1024 * 1024;
 
 /// Rough per-entry overhead (the `Arc`, the entry struct, the ring slot), so
 /// that a flood of empty lines is bounded by bytes too.

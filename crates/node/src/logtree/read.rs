@@ -14,7 +14,9 @@ use metropolis_api::api::{LogsRequest, LogsResponse};
 use metropolis_api::common::log_filter::Filter as LogFilterKind;
 use metropolis_api::osbase::logtree::proto::{LeveledLogSeverity, LogEntry};
 
-use super::{Entry, Inner, Kind, LogError, LogTree, RESPONSE_CHUNK, ROOT_DN, lock, validate_dn};
+use super::{
+    Entry, Inner, Kind, LogError, LogTree, MAX_DN_LEN, RESPONSE_CHUNK, RESPONSE_MAX_BYTES, lock,
+};
 
 impl LogTree {
     /// Answers a `LogsRequest`: the backlog now, and the stream if asked for.
@@ -94,7 +96,10 @@ pub(super) struct Query {
 
 impl Query {
     fn matches_dn(&self, dn: &str) -> bool {
-        dn == self.dn
+        // Nothing is logged at the top of the tree itself, so asking for it
+        // exactly would always answer nothing: it names the whole tree.
+        self.dn.is_empty()
+            || dn == self.dn
             || (self.children
                 && dn.len() > self.dn.len()
                 && dn.starts_with(self.dn.as_str())
@@ -114,6 +119,26 @@ impl Query {
     }
 }
 
+/// Most filters one request may carry (upstream's limit).
+pub const MAX_FILTERS: usize = 10;
+
+/// What a reader may name: any dot-separated DN without empty segments
+/// (upstream's rule), bounded in length. Appends are stricter
+/// (`validate_dn`).
+fn check_read_dn(dn: &str) -> Result<(), LogError> {
+    let reason = if dn.len() > MAX_DN_LEN {
+        "longer than 256 bytes"
+    } else if dn.split('.').any(str::is_empty) {
+        "empty segment (leading, trailing or doubled '.')"
+    } else {
+        return Ok(());
+    };
+    Err(LogError::InvalidDn {
+        dn: dn.chars().take(32).collect(),
+        reason,
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backlog {
     None,
@@ -130,59 +155,49 @@ pub(super) struct Plan {
 impl Plan {
     pub(super) fn parse(req: &LogsRequest) -> Result<Plan, LogError> {
         let bad = |msg: String| Err(LogError::InvalidRequest(msg));
-        let dn = if req.dn.is_empty() {
-            ROOT_DN.to_owned()
-        } else {
-            validate_dn(&req.dn)?;
-            req.dn.clone()
-        };
+        if req.filters.len() > MAX_FILTERS {
+            return bad(format!(
+                "{} filters given; at most {MAX_FILTERS} are allowed",
+                req.filters.len()
+            ));
+        }
+        // Any DN may be asked for (one nobody logs to has no entries); the
+        // empty DN is the top of the tree, above `root`.
+        if !req.dn.is_empty() {
+            check_read_dn(&req.dn)?;
+        }
+        let dn = req.dn.clone();
 
-        let backlog_mode = match BacklogMode::try_from(req.backlog_mode) {
+        // As upstream: backlog_count means something only with
+        // BACKLOG_MODE_COUNT, and is ignored otherwise.
+        let backlog = match BacklogMode::try_from(req.backlog_mode) {
             Ok(BacklogMode::Invalid) => {
                 return bad(
                     "backlog_mode must be set: BACKLOG_MODE_DISABLE, BACKLOG_MODE_ALL or BACKLOG_MODE_COUNT"
                         .into(),
                 );
             }
-            Ok(mode) => mode,
-            Err(_) => return bad(format!("unknown backlog_mode {}", req.backlog_mode)),
-        };
-        let backlog = match backlog_mode {
-            BacklogMode::Count if req.backlog_count <= 0 => {
+            Ok(BacklogMode::Count) if req.backlog_count <= 0 => {
                 return bad(format!(
                     "backlog_count must be > 0 with BACKLOG_MODE_COUNT, got {}",
                     req.backlog_count
                 ));
             }
-            BacklogMode::Count => {
+            Ok(BacklogMode::Count) => {
                 Backlog::Last(usize::try_from(req.backlog_count).unwrap_or(usize::MAX))
             }
-            _ if req.backlog_count != 0 => {
-                return bad(format!(
-                    "backlog_count is only valid with BACKLOG_MODE_COUNT, not {}",
-                    backlog_mode.as_str_name()
-                ));
-            }
-            BacklogMode::All => Backlog::All,
-            _ => Backlog::None,
+            Ok(BacklogMode::All) => Backlog::All,
+            Ok(BacklogMode::Disable) => Backlog::None,
+            Err(_) => return bad(format!("unknown backlog_mode {}", req.backlog_mode)),
         };
 
+        // An unset stream_mode (0) streams nothing, as upstream. A value this
+        // node does not know may ask for something it cannot do: refused.
         let stream = match StreamMode::try_from(req.stream_mode) {
-            Ok(StreamMode::Invalid) => {
-                return bad(
-                    "stream_mode must be set: STREAM_MODE_DISABLE or STREAM_MODE_UNBUFFERED".into(),
-                );
-            }
-            Ok(StreamMode::Disable) => false,
+            Ok(StreamMode::Invalid | StreamMode::Disable) => false,
             Ok(StreamMode::Unbuffered) => true,
             Err(_) => return bad(format!("unknown stream_mode {}", req.stream_mode)),
         };
-        if backlog == Backlog::None && !stream {
-            return bad(
-                "BACKLOG_MODE_DISABLE with STREAM_MODE_DISABLE asks for nothing; enable the backlog or streaming"
-                    .into(),
-            );
-        }
 
         let mut children = false;
         let mut only_raw = false;
@@ -258,38 +273,81 @@ pub struct LogReader {
 }
 
 impl LogReader {
-    /// `LogsResponse`s as the RPCs send them: the backlog in chunks of up to
-    /// [`RESPONSE_CHUNK`] entries in `backlog_entries`, then streamed entries
-    /// in `stream_entries`, batching whatever is ready (up to the same
-    /// chunk size) so a busy DN does not cost one message per entry.
+    /// `LogsResponse`s as the RPCs send them: the backlog in chunks in
+    /// `backlog_entries`, then streamed entries in `stream_entries`,
+    /// batching whatever is ready so a busy DN does not cost one message per
+    /// entry. A response holds at most [`RESPONSE_CHUNK`] entries (upstream's
+    /// figure) and [`RESPONSE_MAX_BYTES`] of them, whichever binds first. A
+    /// request for neither backlog nor stream gets no response at all.
     pub fn into_responses(self) -> impl Stream<Item = LogsResponse> + Send + 'static {
         let LogReader { backlog, stream } = self;
-        let mut chunks = Vec::with_capacity(backlog.len().div_ceil(RESPONSE_CHUNK));
+        let mut chunks = Vec::new();
         let mut entries = backlog.into_iter().peekable();
         while entries.peek().is_some() {
+            let mut chunk = Chunk::default();
+            while let Some(e) = entries.next_if(|e| chunk.has_room_for(e)) {
+                chunk.push(e);
+            }
             chunks.push(LogsResponse {
-                backlog_entries: entries.by_ref().take(RESPONSE_CHUNK).collect(),
+                backlog_entries: chunk.entries,
                 stream_entries: Vec::new(),
             });
         }
-        let tail = futures::stream::unfold(stream, |stream| async move {
-            let mut stream = stream?;
-            let first = stream.next().await?;
-            let mut batch = vec![first];
-            while batch.len() < RESPONSE_CHUNK {
-                match stream.try_next() {
-                    Some(e) => batch.push(e),
-                    None => break,
+        let tail =
+            futures::stream::unfold((stream, None::<LogEntry>), |(stream, carried)| async move {
+                let mut stream = stream?;
+                let first = match carried {
+                    Some(e) => e,
+                    None => stream.next().await?,
+                };
+                let mut chunk = Chunk::default();
+                chunk.push(first);
+                let mut carry = None;
+                while let Some(e) = stream.try_next() {
+                    if chunk.has_room_for(&e) {
+                        chunk.push(e);
+                    } else {
+                        carry = Some(e);
+                        break;
+                    }
                 }
-            }
-            let response = LogsResponse {
-                backlog_entries: Vec::new(),
-                stream_entries: batch,
-            };
-            Some((response, Some(stream)))
-        });
+                let response = LogsResponse {
+                    backlog_entries: Vec::new(),
+                    stream_entries: chunk.entries,
+                };
+                Some((response, (Some(stream), carry)))
+            });
         futures::stream::iter(chunks).chain(tail)
     }
+}
+
+/// The entries of one response, and their encoded size.
+#[derive(Default)]
+struct Chunk {
+    entries: Vec<LogEntry>,
+    bytes: usize,
+}
+
+impl Chunk {
+    /// Whether `e` still fits; an empty chunk takes any entry (one entry is
+    /// far below the byte bound).
+    fn has_room_for(&self, e: &LogEntry) -> bool {
+        self.entries.is_empty()
+            || (self.entries.len() < RESPONSE_CHUNK
+                && self.bytes + encoded_len_in_response(e) <= RESPONSE_MAX_BYTES)
+    }
+
+    fn push(&mut self, e: LogEntry) {
+        self.bytes += encoded_len_in_response(&e);
+        self.entries.push(e);
+    }
+}
+
+/// An entry's share of a `LogsResponse`: the entry and its field header.
+fn encoded_len_in_response(e: &LogEntry) -> usize {
+    use prost::Message;
+    let len = e.encoded_len();
+    len + prost::length_delimiter_len(len) + 1
 }
 
 /// The response stream a `Logs` RPC returns.
