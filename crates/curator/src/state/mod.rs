@@ -340,6 +340,31 @@ impl Cluster {
             .collect()
     }
 
+    /// Every node record that decodes; the others are logged and left out.
+    /// For listings only: decisions that must see every node use
+    /// [`Cluster::nodes`], which fails on a corrupt record.
+    pub async fn nodes_readable(&self) -> Result<Vec<NodeEntry>, CuratorError> {
+        let range = self.store.range(NODES_PREFIX.as_bytes()).await?;
+        Ok(range
+            .kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                match private::Node::decode(kv.value.as_slice()) {
+                    Ok(node) => Some(NodeEntry {
+                        id: key.trim_start_matches(NODES_PREFIX).to_string(),
+                        node,
+                        mod_revision: kv.mod_revision,
+                    }),
+                    Err(e) => {
+                        tracing::error!(key = %key.chars().take(128).collect::<String>(), error = %e, "skipping a node record that does not decode");
+                        None
+                    }
+                }
+            })
+            .collect())
+    }
+
     /// Every UP node with a known address, for clients to find the cluster.
     pub async fn directory(&self) -> Result<ClusterDirectory, CuratorError> {
         let nodes = self
