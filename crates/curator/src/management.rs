@@ -231,7 +231,10 @@ impl Management for ManagementService {
         let new = req
             .new_config
             .ok_or_else(|| Status::invalid_argument("new_config must be set"))?;
-        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let paths = req
+            .update_mask
+            .ok_or_else(|| Status::invalid_argument("update_mask must be set"))?
+            .paths;
         let resulting = self.cluster.configure(req.base_config, new, &paths).await?;
         tracing::info!(?paths, "cluster configuration changed");
         Ok(Response::new(ConfigureClusterResponse {

@@ -7,7 +7,8 @@ pub const PATH_LABELS_TO_SYNC: &str = "kubernetes.node_labels_to_synchronize";
 impl Cluster {
     /// Changes the fields of the configuration named by `paths`, if the
     /// current values equal those in `base` (when given). Returns the
-    /// resulting configuration.
+    /// resulting configuration. No paths: nothing changes (as upstream, which
+    /// merges field by field).
     pub async fn configure(
         &self,
         base: Option<ClusterConfiguration>,
@@ -15,16 +16,21 @@ impl Cluster {
         paths: &[String],
     ) -> Result<ClusterConfiguration, CuratorError> {
         if paths.is_empty() {
-            return Err(CuratorError::InvalidArgument(format!(
-                "update_mask names no fields; the mutable field is {PATH_LABELS_TO_SYNC}"
-            )));
+            return self.configuration().await;
         }
         for p in paths {
-            if p != PATH_LABELS_TO_SYNC {
-                return Err(CuratorError::InvalidArgument(format!(
-                    "field {p:?} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
-                )));
-            }
+            check_path(p)?;
+        }
+        // Upstream's checks of the sub-message the path goes through.
+        if new.kubernetes.is_none() {
+            return Err(CuratorError::InvalidArgument(format!(
+                "new_config.kubernetes must be set to change {PATH_LABELS_TO_SYNC}"
+            )));
+        }
+        if base.as_ref().is_some_and(|b| b.kubernetes.is_none()) {
+            return Err(CuratorError::InvalidArgument(format!(
+                "base_config.kubernetes must be set when base_config is given for {PATH_LABELS_TO_SYNC}"
+            )));
         }
         let wanted = sync_regexps(&new);
         for r in &wanted {
@@ -65,6 +71,38 @@ impl Cluster {
             "the configuration kept changing; gave up".into(),
         ))
     }
+}
+
+/// Field paths of `ClusterConfiguration` a mask may name.
+const KNOWN_PATHS: &[&str] = &[
+    "cluster_domain",
+    "tpm_mode",
+    "storage_security_policy",
+    "kubernetes",
+    PATH_LABELS_TO_SYNC,
+];
+
+/// Whether a mask path may be changed, in upstream's terms: an unknown field,
+/// the `kubernetes` message as a whole, and the immutable fields are refused.
+fn check_path(p: &str) -> Result<(), CuratorError> {
+    let short: String = p.chars().take(64).collect();
+    if !KNOWN_PATHS.contains(&p) {
+        return Err(CuratorError::InvalidArgument(format!(
+            "update_mask names {short:?}, which is not a field of ClusterConfiguration; \
+             the only mutable field is {PATH_LABELS_TO_SYNC}"
+        )));
+    }
+    if p == "kubernetes" {
+        return Err(CuratorError::InvalidArgument(format!(
+            "kubernetes cannot be changed as a whole, only its fields: {PATH_LABELS_TO_SYNC}"
+        )));
+    }
+    if p != PATH_LABELS_TO_SYNC {
+        return Err(CuratorError::InvalidArgument(format!(
+            "field {p:?} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
+        )));
+    }
+    Ok(())
 }
 
 fn sync_regexps(cfg: &ClusterConfiguration) -> Vec<String> {
@@ -137,9 +175,42 @@ mod operate_tests {
             matches!(other, Err(CuratorError::InvalidArgument(ref m)) if m.contains("cluster_domain")),
             "{other:?}"
         );
-        assert!(matches!(
-            c.configure(None, sync(&[]), &[]).await,
-            Err(CuratorError::InvalidArgument(_))
-        ));
+        // An empty mask changes nothing.
+        let same = c
+            .configure(None, ClusterConfiguration::default(), &[])
+            .await
+            .expect("empty mask");
+        assert_eq!(sync_regexps(&same), vec!["a.*", "b"]);
+        // The sub-message the path goes through must be there, in new and base.
+        let no_k8s = c
+            .configure(None, ClusterConfiguration::default(), &path)
+            .await;
+        assert!(
+            matches!(no_k8s, Err(CuratorError::InvalidArgument(ref m)) if m.contains("new_config.kubernetes")),
+            "{no_k8s:?}"
+        );
+        let base_no_k8s = c
+            .configure(Some(ClusterConfiguration::default()), sync(&[]), &path)
+            .await;
+        assert!(
+            matches!(base_no_k8s, Err(CuratorError::InvalidArgument(ref m)) if m.contains("base_config.kubernetes")),
+            "{base_no_k8s:?}"
+        );
+        for bad in [
+            "kubernetes",
+            "nope",
+            "kubernetes.node_labels_to_synchronize.regexp",
+        ] {
+            let r = c.configure(None, sync(&[]), &[bad.to_string()]).await;
+            assert!(
+                matches!(r, Err(CuratorError::InvalidArgument(_))),
+                "{bad}: {r:?}"
+            );
+        }
+        assert_eq!(
+            sync_regexps(&c.configuration().await.expect("cfg")),
+            vec!["a.*", "b"],
+            "refusals change nothing"
+        );
     }
 }

@@ -272,7 +272,11 @@ impl Cluster {
             .get(KEY_CONFIG.as_bytes())
             .await?
             .ok_or_else(|| CuratorError::Corrupt(format!("{KEY_CONFIG} missing")))?;
-        decode(KEY_CONFIG, &kv.value)
+        let mut cfg: ClusterConfiguration = decode(KEY_CONFIG, &kv.value)?;
+        // Always there, as upstream answers it (a client may then name its
+        // fields in an update mask without building the message).
+        cfg.kubernetes.get_or_insert_with(Default::default);
+        Ok(cfg)
     }
 
     pub async fn register_ticket(&self) -> Result<Vec<u8>, CuratorError> {
