@@ -1,23 +1,34 @@
-//! Node label validation, with Kubernetes' rules so labels can be synchronized
-//! to Kubernetes nodes unchanged.
+//! Node label validation as upstream's `ValidateLabelKey` and
+//! `ValidateLabelValue` (Kubernetes' rules, so labels can be synchronized to
+//! Kubernetes nodes unchanged; the key prefix is a domain name that does not
+//! end in a number).
 
 use metropolis_api::common::NodeLabels;
 
 /// Most labels a node may carry.
 pub const MAX_LABELS: usize = 128;
 const MAX_NAME: usize = 63;
-const MAX_PREFIX: usize = 253;
 
 /// Checks a label key: an optional DNS-subdomain prefix and `/`, then a name.
 pub fn validate_key(key: &str) -> Result<(), String> {
+    let short: String = key.chars().take(64).collect();
     let (prefix, name) = match key.split_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        validate_dns_subdomain(prefix).map_err(|e| format!("label key {key:?}: prefix {e}"))?;
+        if prefix.is_empty() {
+            return Err(format!("label key {short:?}: empty prefix"));
+        }
+        if name.contains('/') {
+            return Err(format!(
+                "label key {short:?}: at most one '/' (between prefix and name)"
+            ));
+        }
+        crate::dns::validate_domain_name(prefix)
+            .map_err(|e| format!("label key {short:?}: invalid prefix: {e}"))?;
     }
-    validate_name(name).map_err(|e| format!("label key {key:?}: name {e}"))
+    validate_name(name).map_err(|e| format!("label key {short:?}: name {e}"))
 }
 
 /// Checks a label value: empty, or a name.
@@ -25,7 +36,8 @@ pub fn validate_value(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Ok(());
     }
-    validate_name(value).map_err(|e| format!("label value {value:?}: {e}"))
+    let short: String = value.chars().take(64).collect();
+    validate_name(value).map_err(|e| format!("label value {short:?}: {e}"))
 }
 
 fn validate_name(s: &str) -> Result<(), String> {
@@ -47,27 +59,6 @@ fn validate_name(s: &str) -> Result<(), String> {
     let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
     if !alnum(s.bytes().next()) || !alnum(s.bytes().last()) {
         return Err("must start and end with a letter or digit".into());
-    }
-    Ok(())
-}
-
-fn validate_dns_subdomain(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > MAX_PREFIX {
-        return Err(format!("must be 1 to {MAX_PREFIX} characters long"));
-    }
-    for part in s.split('.') {
-        let ok = !part.is_empty()
-            && part.len() <= 63
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !part.starts_with('-')
-            && !part.ends_with('-');
-        if !ok {
-            return Err(format!(
-                "{s:?} is not a DNS subdomain (lowercase letters, digits, '-' and '.')"
-            ));
-        }
     }
     Ok(())
 }
@@ -103,7 +94,14 @@ mod tests {
 
     #[test]
     fn keys() {
-        for ok in ["zone", "a", "example.com/zone", "k8s.io/a-b_c.d", "A1"] {
+        for ok in [
+            "zone",
+            "a",
+            "example.com/zone",
+            "k8s.io/a-b_c.d",
+            "A1",
+            "10.0.0.1a/zone",
+        ] {
             assert!(validate_key(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -116,6 +114,9 @@ mod tests {
             "a/",
             &"x".repeat(64),
             "a/b/c",
+            "10.0.0.1/zone",
+            "example.0x1f/zone",
+            "example.com./zone",
         ] {
             assert!(validate_key(bad).is_err(), "{bad}");
         }

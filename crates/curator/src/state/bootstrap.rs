@@ -75,22 +75,10 @@ pub fn initial_configuration(
 }
 
 fn validate_domain(d: &str) -> Result<(), CuratorError> {
-    let ok = d.len() <= 253
-        && d.split('.').all(|p| {
-            !p.is_empty()
-                && p.len() <= 63
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !p.starts_with('-')
-                && !p.ends_with('-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(CuratorError::InvalidArgument(format!(
-            "cluster_domain {d:?} is not a valid DNS name"
-        )))
-    }
+    crate::dns::validate_cluster_domain(d).map_err(|e| {
+        let short: String = d.chars().take(64).collect();
+        CuratorError::InvalidArgument(format!("cluster_domain {short:?}: {e}"))
+    })
 }
 
 /// Writes the initial state of a new cluster in one transaction that fails if
