@@ -156,7 +156,7 @@ mod tests {
                 ..
             } => {
                 assert_eq!(owner_public_key, key);
-                assert_eq!(configuration.cluster_domain, "cluster.local");
+                assert_eq!(configuration.cluster_domain, "cluster.internal");
             }
             other => panic!("unexpected {other:?}"),
         }

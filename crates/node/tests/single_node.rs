@@ -217,7 +217,7 @@ async fn management_requires_a_cluster_certificate_with_the_permission() {
     assert!(dir.nodes[0].id.starts_with("metropolis-"));
     assert_eq!(
         info.cluster_configuration.expect("config").cluster_domain,
-        "cluster.local"
+        "cluster.internal"
     );
     let t1 = mgmt
         .get_register_ticket(GetRegisterTicketRequest {})
@@ -470,7 +470,7 @@ async fn metroctl_takes_ownership_and_shows_cluster_info() {
         .expect("metroctl");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("clusterDomain: cluster.local"),
+        stdout(&out).contains("clusterDomain: cluster.internal"),
         "{}",
         stdout(&out)
     );

@@ -153,7 +153,7 @@ mod operate_tests {
             .expect("set");
         assert_eq!(sync_regexps(&out), vec!["^zone$"]);
         assert_eq!(
-            out.cluster_domain, "cluster.local",
+            out.cluster_domain, "cluster.internal",
             "other fields untouched"
         );
         // A stale base fails and changes nothing.

@@ -42,7 +42,8 @@ mod roles;
 pub(crate) mod test_support;
 
 pub use bootstrap::{
-    BootstrapRequest, Bootstrapped, bootstrap, bootstrap_with_ca, initial_configuration,
+    BootstrapRequest, Bootstrapped, DEFAULT_CLUSTER_DOMAIN, bootstrap, bootstrap_with_ca,
+    initial_configuration,
 };
 pub use config::PATH_LABELS_TO_SYNC;
 pub use register::{recommended_storage_security, tpm_usage};
