@@ -7,6 +7,7 @@
 //!   cluster"; it is written last, atomically, so a crash during the first
 //!   start never leaves a directory that looks joined but is not.
 //! - `store/cluster.redb`: the embedded consensus store.
+//! - `update/`: the binary slots of a node that was updated (`update::slots`).
 //! - `owner.pub`: on the node that bootstrapped the cluster, the owner key it
 //!   was bootstrapped with (to recognize its own bootstrap parameters when
 //!   started with them again).

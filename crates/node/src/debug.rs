@@ -129,7 +129,9 @@ impl NodeFaults for Debug {
         let dns: Vec<String> = if req.dns <= 1 {
             vec!["root.debug.spam".into()]
         } else {
-            (0..req.dns).map(|i| format!("root.debug.spam.{i}")).collect()
+            (0..req.dns)
+                .map(|i| format!("root.debug.spam.{i}"))
+                .collect()
         };
         tokio::spawn(async move {
             // Ten batches a second keep the rate smooth without a timer per line.
