@@ -15,6 +15,10 @@ pub enum CuratorError {
     PermissionDenied(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A change that would take a value past a bound (upstream's code for
+    /// too many labels).
+    #[error("{0}")]
+    OutOfRange(String),
     /// A call of the contract this implementation does not serve.
     #[error("{0}")]
     Unimplemented(String),
@@ -39,6 +43,7 @@ impl From<CuratorError> for Status {
             CuratorError::FailedPrecondition(_) => Status::failed_precondition(msg),
             CuratorError::PermissionDenied(_) => Status::permission_denied(msg),
             CuratorError::AlreadyExists(_) => Status::already_exists(msg),
+            CuratorError::OutOfRange(_) => Status::out_of_range(msg),
             CuratorError::Unimplemented(_) => Status::unimplemented(msg),
             CuratorError::Unavailable(_) => Status::unavailable(msg),
             CuratorError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),

@@ -3,8 +3,9 @@
 //! Heartbeats live in the curator's memory only: a store write per beat would
 //! cost an fsync (or a Raft round) per node per interval, which does not
 //! scale. The price is that a new leader knows nothing about past beats, so
-//! for one timeout after it took over it reports health UNKNOWN, as the
-//! contract defines.
+//! for one timeout after it took over it reports health UNKNOWN for the nodes
+//! that have not beaten to it yet, as the contract defines; a node is HEALTHY
+//! from its first beat to the new leader.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -112,28 +113,34 @@ impl Heartbeats {
             .remove(node_id);
     }
 
-    /// Health of a node in `state`, and the time since its last heartbeat
-    /// when health is HEALTHY or HEARTBEAT_TIMEOUT.
+    /// Health of a node in `state`, and the time since its last heartbeat:
+    /// set whenever the node has beaten to this leader, and for a node that
+    /// never did the time since leadership began once that is longer than a
+    /// timeout.
     pub fn health(&self, node_id: &str, state: i32, now: Instant) -> (Health, Option<Duration>) {
-        let leader_since = self.leader_since();
-        if state != NodeState::Up as i32
-            || now.saturating_duration_since(leader_since) < self.timeout
-        {
-            return (Health::Unknown, None);
-        }
         let last = self
             .last
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(node_id)
             .copied();
-        // A node that never beat since this curator became leader has been
-        // silent at least that long.
-        let since = now.saturating_duration_since(last.unwrap_or(leader_since));
-        if since < self.timeout {
-            (Health::Healthy, Some(since))
-        } else {
-            (Health::HeartbeatTimeout, Some(since))
+        let since_beat = last.map(|t| now.saturating_duration_since(t));
+        if state != NodeState::Up as i32 {
+            return (Health::Unknown, since_beat);
+        }
+        match since_beat {
+            Some(since) if since < self.timeout => (Health::Healthy, Some(since)),
+            Some(since) => (Health::HeartbeatTimeout, Some(since)),
+            // A node that never beat since this curator became leader has
+            // been silent at least that long.
+            None => {
+                let leading = now.saturating_duration_since(self.leader_since());
+                if leading < self.timeout {
+                    (Health::Unknown, None)
+                } else {
+                    (Health::HeartbeatTimeout, Some(leading))
+                }
+            }
         }
     }
 
@@ -145,9 +152,7 @@ impl Heartbeats {
 
 /// Consensus membership changes ask whether the other members are alive.
 /// They are UP nodes by construction, so health is theirs.
-/// Stricter than nothing, looser than reported health: a beat this leader
-/// received within the timeout proves a node alive even while the contract
-/// still has its health UNKNOWN (the first timeout after taking over).
+/// A beat this leader received within the timeout proves a node alive.
 impl crate::consensus::Liveness for Heartbeats {
     fn is_live(&self, node_id: &str) -> Option<bool> {
         let now = Instant::now();
@@ -177,22 +182,27 @@ mod tests {
         let hb = Heartbeats::new(Duration::from_secs(5));
         let up = NodeState::Up as i32;
         let t0 = hb.leader_since();
-        // A fresh leader knows nothing yet.
-        hb.beat_at("a", t0);
+        // A fresh leader knows nothing of a node that has not beaten yet...
         assert_eq!(
             hb.health("a", up, t0 + Duration::from_secs(1)),
             (Health::Unknown, None)
         );
-        let later = t0 + Duration::from_secs(6);
-        // Not UP: unknown, whatever the beats.
+        // ...and a node is healthy from its first beat to it.
+        hb.beat_at("a", t0 + Duration::from_millis(500));
         assert_eq!(
-            hb.health("a", NodeState::New as i32, later).0,
-            Health::Unknown
+            hb.health("a", up, t0 + Duration::from_secs(1)),
+            (Health::Healthy, Some(Duration::from_millis(500)))
         );
-        // Beat at t0, read at t0+6s: timed out, 6s since.
+        let later = t0 + Duration::from_secs(6);
+        // Not UP: unknown, whatever the beats (the time since is still told).
+        assert_eq!(
+            hb.health("a", NodeState::New as i32, later),
+            (Health::Unknown, Some(Duration::from_millis(5500)))
+        );
+        // Beat at t0+0.5s, read at t0+6s: timed out.
         assert_eq!(
             hb.health("a", up, later),
-            (Health::HeartbeatTimeout, Some(Duration::from_secs(6)))
+            (Health::HeartbeatTimeout, Some(Duration::from_millis(5500)))
         );
         // Never beat: counted from leadership.
         assert_eq!(
@@ -217,10 +227,9 @@ mod tests {
         assert_eq!(hb.is_live("a"), None, "nothing heard yet");
         hb.beat("a");
         assert_eq!(hb.is_live("a"), Some(true));
-        // Reported health still follows the contract.
         assert_eq!(
             hb.health("a", NodeState::Up as i32, Instant::now()).0,
-            Health::Unknown
+            Health::Healthy
         );
         // A new leadership forgets it.
         hb.start_leading();

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod audit;
 pub mod authz;
 pub mod consensus;
+pub mod dns;
 pub mod error;
 pub mod filter;
 pub mod heartbeat;

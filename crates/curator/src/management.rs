@@ -14,6 +14,7 @@ use metropolis_api::api::{
     delete_node_request, management_server::Management, update_node_labels_request,
     update_node_roles_request,
 };
+use metropolis_api::common::{NodeRoles, node_roles};
 use tonic::{Request, Response, Status};
 
 use crate::filter::Filter;
@@ -34,19 +35,35 @@ impl ManagementService {
     }
 }
 
-/// A node as the Management API shows it, with health computed now.
+/// A node as the Management API shows it, with health computed now, in
+/// upstream's form: roles always set and as markers only (the consensus
+/// member's certificates and peers are the node's business, not an
+/// operator's), labels always set and sorted by key.
 pub fn api_node(entry: NodeEntry, heartbeats: &Heartbeats, now: Instant) -> Node {
     let (health, since) = heartbeats.health(&entry.id, entry.node.state, now);
+    let roles = entry.node.roles.unwrap_or_default();
+    let mut labels = entry.node.labels.unwrap_or_default();
+    labels.pairs.sort_by(|a, b| a.key.cmp(&b.key));
     Node {
         pubkey: entry.node.public_key,
         id: entry.id,
         state: entry.node.state,
         status: entry.node.status,
-        roles: entry.node.roles,
+        roles: Some(NodeRoles {
+            kubernetes_worker: roles
+                .kubernetes_worker
+                .map(|_| node_roles::KubernetesWorker {}),
+            consensus_member: roles
+                .consensus_member
+                .map(|_| node_roles::ConsensusMember::default()),
+            kubernetes_controller: roles
+                .kubernetes_controller
+                .map(|_| node_roles::KubernetesController {}),
+        }),
         health: health as i32,
         time_since_heartbeat: since.and_then(|d| prost_types::Duration::try_from(d).ok()),
         tpm_usage: entry.node.tpm_usage,
-        labels: entry.node.labels,
+        labels: Some(labels),
     }
 }
 
@@ -94,7 +111,9 @@ impl Management for ManagementService {
         } else {
             Some(Filter::compile(&src).map_err(|e| Status::invalid_argument(e.to_string()))?)
         };
-        let entries = self.cluster.nodes().await?;
+        // As upstream: a record that does not decode is skipped (and logged),
+        // not a failed call.
+        let entries = self.cluster.nodes_readable().await?;
         let heartbeats = self.heartbeats.clone();
         let now = Instant::now();
         // Nodes are converted and filtered one at a time as the stream is
@@ -212,11 +231,88 @@ impl Management for ManagementService {
         let new = req
             .new_config
             .ok_or_else(|| Status::invalid_argument("new_config must be set"))?;
-        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let paths = req
+            .update_mask
+            .ok_or_else(|| Status::invalid_argument("update_mask must be set"))?
+            .paths;
         let resulting = self.cluster.configure(req.base_config, new, &paths).await?;
         tracing::info!(?paths, "cluster configuration changed");
         Ok(Response::new(ConfigureClusterResponse {
             resulting_config: Some(resulting),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metropolis_api::common::{NodeLabels, node_labels::Pair};
+    use metropolis_api::private;
+
+    #[test]
+    fn nodes_are_shown_as_upstream_shows_them() {
+        let pair = |k: &str| Pair {
+            key: k.into(),
+            value: "v".into(),
+        };
+        let entry = |roles, labels| NodeEntry {
+            id: "metropolis-x".into(),
+            node: private::Node {
+                state: metropolis_api::common::NodeState::Up as i32,
+                roles,
+                labels,
+                ..Default::default()
+            },
+            mod_revision: 1,
+        };
+        let hb = Heartbeats::new(std::time::Duration::from_secs(5));
+        let full = NodeRoles {
+            consensus_member: Some(node_roles::ConsensusMember {
+                ca_certificate: vec![1; 10],
+                peer_certificate: vec![2; 10],
+                initial_crl: vec![3],
+                peers: vec![node_roles::consensus_member::Peer {
+                    name: "n".into(),
+                    url: "https://127.0.0.1:7834".into(),
+                }],
+            }),
+            kubernetes_worker: Some(node_roles::KubernetesWorker {}),
+            kubernetes_controller: None,
+        };
+        let labels = NodeLabels {
+            pairs: vec![pair("zone"), pair("arch"), pair("m")],
+        };
+        let shown = api_node(entry(Some(full), Some(labels)), &hb, Instant::now());
+        let roles = shown.roles.expect("roles");
+        assert_eq!(
+            roles.consensus_member,
+            Some(node_roles::ConsensusMember::default())
+        );
+        assert!(roles.kubernetes_worker.is_some() && roles.kubernetes_controller.is_none());
+        let keys: Vec<_> = shown
+            .labels
+            .expect("labels")
+            .pairs
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["arch", "m", "zone"]);
+        // Nothing set: still both set, empty.
+        let bare = api_node(entry(None, None), &hb, Instant::now());
+        assert_eq!(bare.roles, Some(NodeRoles::default()));
+        assert_eq!(bare.labels, Some(NodeLabels::default()));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_is_left_out_of_listings() {
+        let t = crate::state::test_support::bootstrapped().await;
+        let key = crate::state::node_key("metropolis-corrupt");
+        let garbage = metropolis_store::Txn::new()
+            .and_then(metropolis_store::Op::put(key, b"\xff\xff\xff\xff".to_vec()));
+        t.store.txn(garbage).await.expect("put");
+        assert!(t.cluster.nodes().await.is_err(), "decisions see it");
+        let listed = t.cluster.nodes_readable().await.expect("listing");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, t.first_id);
     }
 }

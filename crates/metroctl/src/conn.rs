@@ -18,6 +18,8 @@ pub struct Ctx {
     pub config: ConfigDir,
     pub endpoints_flag: Option<Vec<String>>,
     pub assume_yes: bool,
+    /// `--insecure-accept-and-persist-first-encountered-ca`.
+    pub accept_first_ca: bool,
 }
 
 impl Ctx {
@@ -35,13 +37,64 @@ impl Ctx {
         raw.iter().map(|s| parse_endpoint(s)).collect()
     }
 
-    /// The pinned cluster CA.
-    pub fn pinned_ca(&self) -> anyhow::Result<Vec<u8>> {
-        self.config.ca()?.with_context(|| {
-            format!(
-                "no pinned cluster CA in {}; run `metroctl takeownership --endpoints IP` first",
-                self.config.root().display()
-            )
+    /// The cluster CA: the pinned one, or on first use (as upstream's
+    /// `GetClusterCAWithTOFU`) the one the cluster presents, pinned once
+    /// trusted. Credentials already issued decide without asking: the CA
+    /// must be the one that signed them. Otherwise the operator confirms the
+    /// fingerprint (`--yes`, or `--insecure-accept-and-persist-first-encountered-ca`).
+    pub async fn cluster_ca(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(ca) = self.config.ca()? {
+            return Ok(ca);
+        }
+        let endpoints = self.endpoints()?;
+        let ca = fetch_ca_trust_on_first_use(&endpoints).await?;
+        let fingerprint = metropolis_identity::fingerprint_sha256(&ca);
+        match self.issued_certificate()? {
+            Some(cert) => {
+                let cert = metropolis_identity::parse_certificate(&cert)
+                    .context("your certificate in the configuration directory is invalid")?;
+                metropolis_identity::verify_signed_by(&cert, &ca, time::OffsetDateTime::now_utc())
+                    .with_context(|| {
+                        format!(
+                            "the cluster at {} presents CA {fingerprint}, which did not issue your \
+                             certificate in {}; refusing to trust it (wrong endpoints?)",
+                            endpoints_text(&endpoints),
+                            self.config.root().display()
+                        )
+                    })?;
+            }
+            None => {
+                eprintln!("Cluster CA certificate fingerprint (SHA-256): {fingerprint}");
+                if !self.trust_new_ca()? {
+                    bail!("the CA was not trusted; nothing was changed");
+                }
+            }
+        }
+        self.config.write(
+            crate::config::CA_CERT,
+            metropolis_identity::cert_to_pem(&ca).as_bytes(),
+        )?;
+        eprintln!(
+            "Pinned the cluster CA {fingerprint} in {}.",
+            self.config.root().display()
+        );
+        Ok(ca)
+    }
+
+    /// Asks whether to trust a CA seen for the first time.
+    pub fn trust_new_ca(&self) -> anyhow::Result<bool> {
+        if self.accept_first_ca {
+            return Ok(true);
+        }
+        crate::cmd::confirm(self, "Trust this CA and pin it?")
+    }
+
+    /// The certificate the cluster issued to this configuration directory
+    /// (a named identity's after `login`, else the owner's), if any.
+    fn issued_certificate(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(match self.config.identity_cert()? {
+            Some(cert) => Some(cert),
+            None => self.config.owner_cert()?,
         })
     }
 
@@ -49,7 +102,7 @@ impl Ctx {
     /// `login --identity` stored its certificate, verifying nodes against the
     /// pinned CA.
     pub async fn owner_channel(&self) -> anyhow::Result<Channel> {
-        let ca = self.pinned_ca()?;
+        let ca = self.cluster_ca().await?;
         let (cert, key) = self.client_identity()?;
         self.channel(
             ServerTrust::ClusterCa {
@@ -116,6 +169,40 @@ pub async fn capture_channel(
     // Escrow is served by the curator leader only; every node names it.
     let connected = metropolis_rpc::client::connect_leader(addrs, 0, tls).await?;
     Ok((connected.channel, seen))
+}
+
+fn endpoints_text(endpoints: &[SocketAddr]) -> String {
+    endpoints
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Fetches the CA without trusting anything yet, and checks that the node we
+/// talked to holds a certificate issued by that CA, so the fingerprint shown
+/// to the operator is the one the cluster actually uses.
+pub async fn fetch_ca_trust_on_first_use(endpoints: &[SocketAddr]) -> anyhow::Result<Vec<u8>> {
+    use metropolis_api::curator::{
+        GetCaCertificateRequest, curator_local_client::CuratorLocalClient,
+    };
+    let (channel, seen) = capture_channel(endpoints).await?;
+    let ca = CuratorLocalClient::new(channel)
+        .get_ca_certificate(GetCaCertificateRequest {})
+        .await
+        .map_err(|s| call_error("GetCACertificate", s))?
+        .into_inner()
+        .identity_ca_certificate;
+    let server = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("internal error: certificate capture poisoned"))?
+        .clone()
+        .context("the node presented no certificate")?;
+    let server = metropolis_identity::parse_certificate(&server)
+        .context("the node's certificate is invalid")?;
+    metropolis_identity::verify_signed_by(&server, &ca, time::OffsetDateTime::now_utc())
+        .context("the node's certificate is not signed by the CA it sent; refusing to pin it")?;
+    Ok(ca)
 }
 
 /// Turns a failed call into an error a person can act on.

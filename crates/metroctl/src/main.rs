@@ -18,7 +18,8 @@ use crate::output::Format;
     name = "metroctl",
     version,
     about = "Manage Metropolis clusters",
-    propagate_version = true
+    propagate_version = true,
+    after_help = UPSTREAM_DIFFERENCES
 )]
 struct Cli {
     /// Configuration directory (default: $XDG_CONFIG_HOME/metroctl or ~/.config/metroctl).
@@ -30,6 +31,10 @@ struct Cli {
     /// Answer yes to every confirmation prompt (for scripts).
     #[arg(long, short = 'y', global = true)]
     yes: bool,
+    /// Trust and pin the cluster CA the first node presents without asking
+    /// (as upstream's flag; as insecure as it sounds: for tests).
+    #[arg(long, global = true)]
+    insecure_accept_and_persist_first_encountered_ca: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,8 +44,11 @@ enum Command {
     /// Generate files needed to install nodes.
     #[command(subcommand)]
     Install(InstallCommand),
-    /// Become the owner of a freshly bootstrapped cluster (pins its CA on first use).
+    /// Become the owner of a freshly bootstrapped cluster (pins its CA on first use);
+    /// also `cluster takeownership`.
     Takeownership,
+    /// Approve nodes waiting to join (as `node approve`); without IDs, list them.
+    Approve { ids: Vec<String> },
     /// Get a certificate for a named identity the owner added (pins the CA on first use).
     Login(cmd::user::LoginArgs),
     /// Named identities and their roles.
@@ -63,23 +71,28 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
-    /// Show nodes: ID, state, address, health, roles, heartbeat age, version.
+    /// Show nodes: ID, state, address, health, roles, TPM, version, heartbeat age, labels.
     Describe {
-        /// Only these nodes.
+        /// Only these nodes (`all`: every node).
         ids: Vec<String>,
         /// CEL expression over `node`, e.g. 'node.state == NODE_STATE_UP'.
         #[arg(long, default_value = "")]
         filter: String,
+        /// Only these table columns, comma-separated, e.g. 'node id,state,labels'.
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         format: Format,
     },
     /// Print node IDs, one a line.
     List {
+        /// Only these nodes (`all`: every node).
+        ids: Vec<String>,
         #[arg(long, default_value = "")]
         filter: String,
     },
-    /// Approve a node waiting to join; without an ID, list the nodes waiting.
-    Approve { id: Option<String> },
+    /// Approve nodes waiting to join; without IDs, list the nodes waiting.
+    Approve { ids: Vec<String> },
     /// Give nodes a role.
     #[command(subcommand)]
     Add(RoleTarget),
@@ -91,12 +104,18 @@ enum NodeCommand {
         id: String,
         #[arg(short = 'f', long)]
         follow: bool,
-        /// Log tree DN to read (with its children).
-        #[arg(long, default_value = "root")]
+        /// Log tree DN to read, with its children (default: the whole tree).
+        #[arg(long, default_value = "")]
         dn: String,
-        /// Only the last N entries of the backlog.
-        #[arg(long)]
-        backlog: Option<i64>,
+        /// Only the DN itself, not its children.
+        #[arg(short = 'e', long)]
+        exact: bool,
+        /// One short line per entry: shortened DN, severity, message.
+        #[arg(short = 'c', long)]
+        concise: bool,
+        /// Entries of the backlog: -1 all, 0 none (useful with -f), N the last N.
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+        backlog: i64,
         /// Only leveled entries at or above this severity.
         #[arg(long, value_enum)]
         min_severity: Option<cmd::node::Severity>,
@@ -111,6 +130,10 @@ enum NodeCommand {
         /// an update: kept once HEALTHY), or give up an update on trial.
         #[arg(long)]
         rollback: bool,
+        /// Boot into the firmware setup, as upstream's flag (refused: a
+        /// daemon has no firmware to boot into).
+        #[arg(long, conflicts_with_all = ["kexec", "rollback"])]
+        firmware: bool,
     },
     /// Roll a new metropolis-node binary out to nodes: at most
     /// --max-unavailable at a time, consensus members one at a time; each
@@ -168,9 +191,9 @@ enum NodeCommand {
 
 #[derive(Subcommand, Debug)]
 enum RoleTarget {
-    /// ROLE: ConsensusMember, KubernetesController or KubernetesWorker.
+    /// ROLE: ConsensusMember (cm), KubernetesController (kc) or KubernetesWorker (kw), any case.
     Role {
-        #[arg(value_enum)]
+        #[arg(value_enum, ignore_case = true)]
         role: cmd::node::Role,
         #[arg(required = true)]
         ids: Vec<String>,
@@ -225,6 +248,8 @@ enum ClusterCommand {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Become the owner of a freshly bootstrapped cluster (as `metroctl takeownership`).
+    Takeownership,
     /// Start a local cluster on loopback addresses, take ownership of it, and show how to go on.
     Launch {
         /// Number of nodes.
@@ -252,6 +277,14 @@ enum ClusterCommand {
     #[command(subcommand)]
     Configure(ConfigureCommand),
 }
+
+/// Shown by `metroctl --help`: where habits from upstream's metroctl do not
+/// carry over, on purpose.
+const UPSTREAM_DIFFERENCES: &str = "\
+Differences from upstream metroctl:
+  -o/--output selects the output format (table, json, yaml), kubectl-style; it does not
+  name a file to write: redirect standard output instead.
+  Node Parameters are written with `install params` (no installer images).";
 
 fn main() -> ExitCode {
     // Die quietly on a closed pipe (`metroctl node list | head`), like other
@@ -294,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config: config::ConfigDir::locate(cli.config)?,
         endpoints_flag: cli.endpoints,
         assume_yes: cli.yes,
+        accept_first_ca: cli.insecure_accept_and_persist_first_encountered_ca,
     };
     match cli.command {
         Command::Install(InstallCommand::Params(p)) => {
@@ -303,7 +337,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cmd::install::register_params(&ctx, &p.output).await
             }
         }
-        Command::Takeownership => cmd::takeownership::run(&ctx).await,
+        Command::Takeownership | Command::Cluster(ClusterCommand::Takeownership) => {
+            cmd::takeownership::run(&ctx).await
+        }
+        Command::Approve { ids } => cmd::node::approve(&ctx, &ids).await,
         Command::Login(args) => cmd::user::login(&ctx, args).await,
         Command::User(c) => cmd::user::run(&ctx, c).await,
         Command::Audit(args) => cmd::audit::run(&ctx, args).await,
@@ -324,10 +361,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Describe {
             ids,
             filter,
+            columns,
             format,
-        }) => cmd::node::describe(&ctx, &ids, &filter, format).await,
-        Command::Node(NodeCommand::List { filter }) => cmd::node::list(&ctx, &filter).await,
-        Command::Node(NodeCommand::Approve { id }) => cmd::node::approve(&ctx, id.as_deref()).await,
+        }) => cmd::node::describe(&ctx, &ids, &filter, &columns, format).await,
+        Command::Node(NodeCommand::List { ids, filter }) => {
+            cmd::node::list(&ctx, &ids, &filter).await
+        }
+        Command::Node(NodeCommand::Approve { ids }) => cmd::node::approve(&ctx, &ids).await,
         Command::Node(NodeCommand::Label { id, changes }) => {
             cmd::node::label(&ctx, &id, &changes).await
         }
@@ -342,6 +382,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             follow,
             dn,
+            exact,
+            concise,
             backlog,
             min_severity,
         }) => {
@@ -351,6 +393,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cmd::node::LogsArgs {
                     follow,
                     dn,
+                    exact,
+                    concise,
                     backlog,
                     min_severity,
                 },
@@ -361,8 +405,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             kexec,
             rollback,
+            firmware,
         }) => {
             use metropolis_api::api::reboot_request::Type;
+            if firmware {
+                anyhow::bail!(
+                    "--firmware: metropolis-node is a daemon, not a machine; there is no firmware \
+                     setup to boot into (reboot without --firmware restarts the daemon)"
+                );
+            }
             let kind = if kexec { Type::Kexec } else { Type::Firmware };
             cmd::node::power(&ctx, &id, kind, rollback).await
         }

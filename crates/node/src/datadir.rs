@@ -10,11 +10,14 @@
 //!   private key), mode 0600.
 //! - `pending-key`: a registering node's key until it is admitted, mode 0600.
 //! - `etcd/`: an etcd member's configuration, peer key (0600) and data.
+//! - `update/`: the binary slots of a node that was updated (`update::slots`).
+//! - `owner.pub`: on the node that bootstrapped the cluster, the owner key it
+//!   was bootstrapped with (to recognize its own bootstrap parameters when
+//!   started with them again).
 //!
 //! A node refuses to start while a file that holds a secret is readable by
 //! others, and before anything else checks that its credentials belong
 //! together (see [`DataDir::unseal`]).
-//! - `update/`: the binary slots of a node that was updated (`update::slots`).
 //!
 //! "Sealed" means owner-only file permissions: this daemon has no TPM to seal
 //! against, and says so in ARCHITECTURE.md.
@@ -35,6 +38,7 @@ const STORE_FILE: &str = "cluster.redb";
 const PENDING_KEY: &str = "pending-key";
 const DIRECTORY: &str = "directory.pb";
 const ETCD_DIR: &str = "etcd";
+const BOOTSTRAP_OWNER: &str = "owner.pub";
 
 /// A node's long-term credentials.
 pub struct Credentials {
@@ -214,6 +218,26 @@ impl DataDir {
                 metropolis_api::common::ClusterDirectory::decode(b.as_slice())
                     .with_context(|| format!("{} is corrupt", path.display()))?,
             )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Remembers the owner key a node bootstrapped its cluster with, so
+    /// that it recognizes its own bootstrap parameters when started again
+    /// with them.
+    pub fn save_bootstrap_owner(&self, key: &[u8; 32]) -> anyhow::Result<()> {
+        write_private(&self.root, BOOTSTRAP_OWNER, key)
+    }
+
+    /// The owner key this node bootstrapped its cluster with; None on nodes
+    /// that registered.
+    pub fn bootstrap_owner(&self) -> anyhow::Result<Option<[u8; 32]>> {
+        let path = self.root.join(BOOTSTRAP_OWNER);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b.as_slice().try_into().map_err(|_| {
+                anyhow::anyhow!("{} is corrupt: not a 32-byte key", path.display())
+            })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }

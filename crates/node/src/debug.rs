@@ -124,11 +124,19 @@ impl NodeFaults for Debug {
             || req.lines_per_second > 1_000_000
             || req.seconds == 0
             || req.seconds > 3600
+            || req.dns > 64
         {
             return Err(Status::invalid_argument(
-                "lines_per_second must be 1..=1000000 and seconds 1..=3600",
+                "lines_per_second must be 1..=1000000, seconds 1..=3600 and dns at most 64",
             ));
         }
+        let dns: Vec<String> = if req.dns <= 1 {
+            vec!["root.debug.spam".into()]
+        } else {
+            (0..req.dns)
+                .map(|i| format!("root.debug.spam.{i}"))
+                .collect()
+        };
         tokio::spawn(async move {
             // Ten batches a second keep the rate smooth without a timer per line.
             let per_tick = (req.lines_per_second / 10).max(1);
@@ -137,12 +145,9 @@ impl NodeFaults for Debug {
             for _ in 0..(u64::from(req.seconds) * 10) {
                 tick.tick().await;
                 for _ in 0..per_tick {
+                    let dn = dns[(n % dns.len() as u64) as usize].as_str();
                     n += 1;
-                    tracing::info!(
-                        dn = "root.debug.spam",
-                        n,
-                        "synthetic log line for load tests"
-                    );
+                    tracing::info!(dn, n, "synthetic log line for load tests");
                 }
             }
         });

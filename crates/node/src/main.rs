@@ -41,7 +41,8 @@ struct Args {
     /// Directory for the node's sealed credentials and local state.
     #[arg(long)]
     data_dir: PathBuf,
-    /// Node Parameters file (binary NodeParameters); needed on the first start only.
+    /// Node Parameters file (binary NodeParameters); needed on the first start
+    /// only. Later starts check that they are this cluster's and ignore them.
     #[arg(long)]
     params: Option<PathBuf>,
     /// IP address to serve on; every port of the node binds this address.
@@ -219,12 +220,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
     };
     let (creds, held) = if let Some(creds) = sealed {
         if let Some(p) = &args.params {
-            bail!(
-                "data directory {} already belongs to a cluster; refusing to use node parameters {} again. \
-                 Start without --params to rejoin, or remove the data directory to start over",
-                data.root().display(),
-                p.display()
-            );
+            params::check_on_restart(p, &creds.ca_certificate, data.bootstrap_owner()?)?;
         }
         tracing::info!(node = %creds.node_id(), "rejoining cluster from sealed credentials");
         let held = if data.has_store() {
@@ -559,6 +555,7 @@ async fn bootstrap(
         node_certificate: out.node_certificate,
         ca_certificate: out.ca_certificate,
     };
+    data.save_bootstrap_owner(&boot.owner_public_key)?;
     data.seal(&creds)?;
     tracing::info!(
         node = %creds.node_id(),

@@ -142,6 +142,71 @@ pub fn parse(p: &str, bytes: &[u8]) -> Result<Params, ParamsError> {
     }
 }
 
+/// Node Parameters given to a node that already belongs to a cluster (a
+/// service unit that always passes `--params`): upstream ignores them once
+/// the node has sealed credentials. Here they are ignored too, after
+/// checking they do not name another cluster: register parameters must carry
+/// this cluster's CA, bootstrap parameters this cluster's owner key (known
+/// to the node that bootstrapped it; `bootstrap_owner`). Parameters that
+/// cannot be read, or whose owner this node cannot know, are ignored with a
+/// warning.
+pub fn check_on_restart(
+    path: &Path,
+    cluster_ca: &[u8],
+    bootstrap_owner: Option<[u8; 32]>,
+) -> Result<(), ParamsError> {
+    let p = path.display().to_string();
+    let ignored = |why: String| {
+        tracing::warn!(path = %p, "ignoring node parameters: this node already belongs to a cluster, and {why}");
+        Ok(())
+    };
+    let msg = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| NodeParameters::decode(b.as_slice()).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => return ignored(format!("they cannot be read ({e})")),
+    };
+    let other = |what: String| {
+        Err(ParamsError::Invalid {
+            path: p.clone(),
+            problem: format!(
+                "{what}: these parameters are another cluster's, and this node's data directory \
+                 belongs to the cluster whose CA has fingerprint {}. Start without --params (or with \
+                 this cluster's parameters), or remove the data directory to start over",
+                metropolis_identity::fingerprint_sha256(cluster_ca)
+            ),
+        })
+    };
+    match msg.cluster {
+        None => ignored("they name no cluster".into()),
+        Some(node_parameters::Cluster::ClusterRegister(r)) => {
+            if r.ca_certificate != cluster_ca {
+                return other(format!(
+                    "cluster_register.ca_certificate is not this cluster's CA (fingerprint {})",
+                    metropolis_identity::fingerprint_sha256(&r.ca_certificate)
+                ));
+            }
+            tracing::info!(path = %p, "node parameters are this cluster's; this node already belongs to it and ignores them");
+            Ok(())
+        }
+        Some(node_parameters::Cluster::ClusterBootstrap(b)) => match bootstrap_owner {
+            Some(owner) if owner.as_slice() == b.owner_public_key.as_slice() => {
+                tracing::info!(path = %p, "bootstrap parameters are this cluster's (same owner key); the cluster exists, so they are ignored");
+                Ok(())
+            }
+            Some(_) => other(
+                "cluster_bootstrap.owner_public_key is not the owner key this cluster was bootstrapped with"
+                    .into(),
+            ),
+            None => ignored(
+                "it did not bootstrap the cluster, so it cannot tell whether these bootstrap parameters are its cluster's"
+                    .into(),
+            ),
+        },
+    }
+}
+
 fn ed25519_check(key: &[u8; 32]) -> Result<(), String> {
     metropolis_identity::VerifyingKey::from_bytes(key)
         .map(|_| ())
@@ -186,7 +251,7 @@ mod tests {
                 ..
             } => {
                 assert_eq!(owner_public_key, key);
-                assert_eq!(configuration.cluster_domain, "cluster.local");
+                assert_eq!(configuration.cluster_domain, "cluster.internal");
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -207,6 +272,40 @@ mod tests {
         assert!(matches!(empty, ParamsError::NoCluster { .. }));
         let short = load(&write(dir.path(), &bootstrap(vec![1; 31]))).expect_err("short key");
         assert!(short.to_string().contains("32-byte"), "{short}");
+    }
+
+    #[test]
+    fn parameters_on_restart_are_ignored_unless_another_clusters() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca = metropolis_identity::CertificateAuthority::generate().expect("ca");
+        let other_ca = metropolis_identity::CertificateAuthority::generate().expect("ca");
+        let owner = [9u8; 32];
+        let register = |ca: &[u8]| {
+            NodeParameters {
+                cluster: Some(node_parameters::Cluster::ClusterRegister(
+                    node_parameters::ClusterRegister {
+                        ca_certificate: ca.to_vec(),
+                        ..Default::default()
+                    },
+                )),
+                network_config: None,
+            }
+            .encode_to_vec()
+        };
+        let ours = write(dir.path(), &register(ca.cert_der()));
+        check_on_restart(&ours, ca.cert_der(), None).expect("our CA");
+        let theirs = write(dir.path(), &register(other_ca.cert_der()));
+        let err = check_on_restart(&theirs, ca.cert_der(), None).expect_err("other CA");
+        assert!(err.to_string().contains("another cluster"), "{err}");
+
+        let boot = write(dir.path(), &bootstrap(owner.to_vec()));
+        check_on_restart(&boot, ca.cert_der(), Some(owner)).expect("our owner");
+        check_on_restart(&boot, ca.cert_der(), None).expect("cannot tell: ignored");
+        let err = check_on_restart(&boot, ca.cert_der(), Some([1; 32])).expect_err("other owner");
+        assert!(err.to_string().contains("owner key"), "{err}");
+
+        let garbage = write(dir.path(), b"\xff\xff\xff");
+        check_on_restart(&garbage, ca.cert_der(), Some(owner)).expect("unreadable: ignored");
     }
 }
 

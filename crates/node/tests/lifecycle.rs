@@ -249,7 +249,7 @@ async fn roles_decommission_and_delete() {
         "a decommissioned node does not come back"
     );
 
-    // Delete: by default only DECOMMISSIONED nodes without roles.
+    // Delete: by default only nodes without roles that are not UP.
     let del = |id: &str, roles: bool, state: bool| DeleteNodeRequest {
         node: Some(delete_node_request::Node::Id(id.into())),
         safety_bypass_has_roles: roles.then_some(delete_node_request::SafetyBypassHasRoles {}),

@@ -194,7 +194,6 @@ async fn logs_reboot_poweroff_update() {
     for bad in [
         logs_req("root", B::Count, -1, false, vec![]),
         logs_req("root", B::Invalid, 0, false, vec![]),
-        logs_req("root", B::Disable, 0, false, vec![]),
         logs_req("root..x", B::All, 0, false, vec![]),
         logs_req(
             "root",

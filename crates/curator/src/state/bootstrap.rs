@@ -24,28 +24,33 @@ pub struct Bootstrapped {
     pub node_certificate: Vec<u8>,
 }
 
+/// The cluster domain of a cluster bootstrapped without one (upstream's).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.internal";
+
 /// Fills in defaults and checks a configuration for a new cluster. This
 /// implementation runs as a daemon on machines whose disks and TPMs it does
 /// not manage, so it refuses settings it could not honour rather than
-/// pretending to.
+/// pretending to, naming every such setting and the values that work. Unset
+/// fields take defaults this node can honour (no TPM, permissive storage);
+/// upstream's defaults (TPM required, encrypted and authenticated storage)
+/// are exactly what it cannot.
 pub fn initial_configuration(
     cfg: Option<ClusterConfiguration>,
 ) -> Result<ClusterConfiguration, CuratorError> {
     let mut cfg = cfg.unwrap_or_default();
     if cfg.cluster_domain.is_empty() {
-        cfg.cluster_domain = "cluster.local".into();
+        cfg.cluster_domain = DEFAULT_CLUSTER_DOMAIN.into();
     }
     validate_domain(&cfg.cluster_domain)?;
+    let mut refused = Vec::new();
     match TpmMode::try_from(cfg.tpm_mode) {
         Ok(TpmMode::Invalid) => cfg.tpm_mode = TpmMode::Disabled as i32,
         Ok(TpmMode::Disabled | TpmMode::BestEffort) => {}
-        Ok(TpmMode::Required) => {
-            return Err(CuratorError::InvalidArgument(
-                "tpm_mode TPM_MODE_REQUIRED cannot be honoured: metropolis-node does not use a TPM; \
-                 use TPM_MODE_BEST_EFFORT or TPM_MODE_DISABLED"
-                    .into(),
-            ));
-        }
+        Ok(TpmMode::Required) => refused.push(
+            "tpm_mode TPM_MODE_REQUIRED (metropolis-node uses no TPM): use TPM_MODE_BEST_EFFORT or \
+             TPM_MODE_DISABLED (upstream metroctl: --bootstrap-tpm-mode=best-effort)"
+                .to_string(),
+        ),
         Err(_) => {
             return Err(CuratorError::InvalidArgument(format!(
                 "unknown tpm_mode {}",
@@ -58,13 +63,12 @@ pub fn initial_configuration(
             cfg.storage_security_policy = StorageSecurityPolicy::Permissive as i32
         }
         Ok(StorageSecurityPolicy::Permissive | StorageSecurityPolicy::NeedsInsecure) => {}
-        Ok(p) => {
-            return Err(CuratorError::InvalidArgument(format!(
-                "storage_security_policy {} cannot be honoured: metropolis-node does not encrypt its data \
-                 directory; use STORAGE_SECURITY_POLICY_PERMISSIVE",
-                p.as_str_name()
-            )));
-        }
+        Ok(p) => refused.push(format!(
+            "storage_security_policy {} (metropolis-node does not encrypt its data directory): use \
+             STORAGE_SECURITY_POLICY_PERMISSIVE or STORAGE_SECURITY_POLICY_NEEDS_INSECURE \
+             (upstream metroctl: --bootstrap-storage-security=permissive)",
+            p.as_str_name()
+        )),
         Err(_) => {
             return Err(CuratorError::InvalidArgument(format!(
                 "unknown storage_security_policy {}",
@@ -72,27 +76,18 @@ pub fn initial_configuration(
             )));
         }
     }
+    if !refused.is_empty() {
+        return Err(CuratorError::InvalidArgument(format!(
+            "cannot be honoured: {}. Or leave both unset, as `metroctl install params --bootstrap` does",
+            refused.join("; ")
+        )));
+    }
     Ok(cfg)
 }
 
 fn validate_domain(d: &str) -> Result<(), CuratorError> {
-    let ok = d.len() <= 253
-        && d.split('.').all(|p| {
-            !p.is_empty()
-                && p.len() <= 63
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !p.starts_with('-')
-                && !p.ends_with('-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(CuratorError::InvalidArgument(format!(
-            "cluster_domain {} is not a valid DNS name",
-            quote(d)
-        )))
-    }
+    crate::dns::validate_cluster_domain(d)
+        .map_err(|e| CuratorError::InvalidArgument(format!("cluster_domain {}: {e}", quote(d))))
 }
 
 /// Writes the initial state of a new cluster in one transaction that fails if
@@ -186,7 +181,7 @@ mod tests {
         assert_eq!(cluster.ca().cert_der(), out.ca_certificate.as_slice());
         assert_eq!(cluster.owner_public_key().await.expect("owner"), [7; 32]);
         let cfg = cluster.configuration().await.expect("config");
-        assert_eq!(cfg.cluster_domain, "cluster.local");
+        assert_eq!(cfg.cluster_domain, "cluster.internal");
         assert_eq!(cfg.tpm_mode, TpmMode::Disabled as i32);
         assert!(cluster.register_ticket().await.expect("ticket").len() >= 16);
         let nodes = cluster.nodes().await.expect("nodes");
@@ -228,14 +223,33 @@ mod tests {
             cfg.storage_security_policy,
             StorageSecurityPolicy::Permissive as i32
         );
-        let bad = ClusterConfiguration {
+        // Upstream metroctl's defaults: both refused in one message that
+        // says what works.
+        let upstream = ClusterConfiguration {
+            cluster_domain: "cluster.internal".into(),
             tpm_mode: TpmMode::Required as i32,
+            storage_security_policy: StorageSecurityPolicy::NeedsEncryptionAndAuthentication as i32,
+            kubernetes: None,
+        };
+        match initial_configuration(Some(upstream)) {
+            Err(CuratorError::InvalidArgument(m)) => {
+                for want in [
+                    "TPM_MODE_REQUIRED",
+                    "TPM_MODE_BEST_EFFORT",
+                    "TPM_MODE_DISABLED",
+                    "NEEDS_ENCRYPTION_AND_AUTHENTICATION",
+                    "STORAGE_SECURITY_POLICY_PERMISSIVE",
+                ] {
+                    assert!(m.contains(want), "{want} missing: {m}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        let ends_in_number = ClusterConfiguration {
+            cluster_domain: "cluster.1".into(),
             ..Default::default()
         };
-        assert!(matches!(
-            initial_configuration(Some(bad)),
-            Err(CuratorError::InvalidArgument(_))
-        ));
+        assert!(initial_configuration(Some(ends_in_number)).is_err());
         let bad = ClusterConfiguration {
             cluster_domain: "Not A Domain".into(),
             ..Default::default()

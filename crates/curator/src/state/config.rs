@@ -8,7 +8,8 @@ pub const PATH_LABELS_TO_SYNC: &str = "kubernetes.node_labels_to_synchronize";
 impl Cluster {
     /// Changes the fields of the configuration named by `paths`, if the
     /// current values equal those in `base` (when given). Returns the
-    /// resulting configuration.
+    /// resulting configuration. No paths: nothing changes (as upstream, which
+    /// merges field by field).
     pub async fn configure(
         &self,
         base: Option<ClusterConfiguration>,
@@ -16,17 +17,21 @@ impl Cluster {
         paths: &[String],
     ) -> Result<ClusterConfiguration, CuratorError> {
         if paths.is_empty() {
-            return Err(CuratorError::InvalidArgument(format!(
-                "update_mask names no fields; the mutable field is {PATH_LABELS_TO_SYNC}"
-            )));
+            return self.configuration().await;
         }
         for p in paths {
-            if p != PATH_LABELS_TO_SYNC {
-                return Err(CuratorError::InvalidArgument(format!(
-                    "field {} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}",
-                    quote(p)
-                )));
-            }
+            check_path(p)?;
+        }
+        // Upstream's checks of the sub-message the path goes through.
+        if new.kubernetes.is_none() {
+            return Err(CuratorError::InvalidArgument(format!(
+                "new_config.kubernetes must be set to change {PATH_LABELS_TO_SYNC}"
+            )));
+        }
+        if base.as_ref().is_some_and(|b| b.kubernetes.is_none()) {
+            return Err(CuratorError::InvalidArgument(format!(
+                "base_config.kubernetes must be set when base_config is given for {PATH_LABELS_TO_SYNC}"
+            )));
         }
         let wanted = sync_regexps(&new);
         for r in &wanted {
@@ -71,6 +76,38 @@ impl Cluster {
             "the configuration kept changing; gave up".into(),
         ))
     }
+}
+
+/// Field paths of `ClusterConfiguration` a mask may name.
+const KNOWN_PATHS: &[&str] = &[
+    "cluster_domain",
+    "tpm_mode",
+    "storage_security_policy",
+    "kubernetes",
+    PATH_LABELS_TO_SYNC,
+];
+
+/// Whether a mask path may be changed, in upstream's terms: an unknown field,
+/// the `kubernetes` message as a whole, and the immutable fields are refused.
+fn check_path(p: &str) -> Result<(), CuratorError> {
+    let short = quote(p);
+    if !KNOWN_PATHS.contains(&p) {
+        return Err(CuratorError::InvalidArgument(format!(
+            "update_mask names {short}, which is not a field of ClusterConfiguration; \
+             the only mutable field is {PATH_LABELS_TO_SYNC}"
+        )));
+    }
+    if p == "kubernetes" {
+        return Err(CuratorError::InvalidArgument(format!(
+            "kubernetes cannot be changed as a whole, only its fields: {PATH_LABELS_TO_SYNC}"
+        )));
+    }
+    if p != PATH_LABELS_TO_SYNC {
+        return Err(CuratorError::InvalidArgument(format!(
+            "field {short} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
+        )));
+    }
+    Ok(())
 }
 
 fn sync_regexps(cfg: &ClusterConfiguration) -> Vec<String> {
@@ -121,7 +158,7 @@ mod operate_tests {
             .expect("set");
         assert_eq!(sync_regexps(&out), vec!["^zone$"]);
         assert_eq!(
-            out.cluster_domain, "cluster.local",
+            out.cluster_domain, "cluster.internal",
             "other fields untouched"
         );
         // A stale base fails and changes nothing.
@@ -143,10 +180,43 @@ mod operate_tests {
             matches!(other, Err(CuratorError::InvalidArgument(ref m)) if m.contains("cluster_domain")),
             "{other:?}"
         );
-        assert!(matches!(
-            c.configure(None, sync(&[]), &[]).await,
-            Err(CuratorError::InvalidArgument(_))
-        ));
+        // An empty mask changes nothing.
+        let same = c
+            .configure(None, ClusterConfiguration::default(), &[])
+            .await
+            .expect("empty mask");
+        assert_eq!(sync_regexps(&same), vec!["a.*", "b"]);
+        // The sub-message the path goes through must be there, in new and base.
+        let no_k8s = c
+            .configure(None, ClusterConfiguration::default(), &path)
+            .await;
+        assert!(
+            matches!(no_k8s, Err(CuratorError::InvalidArgument(ref m)) if m.contains("new_config.kubernetes")),
+            "{no_k8s:?}"
+        );
+        let base_no_k8s = c
+            .configure(Some(ClusterConfiguration::default()), sync(&[]), &path)
+            .await;
+        assert!(
+            matches!(base_no_k8s, Err(CuratorError::InvalidArgument(ref m)) if m.contains("base_config.kubernetes")),
+            "{base_no_k8s:?}"
+        );
+        for bad in [
+            "kubernetes",
+            "nope",
+            "kubernetes.node_labels_to_synchronize.regexp",
+        ] {
+            let r = c.configure(None, sync(&[]), &[bad.to_string()]).await;
+            assert!(
+                matches!(r, Err(CuratorError::InvalidArgument(_))),
+                "{bad}: {r:?}"
+            );
+        }
+        assert_eq!(
+            sync_regexps(&c.configuration().await.expect("cfg")),
+            vec!["a.*", "b"],
+            "refusals change nothing"
+        );
     }
 
     #[test]
@@ -170,12 +240,14 @@ mod operate_tests {
         props("ConfigureCluster masks", (masks, regexps), |(paths, rs)| {
             let rs: Vec<&str> = rs.iter().map(String::as_str).collect();
             let result = rt.block_on(c.configure(None, sync(&rs), &paths));
-            let mutable_only = !paths.is_empty() && paths.iter().all(|p| p == PATH_LABELS_TO_SYNC);
+            let mutable_only = paths.iter().all(|p| p == PATH_LABELS_TO_SYNC);
             match result {
+                // An empty mask changes nothing and answers the configuration.
+                Ok(_) if paths.is_empty() => {}
                 Ok(out) => {
                     prop_assert!(mutable_only, "accepted mask {paths:?}");
                     prop_assert_eq!(sync_regexps(&out), rs.clone());
-                    prop_assert_eq!(out.cluster_domain, "cluster.local");
+                    prop_assert_eq!(out.cluster_domain, DEFAULT_CLUSTER_DOMAIN);
                 }
                 Err(CuratorError::InvalidArgument(m)) => {
                     prop_assert!(m.len() < 1024, "a {} byte message", m.len())

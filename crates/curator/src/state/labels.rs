@@ -49,7 +49,7 @@ impl Cluster {
                 }
             }
             if labels.pairs.len() > crate::labels::MAX_LABELS {
-                return Err(CuratorError::InvalidArgument(format!(
+                return Err(CuratorError::OutOfRange(format!(
                     "node {id} would have {} labels; at most {} are allowed",
                     labels.pairs.len(),
                     crate::labels::MAX_LABELS
@@ -113,8 +113,15 @@ mod operate_tests {
         let many: Vec<_> = (0..129).map(|i| kv(&format!("k{i}"), "v")).collect();
         assert!(matches!(
             c.update_labels(&id, many, vec![]).await,
-            Err(CuratorError::InvalidArgument(_))
+            Err(CuratorError::OutOfRange(_))
         ));
+        let r = c
+            .update_labels(&id, vec![kv("10.0.0.1/zone", "a")], vec![])
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::InvalidArgument(ref m)) if m.contains("number")),
+            "{r:?}"
+        );
         assert!(matches!(
             c.update_labels("metropolis-nope", vec![kv("a", "b")], vec![])
                 .await,

@@ -45,9 +45,9 @@ impl Cluster {
         .await
     }
 
-    /// Removes a node for good. By default only DECOMMISSIONED nodes without
-    /// roles; the bypasses lift each rule. The last consensus member can
-    /// never be deleted.
+    /// Removes a node for good. By default only nodes without roles that are
+    /// NEW, STANDBY or DECOMMISSIONED (not UP); the bypasses lift each rule.
+    /// The last consensus member can never be deleted.
     pub async fn delete_node(
         &self,
         id: &str,
@@ -64,11 +64,21 @@ impl Cluster {
                 "node {id} still has roles; remove them first or set safety_bypass_has_roles"
             )));
         }
-        if entry.node.state != NodeState::Decommissioned as i32 && !bypass_state {
-            return Err(CuratorError::FailedPrecondition(format!(
-                "node {id} is {}, not DECOMMISSIONED; decommission it first or set safety_bypass_not_decommissioned",
-                state_name(entry.node.state)
-            )));
+        // Upstream's rule: a node that never came up holds nothing to wipe.
+        match NodeState::try_from(entry.node.state) {
+            Ok(NodeState::New | NodeState::Standby | NodeState::Decommissioned) => {}
+            Ok(NodeState::Up) if bypass_state => {}
+            Ok(NodeState::Up) => {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} is UP; decommission it first or set safety_bypass_not_decommissioned"
+                )));
+            }
+            _ => {
+                return Err(CuratorError::Corrupt(format!(
+                    "node {id} is in an unknown state {}",
+                    entry.node.state
+                )));
+            }
         }
         let mut txn = Txn::new().when(Compare::mod_revision(node_key(id), entry.mod_revision));
         if is_consensus_member(&entry.node) {
@@ -142,7 +152,7 @@ mod tests {
             .expect("drop role");
         let r = c.delete_node(&id, false, false, &ALL_LIVE).await;
         assert!(
-            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("DECOMMISSIONED")),
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("UP")),
             "{r:?}"
         );
         c.request_decommission(&id).await.expect("request");
@@ -170,6 +180,23 @@ mod tests {
             c.register_node(key, &t, NodeLabels::default()).await,
             Err(CuratorError::PermissionDenied(_))
         ));
+        // Nodes that never came up go without a bypass, NEW and STANDBY.
+        for approve in [false, true] {
+            let key = metropolis_identity::generate_key()
+                .verifying_key()
+                .to_bytes();
+            let other = metropolis_identity::node_id(&key);
+            c.register_node(key, &t, NodeLabels::default())
+                .await
+                .expect("register");
+            if approve {
+                c.approve_node(&other).await.expect("approve");
+            }
+            c.delete_node(&other, false, false, &ALL_LIVE)
+                .await
+                .expect("delete a node that never came up");
+            assert!(c.is_deleted(&other).await.expect("tombstone"));
+        }
         // The last consensus member cannot be deleted, even with bypasses.
         let r = c.delete_node(&first, true, true, &ALL_LIVE).await;
         assert!(

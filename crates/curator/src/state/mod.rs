@@ -44,7 +44,8 @@ mod roles;
 pub(crate) mod test_support;
 
 pub use bootstrap::{
-    BootstrapRequest, Bootstrapped, bootstrap, bootstrap_with_ca, initial_configuration,
+    BootstrapRequest, Bootstrapped, DEFAULT_CLUSTER_DOMAIN, bootstrap, bootstrap_with_ca,
+    initial_configuration,
 };
 pub use config::PATH_LABELS_TO_SYNC;
 pub use directory::DIRECTORY_NODES;
@@ -279,7 +280,11 @@ impl Cluster {
             .get(KEY_CONFIG.as_bytes())
             .await?
             .ok_or_else(|| CuratorError::Corrupt(format!("{KEY_CONFIG} missing")))?;
-        decode(KEY_CONFIG, &kv.value)
+        let mut cfg: ClusterConfiguration = decode(KEY_CONFIG, &kv.value)?;
+        // Always there, as upstream answers it (a client may then name its
+        // fields in an update mask without building the message).
+        cfg.kubernetes.get_or_insert_with(Default::default);
+        Ok(cfg)
     }
 
     pub async fn register_ticket(&self) -> Result<Vec<u8>, CuratorError> {
@@ -345,6 +350,31 @@ impl Cluster {
                 })
             })
             .collect()
+    }
+
+    /// Every node record that decodes; the others are logged and left out.
+    /// For listings only: decisions that must see every node use
+    /// [`Cluster::nodes`], which fails on a corrupt record.
+    pub async fn nodes_readable(&self) -> Result<Vec<NodeEntry>, CuratorError> {
+        let range = self.store.range(NODES_PREFIX.as_bytes()).await?;
+        Ok(range
+            .kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                match private::Node::decode(kv.value.as_slice()) {
+                    Ok(node) => Some(NodeEntry {
+                        id: key.trim_start_matches(NODES_PREFIX).to_string(),
+                        node,
+                        mod_revision: kv.mod_revision,
+                    }),
+                    Err(e) => {
+                        tracing::error!(key = %metropolis_api::quote(&key), error = %e, "skipping a node record that does not decode");
+                        None
+                    }
+                }
+            })
+            .collect())
     }
 }
 

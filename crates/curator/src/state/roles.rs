@@ -52,6 +52,14 @@ impl Cluster {
             }
             let roles = node.roles.get_or_insert_with(Default::default);
             let before = roles.clone();
+            // Upstream's rule and code: a KubernetesController keeps its
+            // consensus membership, even when the same request removes the
+            // controller role too.
+            if change.consensus_member == Some(false) && before.kubernetes_controller.is_some() {
+                return Err(CuratorError::FailedPrecondition(format!(
+                    "node {id} is a KubernetesController; remove that role first, then ConsensusMember"
+                )));
+            }
             if let Some(on) = change.kubernetes_worker {
                 roles.kubernetes_worker = on.then_some(node_roles::KubernetesWorker {});
             }
@@ -183,6 +191,21 @@ mod tests {
             .roles
             .expect("roles");
         assert!(roles.kubernetes_worker.is_some() && roles.consensus_member.is_none());
+        // A controller keeps its membership, even if the same request drops
+        // the controller role (upstream refuses that too).
+        c.update_roles(&first, set(None, Some(true), None), &ALL_LIVE)
+            .await
+            .expect("controller");
+        let r = c
+            .update_roles(&first, set(None, Some(false), Some(false)), &ALL_LIVE)
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("KubernetesController")),
+            "{r:?}"
+        );
+        c.update_roles(&first, set(None, Some(false), None), &ALL_LIVE)
+            .await
+            .expect("no controller");
         // The only member keeps its role.
         let r = c
             .update_roles(&first, set(None, None, Some(false)), &ALL_LIVE)
@@ -265,6 +288,24 @@ mod tests {
             consensus_role(first.to_string()).await.is_some(),
             "the role stays until another leader removes the member"
         );
+        c.update_roles(id, set(None, Some(true), None), &ALL_LIVE)
+            .await
+            .expect("controller");
+        let r = c
+            .update_roles(id, set(None, Some(false), Some(false)), &ALL_LIVE)
+            .await;
+        assert!(
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("KubernetesController")),
+            "{r:?}"
+        );
+        assert_eq!(
+            consensus.members().await.expect("members").len(),
+            2,
+            "a refused request leaves the etcd member"
+        );
+        c.update_roles(id, set(None, Some(false), None), &ALL_LIVE)
+            .await
+            .expect("no controller");
         c.update_roles(id, set(None, Some(false), Some(false)), &ALL_LIVE)
             .await
             .expect("leave the consensus");

@@ -80,6 +80,7 @@ pub async fn launch(
         config: crate::config::ConfigDir::locate(Some(ctx.config.root().to_path_buf()))?,
         endpoints_flag: Some(addresses.iter().map(|a| a.to_string()).collect()),
         assume_yes: true,
+        accept_first_ca: ctx.accept_first_ca,
     };
     super::takeownership::run(&owner_ctx).await?;
 
@@ -106,7 +107,7 @@ pub async fn launch(
     println!();
     super::cluster::print_info_table(&info);
     println!();
-    super::node::describe(&owner_ctx, &[], "", crate::output::Format::Table).await?;
+    super::node::describe(&owner_ctx, &[], "", &[], crate::output::Format::Table).await?;
     let cfg_flag = format!(" --config {}", ctx.config.root().display());
     println!();
     println!(
@@ -192,7 +193,7 @@ async fn wait_all_up(
     loop {
         let nodes = super::node::get_nodes(ctx, "", &[]).await?;
         for n in nodes.iter().filter(|n| n.state == NodeState::New as i32) {
-            super::node::approve(ctx, Some(&n.id)).await?;
+            super::node::approve(ctx, std::slice::from_ref(&n.id)).await?;
         }
         let up = nodes
             .iter()
@@ -291,7 +292,7 @@ async fn wait_serving(node_dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     let pid = read_pid(node_dir)?;
     loop {
-        if super::takeownership::fetch_ca_trust_on_first_use(&[addr])
+        if crate::conn::fetch_ca_trust_on_first_use(&[addr])
             .await
             .is_ok()
         {

@@ -7,13 +7,19 @@ use futures::TryStreamExt;
 use metropolis_api::api::{
     ApproveNodeRequest, GetNodesRequest, Node, management_client::ManagementClient, node::Health,
 };
-use metropolis_api::common::NodeState;
+use metropolis_api::common::{NodeState, NodeTpmUsage};
 
 use crate::conn::{Ctx, call_error};
 use crate::output::{self, Format};
 
-/// Nodes matching `filter` (CEL), and of those only `ids` if any are given.
+/// Nodes matching `filter` (CEL), and of those only `ids` if any are given
+/// (`all`, as upstream, names every node).
 pub async fn get_nodes(ctx: &Ctx, filter: &str, ids: &[String]) -> anyhow::Result<Vec<Node>> {
+    let ids = if ids.first().is_some_and(|a| a == "all") {
+        &[]
+    } else {
+        ids
+    };
     let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
     let stream = mgmt
         .get_nodes(GetNodesRequest {
@@ -37,59 +43,118 @@ pub async fn get_nodes(ctx: &Ctx, filter: &str, ids: &[String]) -> anyhow::Resul
     Ok(nodes.into_iter().filter(|n| ids.contains(&n.id)).collect())
 }
 
+/// The node table's columns, upstream's names and order.
+const COLUMNS: &[&str] = &[
+    "node id",
+    "state",
+    "address",
+    "health",
+    "roles",
+    "tpm",
+    "version",
+    "heartbeat",
+    "labels",
+];
+
 pub async fn describe(
     ctx: &Ctx,
     ids: &[String],
     filter: &str,
+    columns: &[String],
     format: Format,
 ) -> anyhow::Result<()> {
+    let shown = table_columns(columns)?;
     let nodes = get_nodes(ctx, filter, ids).await?;
     if format != Format::Table {
         return output::print_structured(format, &nodes, false);
     }
     let mut t = output::table();
-    t.set_header(vec![
-        "NODE ID",
-        "STATE",
-        "ADDRESS",
-        "HEALTH",
-        "ROLES",
-        "HEARTBEAT",
-        "VERSION",
-    ]);
+    t.set_header(shown.iter().map(|&c| COLUMNS[c].to_uppercase()));
     for n in &nodes {
-        t.add_row(vec![
-            n.id.clone(),
-            state_name(n.state),
-            n.status
-                .as_ref()
-                .map(|s| s.external_address.clone())
-                .unwrap_or_default(),
-            health_name(n.health),
-            roles(n),
-            n.time_since_heartbeat
-                .as_ref()
-                .and_then(|d| Duration::try_from(*d).ok())
-                .map(|d| format!("{:.1}s", d.as_secs_f64()))
-                .unwrap_or_else(|| "-".into()),
-            version(n),
-        ]);
+        let row = row(n);
+        t.add_row(shown.iter().map(|&c| row[c].clone()));
     }
     println!("{t}");
     Ok(())
 }
 
-pub async fn list(ctx: &Ctx, filter: &str) -> anyhow::Result<()> {
-    for n in get_nodes(ctx, filter, &[]).await? {
+/// Indices into [`COLUMNS`] of the columns asked for (names in any case):
+/// all of them when none are.
+fn table_columns(asked: &[String]) -> anyhow::Result<Vec<usize>> {
+    let asked: Vec<String> = asked
+        .iter()
+        .map(|c| c.trim().to_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if asked.is_empty() {
+        return Ok((0..COLUMNS.len()).collect());
+    }
+    asked
+        .iter()
+        .map(|c| {
+            COLUMNS.iter().position(|k| k == c).with_context(|| {
+                let short: String = c.chars().take(32).collect();
+                format!(
+                    "no column {short:?}; the columns are: {}",
+                    COLUMNS.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// One table row, in [`COLUMNS`] order.
+fn row(n: &Node) -> [String; 9] {
+    [
+        n.id.clone(),
+        state_name(n.state),
+        n.status
+            .as_ref()
+            .map(|s| s.external_address.clone())
+            .unwrap_or_default(),
+        health_name(n.health),
+        roles(n),
+        tpm(n.tpm_usage).into(),
+        version(n),
+        n.time_since_heartbeat
+            .as_ref()
+            .and_then(|d| Duration::try_from(*d).ok())
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into()),
+        n.labels
+            .as_ref()
+            .map(|l| {
+                l.pairs
+                    .iter()
+                    .map(|p| format!("{}:{}", p.key, p.value))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+    ]
+}
+
+/// Upstream's words for a node's TPM usage.
+fn tpm(usage: i32) -> &'static str {
+    match NodeTpmUsage::try_from(usage) {
+        Ok(NodeTpmUsage::PresentAndUsed) => "yes",
+        Ok(NodeTpmUsage::PresentButUnused) => "unused",
+        Ok(NodeTpmUsage::NotPresent) => "no",
+        _ => "unk",
+    }
+}
+
+pub async fn list(ctx: &Ctx, ids: &[String], filter: &str) -> anyhow::Result<()> {
+    for n in get_nodes(ctx, filter, ids).await? {
         println!("{}", n.id);
     }
     Ok(())
 }
 
-/// Approves a node by ID; without one, lists the nodes awaiting approval.
-pub async fn approve(ctx: &Ctx, id: Option<&str>) -> anyhow::Result<()> {
+/// Approves nodes by ID; without any, lists the nodes awaiting approval.
+pub async fn approve(ctx: &Ctx, ids: &[String]) -> anyhow::Result<()> {
     let new = get_nodes(ctx, "node.state == NODE_STATE_NEW", &[]).await?;
-    let Some(id) = id else {
+    if ids.is_empty() {
         if new.is_empty() {
             println!("No nodes are waiting for approval.");
         } else {
@@ -102,29 +167,31 @@ pub async fn approve(ctx: &Ctx, id: Option<&str>) -> anyhow::Result<()> {
             println!("Approve one with `metroctl node approve ID`.");
         }
         return Ok(());
-    };
-    let node = match new.iter().find(|n| n.id == id) {
-        Some(n) => n.clone(),
-        None => {
-            let all = get_nodes(ctx, "", &[]).await?;
-            let n = all
-                .into_iter()
-                .find(|n| n.id == id)
-                .with_context(|| format!("node {id} not found"))?;
-            if n.state == NodeState::Standby as i32 || n.state == NodeState::Up as i32 {
-                println!("Node {id} is already approved ({}).", state_name(n.state));
-                return Ok(());
-            }
-            n
-        }
-    };
+    }
     let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
-    mgmt.approve_node(ApproveNodeRequest {
-        pubkey: node.pubkey.clone(),
-    })
-    .await
-    .map_err(|s| call_error("ApproveNode", s))?;
-    println!("Approved node {id}.");
+    for id in ids {
+        let node = match new.iter().find(|n| &n.id == id) {
+            Some(n) => n.clone(),
+            None => {
+                let all = get_nodes(ctx, "", &[]).await?;
+                let n = all
+                    .into_iter()
+                    .find(|n| &n.id == id)
+                    .with_context(|| format!("node {id} not found"))?;
+                if n.state == NodeState::Standby as i32 || n.state == NodeState::Up as i32 {
+                    println!("Node {id} is already approved ({}).", state_name(n.state));
+                    continue;
+                }
+                n
+            }
+        };
+        mgmt.approve_node(ApproveNodeRequest {
+            pubkey: node.pubkey.clone(),
+        })
+        .await
+        .map_err(|s| call_error("ApproveNode", s))?;
+        println!("Approved node {id}.");
+    }
     Ok(())
 }
 
@@ -235,13 +302,14 @@ pub async fn label(ctx: &Ctx, id: &str, changes: &[String]) -> anyhow::Result<()
     Ok(())
 }
 
+/// Role names as upstream's metroctl takes them (any case, short aliases).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
-    #[value(name = "ConsensusMember", alias = "consensus-member")]
+    #[value(name = "ConsensusMember", aliases = ["consensus-member", "cm"])]
     ConsensusMember,
-    #[value(name = "KubernetesController", alias = "kubernetes-controller")]
+    #[value(name = "KubernetesController", aliases = ["kubernetes-controller", "kc"])]
     KubernetesController,
-    #[value(name = "KubernetesWorker", alias = "kubernetes-worker")]
+    #[value(name = "KubernetesWorker", aliases = ["kubernetes-worker", "kw"])]
     KubernetesWorker,
 }
 
@@ -362,7 +430,7 @@ pub async fn node_management_of(
         .parse()
         .with_context(|| format!("node {id} reports a bad address {host:?}"))?;
     let addr = std::net::SocketAddr::new(ip, NODE_MANAGEMENT_PORT);
-    let ca = ctx.pinned_ca()?;
+    let ca = ctx.cluster_ca().await?;
     let (cert, key) = ctx.client_identity()?;
     let tls = metropolis_identity::client_config(
         metropolis_identity::ServerTrust::ClusterCa {
@@ -380,7 +448,11 @@ const NODE_MANAGEMENT_PORT: u16 = 7839;
 pub struct LogsArgs {
     pub follow: bool,
     pub dn: String,
-    pub backlog: Option<i64>,
+    /// Only the DN itself, without its children.
+    pub exact: bool,
+    pub concise: bool,
+    /// -1 all, 0 none, N the last N (upstream's convention).
+    pub backlog: i64,
     pub min_severity: Option<Severity>,
 }
 
@@ -400,11 +472,14 @@ pub async fn logs(ctx: &Ctx, id: &str, a: LogsArgs) -> anyhow::Result<()> {
     };
     use metropolis_api::common::{LogFilter, log_filter};
     use metropolis_api::osbase::logtree::proto::LeveledLogSeverity;
-    let mut filters = vec![LogFilter {
-        filter: Some(log_filter::Filter::WithChildren(
-            log_filter::WithChildren {},
-        )),
-    }];
+    let mut filters = Vec::new();
+    if !a.exact {
+        filters.push(LogFilter {
+            filter: Some(log_filter::Filter::WithChildren(
+                log_filter::WithChildren {},
+            )),
+        });
+    }
     if let Some(s) = a.min_severity {
         let minimum = match s {
             Severity::Info => LeveledLogSeverity::Info,
@@ -419,8 +494,10 @@ pub async fn logs(ctx: &Ctx, id: &str, a: LogsArgs) -> anyhow::Result<()> {
         });
     }
     let (backlog_mode, backlog_count) = match a.backlog {
-        Some(n) => (logs_request::BacklogMode::Count, n),
-        None => (logs_request::BacklogMode::All, 0),
+        -1 => (logs_request::BacklogMode::All, 0),
+        0 => (logs_request::BacklogMode::Disable, 0),
+        n if n > 0 => (logs_request::BacklogMode::Count, n),
+        n => bail!("--backlog {n}: use -1 for all entries, 0 for none, or N > 0 for the last N"),
     };
     let req = LogsRequest {
         dn: a.dn,
@@ -450,7 +527,11 @@ pub async fn logs(ctx: &Ctx, id: &str, a: LogsArgs) -> anyhow::Result<()> {
             .iter()
             .chain(resp.stream_entries.iter())
         {
-            print_entry(e);
+            if a.concise {
+                print_concise(e);
+            } else {
+                print_entry(e);
+            }
         }
     }
 }
@@ -495,6 +576,64 @@ fn print_entry(e: &metropolis_api::osbase::logtree::proto::LogEntry) {
         }
         None => {}
     }
+}
+
+/// Width of the DN column of `--concise` (upstream's without wrapping).
+const CONCISE_DN_WIDTH: usize = 20;
+
+/// `node logs --concise`: the DN shortened and right-aligned, a severity
+/// letter (R for raw output), the message; further lines of an entry start
+/// with `|`, as upstream's concise form.
+fn print_concise(e: &metropolis_api::osbase::logtree::proto::LogEntry) {
+    use metropolis_api::osbase::logtree::proto::{LeveledLogSeverity, log_entry::Kind};
+    let (letter, lines): (&str, Vec<&str>) = match &e.kind {
+        Some(Kind::Leveled(l)) => (
+            match LeveledLogSeverity::try_from(l.severity) {
+                Ok(LeveledLogSeverity::Info) => "I",
+                Ok(LeveledLogSeverity::Warning) => "W",
+                Ok(LeveledLogSeverity::Error) => "E",
+                Ok(LeveledLogSeverity::Fatal) => "F",
+                _ => "?",
+            },
+            l.lines.iter().flat_map(|l| l.split('\n')).collect(),
+        ),
+        Some(Kind::Raw(r)) => ("R", vec![r.data.as_str()]),
+        None => return,
+    };
+    let dn = shorten_dn(&e.dn, CONCISE_DN_WIDTH);
+    let mut first = true;
+    for line in lines.into_iter().filter(|l| !l.is_empty()) {
+        if first {
+            println!("{dn:>CONCISE_DN_WIDTH$} {letter} {line}");
+            first = false;
+        } else {
+            println!("{:CONCISE_DN_WIDTH$} | {line}", "");
+        }
+    }
+}
+
+/// A DN cut to `width` characters by dropping leading segments (the last
+/// ones say most), marked with `…`.
+fn shorten_dn(dn: &str, width: usize) -> String {
+    if dn.chars().count() <= width {
+        return dn.to_string();
+    }
+    let mut rest = dn;
+    while let Some((_, tail)) = rest.split_once('.') {
+        rest = tail;
+        if rest.chars().count() < width {
+            return format!("…{rest}");
+        }
+    }
+    let tail: String = rest
+        .chars()
+        .rev()
+        .take(width - 1)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("…{tail}")
 }
 
 /// `metroctl node reboot ID [--kexec]` and `node poweroff ID`.
@@ -576,4 +715,26 @@ pub async fn metrics(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
         .to_bytes();
     print!("{}", String::from_utf8_lossy(&body));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_by_upstream_names_in_any_case() {
+        assert_eq!(table_columns(&[]).expect("all").len(), COLUMNS.len());
+        let picked =
+            table_columns(&["Node ID".into(), " labels".into(), "TPM".into()]).expect("known");
+        assert_eq!(picked, [0, 8, 5]);
+        let err = table_columns(&["colour".into()]).expect_err("unknown");
+        assert!(err.to_string().contains("node id"), "{err}");
+    }
+
+    #[test]
+    fn dns_shorten_from_the_left() {
+        assert_eq!(shorten_dn("root.curator", 20), "root.curator");
+        assert_eq!(shorten_dn("root.consensus.etcd.member", 20), "…etcd.member");
+        assert_eq!(shorten_dn(&"x".repeat(30), 20).chars().count(), 20);
+    }
 }

@@ -8,12 +8,10 @@ use metropolis_api::api::{
     EscrowRequest, GetClusterInfoRequest, aaa_client::AaaClient, escrow_request::Parameters,
     escrow_response::proof_request::Kind, management_client::ManagementClient,
 };
-use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
 use metropolis_identity::{ServerTrust, SigningKey};
 
-use crate::cmd::confirm;
 use crate::config::{CA_CERT, ClusterFile, OWNER_CERT};
-use crate::conn::{Ctx, call_error, capture_channel};
+use crate::conn::{Ctx, call_error};
 
 /// Identity name escrowed for the owner.
 const OWNER: &str = "owner";
@@ -73,29 +71,6 @@ pub fn remember_endpoints(ctx: &Ctx, endpoints: &[SocketAddr]) -> anyhow::Result
         })
         .collect();
     ctx.config.save_cluster(&ClusterFile { endpoints })
-}
-
-/// Fetches the CA without trusting anything yet, and checks that the node we
-/// talked to holds a certificate issued by that CA, so the fingerprint shown
-/// to the operator is the one the cluster actually uses.
-pub async fn fetch_ca_trust_on_first_use(endpoints: &[SocketAddr]) -> anyhow::Result<Vec<u8>> {
-    let (channel, seen) = capture_channel(endpoints).await?;
-    let ca = CuratorLocalClient::new(channel)
-        .get_ca_certificate(GetCaCertificateRequest {})
-        .await
-        .map_err(|s| call_error("GetCACertificate", s))?
-        .into_inner()
-        .identity_ca_certificate;
-    let server = seen
-        .lock()
-        .map_err(|_| anyhow::anyhow!("internal error: certificate capture poisoned"))?
-        .clone()
-        .context("the node presented no certificate")?;
-    let server = metropolis_identity::parse_certificate(&server)
-        .context("the node's certificate is invalid")?;
-    metropolis_identity::verify_signed_by(&server, &ca, time_now())
-        .context("the node's certificate is not signed by the CA it sent; refusing to pin it")?;
-    Ok(ca)
 }
 
 /// Escrow for `name`: a self-signed certificate over the key at the TLS
@@ -178,12 +153,12 @@ pub async fn pinned_or_confirmed_ca(
     if let Some(ca) = ctx.config.ca()? {
         return Ok((ca, false));
     }
-    let ca = fetch_ca_trust_on_first_use(endpoints).await?;
+    let ca = crate::conn::fetch_ca_trust_on_first_use(endpoints).await?;
     println!(
         "Cluster CA certificate fingerprint (SHA-256): {}",
         metropolis_identity::fingerprint_sha256(&ca)
     );
-    if !confirm(ctx, "Trust this CA and pin it?")? {
+    if !ctx.trust_new_ca()? {
         bail!("the CA was not trusted; nothing was changed");
     }
     Ok((ca, true))

@@ -37,6 +37,31 @@ pub fn metroctl_binary() -> PathBuf {
     p
 }
 
+/// Builds metropolis-node with `--features debug` into its own target
+/// directory (so the default build used by every other test stays as is).
+pub fn debug_binary() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = workspace.join("target/debug-feature");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "metropolis-node",
+            "--features",
+            "debug",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .current_dir(&workspace)
+        .status()
+        .expect("run cargo");
+    assert!(
+        status.success(),
+        "building metropolis-node with --features debug failed"
+    );
+    target.join("debug/metropolis-node")
+}
+
 /// A loopback address no other test (in this or another test process) uses:
 /// a per-process random /16 inside 127/8, then a counter, skipping addresses
 /// whose port is taken.
@@ -89,13 +114,24 @@ impl TestNode {
         params: Option<&Path>,
         extra: &[&str],
     ) -> TestNode {
+        Self::spawn_binary(&node_binary(), address, data_dir, params, extra)
+    }
+
+    /// Like `spawn_with`, running `binary` (e.g. [`debug_binary`]).
+    pub fn spawn_binary(
+        binary: &Path,
+        address: IpAddr,
+        data_dir: &Path,
+        params: Option<&Path>,
+        extra: &[&str],
+    ) -> TestNode {
         let log = data_dir.with_extension("log");
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut cmd = Command::new(node_binary());
+        let mut cmd = Command::new(binary);
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--address")
