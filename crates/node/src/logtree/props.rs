@@ -2,7 +2,6 @@
 //! accepted names a DN that may be read.
 
 use super::read::{Plan, check_read_dn};
-use super::*;
 use metropolis_api::api::LogsRequest;
 use metropolis_api::common::LogFilter;
 use metropolis_api::common::log_filter::Filter as LogFilterKind;
