@@ -90,6 +90,7 @@ impl Curator for CuratorService {
     ) -> Result<Response<HeartbeatStream>, Status> {
         let node_id = Caller::of(&request)?.node_id()?.to_string();
         let heartbeats = self.heartbeats.clone();
+        let cluster = self.cluster.clone();
         let beats = request.into_inner().map(move |beat| {
             beat?;
             if heartbeats.is_removed(&node_id) {
@@ -103,7 +104,9 @@ impl Curator for CuratorService {
                 ));
             }
             heartbeats.beat(&node_id);
-            Ok(HeartbeatResponse {})
+            Ok(HeartbeatResponse {
+                directory_digest: cluster.directory_digest().unwrap_or(0),
+            })
         });
         Ok(Response::new(Box::pin(beats)))
     }

@@ -349,10 +349,22 @@ async fn session(
         .map_err(CallError::Status)?
         .into_inner();
     let mut roles = joined.roles;
+    // The directory's consensus members as of the last read; a change means
+    // members came or went since, and the directory is read again.
+    let mut directory_digest = None;
     loop {
         tokio::select! {
             reply = replies.next() => match reply {
-                Some(r) => { r.map_err(CallError::Status)?; }
+                Some(r) => {
+                    let digest = r.map_err(CallError::Status)?.directory_digest;
+                    if digest != 0 {
+                        if directory_digest.is_some_and(|d| d != digest) {
+                            tracing::info!("the cluster's consensus members changed; reading the cluster directory again");
+                            refresh_directory(m, connected.channel.clone()).await;
+                        }
+                        directory_digest = Some(digest);
+                    }
+                }
                 None => return Err(CallError::Status(tonic::Status::unavailable("the curator closed the heartbeat stream"))),
             },
             ev = watch.next() => {

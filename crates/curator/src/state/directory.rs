@@ -95,6 +95,21 @@ impl Index {
         self.places.insert(id.to_string(), place);
     }
 
+    /// A digest of the listed consensus members and their addresses: what a
+    /// node needs to find the curator. Never 0 (0 means unknown on the wire).
+    fn members_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: stable across processes, so a new leader
+        // with the same members gives the same digest.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new();
+        for place in &self.members {
+            place.1.hash(&mut h);
+            self.listed.get(place).hash(&mut h);
+        }
+        h.finish().max(1)
+    }
+
     /// Every listed consensus member, and the first other nodes by public
     /// key up to [`DIRECTORY_NODES`] in all; in public-key order.
     fn answer(&self) -> ClusterDirectory {
@@ -157,6 +172,16 @@ impl Drop for Unfinished<'_> {
 }
 
 impl Cluster {
+    /// A digest of the directory's consensus members, for heartbeat answers;
+    /// None until the index is built (by the first GetClusterInfo, which
+    /// every joining node makes), so heartbeats never read the store.
+    pub fn directory_digest(&self) -> Option<u64> {
+        match &*self.directory.lock() {
+            IndexState::Ready(index) => Some(index.members_digest()),
+            _ => None,
+        }
+    }
+
     /// The cluster directory: see the module documentation.
     pub async fn directory(&self) -> Result<ClusterDirectory, CuratorError> {
         if let IndexState::Ready(index) = &*self.directory.lock() {
@@ -385,5 +410,51 @@ mod tests {
         // A new leadership starts from a fresh read.
         c.set_fence(c.store().revision().await.unwrap());
         assert_eq!(ids(&c.directory().await.unwrap()), expected(&c).await);
+    }
+
+    fn listed_node(key: u8, address: &str, member: bool) -> private::Node {
+        use metropolis_api::common::{NodeRoles, node_roles};
+        private::Node {
+            public_key: vec![key; 32],
+            state: NodeState::Up as i32,
+            roles: Some(NodeRoles {
+                consensus_member: member.then(node_roles::ConsensusMember::default),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                external_address: address.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn members_digest_follows_members_and_their_addresses_only() {
+        let mut index = Index::default();
+        index.apply("a", 1, Some(&listed_node(1, "127.0.0.1", true)));
+        index.apply("b", 2, Some(&listed_node(2, "127.0.0.2", false)));
+        let one = index.members_digest();
+        assert_ne!(one, 0, "0 means unknown on the wire");
+
+        // Another index with the same members (a new leader) agrees.
+        let mut again = Index::default();
+        again.apply("b", 7, Some(&listed_node(2, "127.0.0.2", false)));
+        again.apply("a", 9, Some(&listed_node(1, "127.0.0.1", true)));
+        assert_eq!(again.members_digest(), one);
+
+        // A plain node coming or going is not the nodes' business.
+        index.apply("c", 3, Some(&listed_node(3, "127.0.0.3", false)));
+        assert_eq!(index.members_digest(), one);
+
+        // A new member, a member's new address, a member gone: all change it.
+        index.apply("b", 4, Some(&listed_node(2, "127.0.0.2", true)));
+        let two = index.members_digest();
+        assert_ne!(two, one);
+        index.apply("b", 5, Some(&listed_node(2, "127.0.0.9", true)));
+        let three = index.members_digest();
+        assert_ne!(three, two);
+        index.apply("b", 6, None);
+        assert_eq!(index.members_digest(), one);
     }
 }
