@@ -257,6 +257,9 @@ impl Election {
             };
             return self.follow(kv).await;
         }
+        // The lease lives at least a TTL from here (etcd starts counting when
+        // it grants it, later than this).
+        let granted = Instant::now();
         let lease = self.store.grant_lease(self.ttl).await?;
         let claim = Txn::new()
             .when(Compare::absent(key))
@@ -277,7 +280,7 @@ impl Election {
             self.set(Leadership::Leading {
                 key_revision: resp.revision,
             });
-            self.hold(lease).await;
+            self.hold(lease, granted).await;
             self.set(Leadership::Unknown);
             // Best effort: if the store is reachable, let the others take
             // over now rather than after the TTL.
@@ -341,10 +344,16 @@ impl Election {
     }
 
     /// Keeps the lease alive; returns when leadership is lost: the lease is
-    /// gone, or it could not be renewed for so long that it may have expired.
-    async fn hold(&self, lease: i64) {
-        let interval = self.ttl / 3;
-        let mut renewed = Instant::now();
+    /// gone, or it could not be renewed for so long that it may expire soon.
+    ///
+    /// A keep-alive sent at `t` that succeeds keeps the lease until at least
+    /// `t` + TTL (etcd receives it later). Renewing six times per TTL and
+    /// giving up one renewal interval before that bound lets a renewal
+    /// fail for most of a TTL (an etcd election elsewhere takes about a
+    /// second) while no other curator can have taken over yet.
+    async fn hold(&self, lease: i64, granted: Instant) {
+        let interval = self.ttl / 6;
+        let mut renewed = granted;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -356,20 +365,32 @@ impl Election {
                     continue;
                 }
             }
-            match self.store.keep_alive(lease).await {
-                Ok(()) => renewed = Instant::now(),
-                Err(StoreError::LeaseNotFound(_)) => {
+            let sent = Instant::now();
+            let give_up = renewed + self.ttl.saturating_sub(interval);
+            let Some(left) = give_up
+                .checked_duration_since(sent)
+                .filter(|d| !d.is_zero())
+            else {
+                tracing::warn!("cannot renew the leader lease in time; stepping down");
+                return;
+            };
+            match tokio::time::timeout(left, self.store.keep_alive(lease)).await {
+                Ok(Ok(())) => renewed = sent,
+                Ok(Err(StoreError::LeaseNotFound(_))) => {
                     tracing::warn!("the leader lease expired; stepping down");
                     return;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "leader lease renewal failed; retrying");
+                }
+                Err(_) => {
                     // Step down before the lease can have expired, so two
                     // curators never both believe they lead.
-                    if renewed.elapsed() + interval >= self.ttl {
-                        tracing::warn!(error = %e, "cannot renew the leader lease; stepping down");
-                        return;
-                    }
-                    tracing::debug!(error = %e, "leader lease renewal failed; retrying");
+                    tracing::warn!(
+                        waited = ?left,
+                        "cannot renew the leader lease; stepping down"
+                    );
+                    return;
                 }
             }
         }

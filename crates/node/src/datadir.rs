@@ -7,6 +7,14 @@
 //!   cluster"; it is written last, atomically, so a crash during the first
 //!   start never leaves a directory that looks joined but is not.
 //! - `store/cluster.redb`: the embedded consensus store.
+//! - `etcd/`: this node's etcd member, on consensus members of a cluster on
+//!   etcd (see `consensus`).
+//! - `etcd.migrating/`: the etcd member a cluster on the embedded store is
+//!   moving to. Renaming it to `etcd/` is the switch: from that moment etcd
+//!   holds the cluster state. [`DataDir::settle`], at every start, finishes
+//!   either way: an `etcd.migrating/` beside the store is removed (the move
+//!   did not happen), a `store/` beside `etcd/` becomes
+//!   `store.pre-etcd/`, read-only (the move happened; the copy stays).
 //!
 //! "Sealed" means owner-only file permissions: this daemon has no TPM to seal
 //! against, and says so in ARCHITECTURE.md.
@@ -27,6 +35,8 @@ const STORE_FILE: &str = "cluster.redb";
 const PENDING_KEY: &str = "pending-key";
 const DIRECTORY: &str = "directory.pb";
 const ETCD_DIR: &str = "etcd";
+const STAGING_ETCD_DIR: &str = "etcd.migrating";
+const PRE_ETCD_STORE_DIR: &str = "store.pre-etcd";
 
 /// A node's long-term credentials.
 pub struct Credentials {
@@ -41,6 +51,7 @@ impl Credentials {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
 }
@@ -68,6 +79,63 @@ impl DataDir {
         self.store_path().exists()
     }
 
+    /// Where a node on the embedded store starts the etcd member it moves
+    /// the cluster state to.
+    pub fn staging_etcd_dir(&self) -> PathBuf {
+        self.root.join(STAGING_ETCD_DIR)
+    }
+
+    /// The embedded store as it was when the cluster moved to etcd.
+    pub fn pre_etcd_store_path(&self) -> PathBuf {
+        self.root.join(PRE_ETCD_STORE_DIR).join(STORE_FILE)
+    }
+
+    /// The switch from the embedded store to etcd: the staged etcd member
+    /// becomes this node's (one rename, made durable), then the embedded
+    /// store is set aside read-only.
+    pub fn switch_to_etcd(&self) -> anyhow::Result<()> {
+        let (from, to) = (self.staging_etcd_dir(), self.etcd_dir());
+        if to.exists() {
+            bail!("{} exists already; refusing to replace it", to.display());
+        }
+        fs::rename(&from, &to)
+            .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        sync_dir(&self.root)?;
+        self.settle()
+    }
+
+    /// Finishes an interrupted move from the embedded store to etcd, either
+    /// way (see the module documentation). Called at every start.
+    pub fn settle(&self) -> anyhow::Result<()> {
+        let staging = self.staging_etcd_dir();
+        let store_dir = self.root.join(STORE_DIR);
+        if crate::consensus::is_configured(&self.etcd_dir()) {
+            if store_dir.exists() {
+                let kept = self.root.join(PRE_ETCD_STORE_DIR);
+                fs::rename(&store_dir, &kept).with_context(|| {
+                    format!("renaming {} to {}", store_dir.display(), kept.display())
+                })?;
+                sync_dir(&self.root)?;
+                let file = self.pre_etcd_store_path();
+                if file.exists() {
+                    fs::set_permissions(&file, fs::Permissions::from_mode(0o400))
+                        .with_context(|| format!("making {} read-only", file.display()))?;
+                }
+                tracing::info!(
+                    kept = %file.display(),
+                    "the cluster state is on etcd now; the embedded store stays as the pre-migration copy, read-only"
+                );
+            }
+        } else if staging.exists() && self.has_store() {
+            fs::remove_dir_all(&staging)
+                .with_context(|| format!("removing {}", staging.display()))?;
+            tracing::info!(
+                "removed the etcd member of a move to etcd that did not finish; the cluster state is in the embedded store"
+            );
+        }
+        Ok(())
+    }
+
     fn credentials_path(&self) -> PathBuf {
         self.root.join(CREDENTIALS)
     }
@@ -80,7 +148,7 @@ impl DataDir {
     /// first start that died half-way. Starting over on top of it could mix
     /// two clusters' state.
     pub fn check_fresh(&self) -> anyhow::Result<()> {
-        if self.has_store() || self.etcd_dir().exists() {
+        if self.has_store() || self.etcd_dir().exists() || self.staging_etcd_dir().exists() {
             bail!(
                 "data directory {} holds a consensus store but no node credentials (an interrupted first start?); \
                  remove the directory to start over",
@@ -220,10 +288,14 @@ fn write_private(root: &Path, name: &str, contents: &[u8]) -> anyhow::Result<()>
         .and_then(|_| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, root.join(name)).with_context(|| format!("renaming {}", tmp.display()))?;
-    File::open(root)
+    sync_dir(root)
+}
+
+/// Makes renames in `dir` durable.
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", root.display()))?;
-    Ok(())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]

@@ -200,6 +200,10 @@ pub struct Maintain {
     pub runs_curator: bool,
     /// Whether this node runs etcd (a consensus member of an etcd cluster).
     pub runs_etcd: bool,
+    /// The peer certificate this node's etcd runs with: a role with another
+    /// one means the member was admitted again (after etcd dropped it), and
+    /// has to join afresh.
+    pub etcd_peer_certificate: Option<Vec<u8>>,
     /// Non-consensus nodes publish the curator they reached here
     /// (CuratorLocal.GetCurrentLeader on this node).
     pub leader: Option<watch::Sender<GetCurrentLeaderResponse>>,
@@ -390,6 +394,16 @@ fn consensus_change(
         (Some(role), false, false) if !role.peer_certificate.is_empty() => {
             tracing::info!(
                 "this node became a consensus member; restarting to run etcd and a curator"
+            );
+            Some(Ended::Consensus(Some(role.clone())))
+        }
+        (Some(role), true, _)
+            if !role.peer_certificate.is_empty()
+                && m.etcd_peer_certificate.as_ref() != Some(&role.peer_certificate) =>
+        {
+            tracing::info!(
+                "this node's etcd member was admitted again (with a new peer certificate); \
+                 restarting to join etcd afresh"
             );
             Some(Ended::Consensus(Some(role.clone())))
         }

@@ -54,6 +54,9 @@ pub struct Config {
     /// does, and the node stops serving as a plain node (Exit::CuratorReady)
     /// to start again with its curator.
     pub until_curator: Option<futures::future::BoxFuture<'static, ()>>,
+    /// On the embedded store: turns true once the cluster state has moved
+    /// to etcd, and the node restarts on it.
+    pub moved_to_etcd: Option<watch::Receiver<bool>>,
     /// Where this node's curator client looks for the leader.
     pub curators: Vec<SocketAddr>,
     pub heartbeat_interval: Duration,
@@ -175,6 +178,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         address: cfg.address,
         runs_curator: cfg.cluster.is_some(),
         runs_etcd: cfg.runs_etcd,
+        etcd_peer_certificate: cfg
+            .runs_etcd
+            .then(|| {
+                crate::consensus::peer_certificate(
+                    &crate::datadir::DataDir::new(cfg.data_dir.clone()).etcd_dir(),
+                )
+            })
+            .flatten(),
         leader: membership_leader,
         heartbeat_interval: cfg.heartbeat_interval,
         boot_id: membership::new_boot_id(),
@@ -223,8 +234,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             None => std::future::pending().await,
         }
     };
+    let moved_to_etcd = async {
+        match cfg.moved_to_etcd {
+            Some(mut moved) => {
+                if moved.wait_for(|m| *m).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         () = curator_ready => Ok(Exit::CuratorReady),
+        // A fresh process opens the new store as on any start.
+        () = moved_to_etcd => Ok(Exit::Restart),
         r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
         r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
         r = &mut metrics_srv => Err(anyhow::anyhow!("the metrics server stopped: {:?}", r)),
@@ -280,9 +303,9 @@ pub enum Exit {
 
 /// Acts on leadership changes of this node's curator: a new leader fences
 /// its writes with its leader key, starts heartbeat bookkeeping afresh (health
-/// UNKNOWN for one timeout) and promotes caught-up etcd learners; a curator
-/// that stops leading ends its heartbeat streams. CuratorLocal's answer
-/// follows along.
+/// UNKNOWN for one timeout) and runs the consensus membership reconciler; a
+/// curator that stops leading ends its heartbeat streams. CuratorLocal's
+/// answer follows along.
 async fn follow_leadership(
     mut leadership: watch::Receiver<Leadership>,
     me: LeaderInfo,
@@ -290,7 +313,7 @@ async fn follow_leadership(
     heartbeats: Arc<Heartbeats>,
     leader_tx: watch::Sender<GetCurrentLeaderResponse>,
 ) {
-    let mut promoter: Option<tokio::task::JoinHandle<()>> = None;
+    let mut reconciler: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let current = leadership.borrow_and_update().clone();
         leader_tx.send_replace(current.to_response(&me));
@@ -298,16 +321,17 @@ async fn follow_leadership(
             Leadership::Leading { key_revision } => {
                 cluster.set_fence(key_revision);
                 heartbeats.start_leading();
-                if let (None, Some(consensus)) = (&promoter, cluster.consensus()) {
-                    promoter = Some(tokio::spawn(
-                        metropolis_curator::consensus::promote_learners(consensus.clone()),
-                    ));
+                if reconciler.is_none() {
+                    reconciler = Some(tokio::spawn(metropolis_curator::consensus::reconcile(
+                        cluster.clone(),
+                        heartbeats.clone(),
+                    )));
                 }
             }
             Leadership::Following(_) | Leadership::Unknown => {
                 heartbeats.stop_leading();
-                if let Some(p) = promoter.take() {
-                    p.abort();
+                if let Some(r) = reconciler.take() {
+                    r.abort();
                 }
             }
         }
@@ -315,8 +339,8 @@ async fn follow_leadership(
             break;
         }
     }
-    if let Some(p) = promoter {
-        p.abort();
+    if let Some(r) = reconciler {
+        r.abort();
     }
 }
 

@@ -188,7 +188,7 @@ impl EtcdStore {
         self.client.clone()
     }
 
-    fn kv(&self) -> etcd_client::KvClient {
+    pub(crate) fn kv(&self) -> etcd_client::KvClient {
         self.client.kv_client()
     }
 }
@@ -454,6 +454,14 @@ impl Consensus for EtcdStore {
             db_size_bytes: resp.db_size(),
         })
     }
+
+    async fn move_leader(&self, to: u64) -> Result<(), StoreError> {
+        self.client()
+            .move_leader(to)
+            .await
+            .map(|_| ())
+            .map_err(map_member_err)
+    }
 }
 
 impl EtcdStore {
@@ -625,7 +633,7 @@ impl Watcher {
 }
 
 /// `[key, range_end)` covering every key that starts with `prefix`.
-fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     if prefix.is_empty() {
         // etcd: key "\0" with range_end "\0" is every key.
         return (vec![0], vec![0]);
@@ -641,7 +649,7 @@ fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (prefix.to_vec(), vec![0])
 }
 
-fn convert_kv(kv: PbKeyValue) -> KeyValue {
+pub(crate) fn convert_kv(kv: PbKeyValue) -> KeyValue {
     KeyValue {
         key: kv.key,
         value: kv.value,
@@ -706,7 +714,7 @@ fn validate_txn(txn: &Txn) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn header_revision(
+pub(crate) fn header_revision(
     header: Option<&etcd_client::proto::PbResponseHeader>,
 ) -> Result<i64, StoreError> {
     header
@@ -723,7 +731,7 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 /// Connection problems become [`StoreError::Unavailable`], requests etcd
 /// rejects as malformed [`StoreError::Invalid`], everything else
 /// [`StoreError::Backend`].
-fn map_err(e: etcd_client::Error) -> StoreError {
+pub(crate) fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error;
     match e {
         Error::TransportError(e) => {

@@ -16,6 +16,7 @@ pub(super) const CONFIG_FILE: &str = "config.pb";
 pub(super) const CA_FILE: &str = "ca.pem";
 pub(super) const PEER_CERT_FILE: &str = "peer.pem";
 pub(super) const PEER_KEY_FILE: &str = "peer-key.pem";
+pub(super) const CRL_FILE: &str = "peer.crl";
 pub(super) const DATA_DIR: &str = "data";
 pub(super) const PID_FILE: &str = "etcd.pid";
 /// The URL etcd is told to listen on; see the module documentation.
@@ -35,11 +36,14 @@ pub struct PeerConfig {
     /// The peer port, normally `metropolis_curator::consensus::PEER_PORT`
     /// (7834), which the curator owns since it adds members.
     pub peer_port: u16,
-    /// The cluster CA certificate (DER).
+    /// The consensus CA certificate (DER): the only issuer etcd's peer port
+    /// trusts.
     pub ca_der: Vec<u8>,
-    /// This node's peer certificate (DER), from
-    /// `CertificateAuthority::issue_peer_certificate` for `address`.
+    /// This node's peer certificate (DER), from the consensus CA for
+    /// `address`.
     pub peer_cert_der: Vec<u8>,
+    /// The consensus CA's CRL (DER); kept current afterwards by [`write_crl`].
+    pub crl_der: Vec<u8>,
     /// Every member of the cluster as it will be once this one has joined,
     /// as (name, peer URL); must contain this node.
     pub initial_cluster: Vec<(String, String)>,
@@ -82,6 +86,12 @@ pub fn is_configured(dir: &Path) -> bool {
     dir.join(CONFIG_FILE).is_file()
 }
 
+/// The peer certificate (DER) the member in `dir` was configured with.
+pub fn peer_certificate(dir: &Path) -> Option<Vec<u8>> {
+    let pem = fs::read_to_string(dir.join(PEER_CERT_FILE)).ok()?;
+    metropolis_identity::pem_to_cert_der(&pem).ok()
+}
+
 /// Writes etcd's configuration, the CA and the peer certificate and key
 /// (`key` is the node's key, which the peer certificate certifies) into
 /// `dir`, creating it (mode 0700). Done once, when the node becomes a
@@ -119,6 +129,7 @@ pub fn configure(dir: &Path, cfg: &PeerConfig, key: &SigningKey) -> anyhow::Resu
         encode_pkcs8_key_pem(key).as_bytes(),
         0o600,
     )?;
+    write_atomic(&dir, CRL_FILE, &cfg.crl_der, 0o644)?;
     let stored = StoredConfig {
         name: cfg.name.clone(),
         address: cfg.address.to_string(),
@@ -180,8 +191,30 @@ fn check_config(cfg: &PeerConfig, key: &SigningKey) -> anyhow::Result<()> {
         bail!("the etcd peer certificate is not for this node's key");
     }
     metropolis_identity::verify_signed_by(&cert, &cfg.ca_der, time::OffsetDateTime::now_utc())
-        .context("the etcd peer certificate was not issued by the cluster CA")?;
+        .context("the etcd peer certificate was not issued by the consensus CA")?;
+    // etcd refuses every peer connection when its CRL file does not parse.
+    let revoked = metropolis_identity::parse_crl(&cfg.crl_der, &cfg.ca_der)
+        .context("invalid consensus CRL")?;
+    if revoked.contains(&cert.serial) {
+        bail!("this node's etcd peer certificate is revoked");
+    }
     Ok(())
+}
+
+/// Replaces the CRL etcd checks peers against (`crl_der`, DER, issued by the
+/// consensus CA in `dir`); etcd reads it at every new peer connection, so
+/// this takes effect at once. Unchanged contents are not rewritten.
+pub fn write_crl(dir: &Path, crl_der: &[u8]) -> anyhow::Result<bool> {
+    let ca_pem = fs::read_to_string(dir.join(CA_FILE))
+        .with_context(|| format!("reading {}", dir.join(CA_FILE).display()))?;
+    let ca = metropolis_identity::pem_to_cert_der(&ca_pem)
+        .with_context(|| format!("{} is corrupt", dir.join(CA_FILE).display()))?;
+    metropolis_identity::parse_crl(crl_der, &ca).context("the consensus CRL is invalid")?;
+    if fs::read(dir.join(CRL_FILE)).is_ok_and(|old| old == crl_der) {
+        return Ok(false);
+    }
+    write_atomic(dir, CRL_FILE, crl_der, 0o644)?;
+    Ok(true)
 }
 
 /// Member names go into `--initial-cluster name=url,...` unquoted.
@@ -297,6 +330,7 @@ fn etcd_args(cfg: &StoredConfig) -> anyhow::Result<Vec<String>> {
         format!("--peer-trusted-ca-file={CA_FILE}"),
         format!("--peer-cert-file={PEER_CERT_FILE}"),
         format!("--peer-key-file={PEER_KEY_FILE}"),
+        format!("--peer-crl-file={CRL_FILE}"),
         "--experimental-peer-skip-client-san-verification=true".into(),
         "--logger=zap".into(),
         "--log-outputs=stderr".into(),
@@ -305,6 +339,11 @@ fn etcd_args(cfg: &StoredConfig) -> anyhow::Result<Vec<String>> {
         "--auto-compaction-mode=revision".into(),
         "--auto-compaction-retention=10000".into(),
         "--enable-pprof=false".into(),
+        // A member that was cut off (or restarted) asks before it starts an
+        // election, rather than deposing a healthy leader with a higher term:
+        // every raft election also renews all leases, so the curator
+        // leader's would then outlive its node.
+        "--pre-vote=true".into(),
     ])
 }
 

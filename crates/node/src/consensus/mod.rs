@@ -6,8 +6,13 @@
 //!   port, initial cluster, initial cluster state, cluster token). Written
 //!   last and atomically by [`configure`]; its presence is what
 //!   [`is_configured`] reports.
-//! - `ca.pem`, `peer.pem`, `peer-key.pem`: the cluster CA and this node's
-//!   peer certificate and key (PKCS#8, mode 0600), for etcd's peer mTLS.
+//! - `ca.pem`, `peer.pem`, `peer-key.pem`: the consensus CA and this node's
+//!   peer certificate and key (PKCS#8, mode 0600), for etcd's peer mTLS:
+//!   etcd's peer port accepts certificates of the consensus CA only, which
+//!   issues them to consensus members only.
+//! - `peer.crl`: the consensus CA's CRL (former members' certificates),
+//!   which etcd reads at every new peer connection; [`crl::follow`] keeps it
+//!   current from the cluster state.
 //! - `data/`: etcd's `--data-dir`.
 //! - `etcd.pid`: the PID of the current etcd process, rewritten on every
 //!   (re)start and removed by [`Etcd::stop`].
@@ -52,10 +57,16 @@
 //!   holds nothing but its header records, removes `data/` so that etcd
 //!   bootstraps again (see `wal`).
 mod config;
+pub mod crl;
+pub mod staging;
 mod supervisor;
 #[cfg(test)]
 mod testing;
 mod wal;
 
-pub use config::{PeerConfig, configure, find_binary, is_configured};
+pub use config::{PeerConfig, configure, find_binary, is_configured, peer_certificate};
 pub use supervisor::Etcd;
+
+/// etcd's `--initial-cluster-token`: only used when a new etcd cluster forms
+/// (bootstrap, or a move from the embedded store), with one member.
+pub const CLUSTER_TOKEN: &str = "metropolis";

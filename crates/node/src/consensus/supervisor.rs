@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use backon::{BackoffBuilder, ExponentialBuilder};
+use metropolis_store::EtcdStore;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -196,8 +197,20 @@ impl Etcd {
 
     /// The client socket (`<dir>/client.sock:0`, absolute); etcd clients
     /// connect to `unix://<this path>`.
+    #[cfg_attr(
+        not(test),
+        allow(dead_code, reason = "the daemon connects through connect()")
+    )]
     pub fn client_socket(&self) -> PathBuf {
         self.socket.clone()
+    }
+
+    /// A client of this member, once it serves clients. A learner does not
+    /// until it has caught up and been promoted, and a member of a cluster
+    /// without quorum not until it has one: this waits for as long as that
+    /// takes (callers bound it).
+    pub fn connect(&self) -> impl Future<Output = Arc<EtcdStore>> + Send + 'static {
+        connect(self.socket.clone())
     }
 
     /// The PID of the etcd process running now, if one is.
@@ -221,6 +234,25 @@ impl Etcd {
         let _ = stop.send(());
         if let Err(e) = task.await {
             tracing::error!(error = %e, "etcd supervisor failed");
+        }
+    }
+}
+
+/// See [`Etcd::connect`].
+async fn connect(socket: PathBuf) -> Arc<EtcdStore> {
+    let mut delay = Duration::from_millis(100);
+    let mut next_report = Instant::now() + Duration::from_secs(5);
+    loop {
+        match EtcdStore::connect_unix(&socket).await {
+            Ok(store) => return store,
+            Err(e) => {
+                if Instant::now() >= next_report {
+                    tracing::info!(error = %e, "waiting for this node's etcd member to serve (a new member serves once it has caught up and was promoted)");
+                    next_report += Duration::from_secs(30);
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
         }
     }
 }

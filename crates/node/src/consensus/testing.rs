@@ -89,6 +89,7 @@ impl Member {
             peer_cert_der: ca
                 .issue_peer_certificate(self.key.verifying_key().as_bytes(), self.address)
                 .unwrap(),
+            crl_der: ca.issue_crl(&[], 1).unwrap(),
             initial_cluster,
             new_cluster: true,
             cluster_token: "test-cluster".into(),

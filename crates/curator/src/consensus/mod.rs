@@ -1,0 +1,184 @@
+//! The consensus: which nodes hold the cluster state, and how that changes.
+//!
+//! A node's ConsensusMember role is desired state. Giving it writes the role
+//! *pending* (no peer certificate yet) and nothing else; the leading
+//! curator's reconciler ([`members::reconcile`]) then makes the store follow:
+//!
+//! - on the embedded store, a pending member means moving the cluster state
+//!   to etcd first ([`migration`]): the leader starts etcd on its own node,
+//!   copies the state, checks the copy and switches over;
+//! - on etcd, pending members are admitted one at a time (etcd allows one
+//!   learner), each promoted to voter once in sync;
+//! - drift is repaired: an etcd member without a role is removed, a role
+//!   without an etcd member admitted again.
+//!
+//! Peer certificates come from the cluster's consensus CA ([`pki`]), whose
+//! CRL cuts former members off etcd's peer port.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use metropolis_api::curator::{GetConsensusStatusResponse, get_consensus_status_response};
+
+use crate::error::CuratorError;
+use crate::state::{Cluster, NodeEntry};
+
+pub mod members;
+pub mod migration;
+pub mod pki;
+
+pub use members::{Pass, reconcile, reconcile_once};
+pub use migration::{EtcdHost, StagedMember};
+
+/// Port of etcd's peer traffic on every consensus member.
+pub const PEER_PORT: u16 = 7834;
+
+/// The URL etcd members reach a member at.
+pub fn peer_url(address: IpAddr) -> String {
+    peer_url_on(address, PEER_PORT)
+}
+
+/// [`peer_url`] on another port (tests run several members per address).
+/// SocketAddr's Display brackets IPv6 addresses.
+pub fn peer_url_on(address: IpAddr, port: u16) -> String {
+    format!("https://{}", SocketAddr::new(address, port))
+}
+
+/// Tells whether a node is alive as far as this curator knows: Some(true)
+/// healthy, Some(false) not, None not known yet (a new leader for one
+/// heartbeat timeout).
+pub trait Liveness: Send + Sync {
+    fn is_live(&self, node_id: &str) -> Option<bool>;
+}
+
+/// The node running this curator is alive, whatever its heartbeats say (a
+/// new leader has not heard its own node's yet).
+pub(crate) struct SelfIsLive<'a> {
+    pub me: Option<&'a str>,
+    pub others: &'a dyn Liveness,
+}
+
+impl Liveness for SelfIsLive<'_> {
+    fn is_live(&self, node_id: &str) -> Option<bool> {
+        if self.me == Some(node_id) {
+            return Some(true);
+        }
+        self.others.is_live(node_id)
+    }
+}
+
+/// How far a node with the ConsensusMember role has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Accepted; waiting for its turn (or for the move to etcd).
+    Pending,
+    /// An etcd learner, catching up.
+    Learner,
+    /// A voting member.
+    Voter,
+}
+
+/// The node's IP address as it reported it, if it did.
+pub(crate) fn reported_address(entry: &NodeEntry) -> Option<IpAddr> {
+    entry
+        .node
+        .status
+        .as_ref()
+        .and_then(|s| s.external_address.parse().ok())
+}
+
+impl Cluster {
+    /// The progress of every node holding the ConsensusMember role.
+    pub async fn consensus_progress(&self) -> Result<HashMap<String, Progress>, CuratorError> {
+        let nodes = self.nodes().await?;
+        let holders = nodes.iter().filter_map(|e| {
+            let role = e.node.roles.as_ref()?.consensus_member.as_ref()?;
+            Some((e, role))
+        });
+        let Some(consensus) = self.consensus() else {
+            // The embedded store's member is the node whose role is admitted
+            // (bootstrap); everyone else waits for the move to etcd.
+            return Ok(holders
+                .map(|(e, role)| {
+                    let admitted = role.peer_certificate.is_empty() && self.is_own_node(e);
+                    let p = if admitted {
+                        Progress::Voter
+                    } else {
+                        Progress::Pending
+                    };
+                    (e.id.clone(), p)
+                })
+                .collect());
+        };
+        let members = consensus.members().await?;
+        Ok(holders
+            .map(|(e, role)| {
+                let member = members::member_of(&members, e);
+                let p = match member {
+                    _ if role.peer_certificate.is_empty() => Progress::Pending,
+                    None => Progress::Pending,
+                    Some(m) if m.is_learner => Progress::Learner,
+                    Some(_) => Progress::Voter,
+                };
+                (e.id.clone(), p)
+            })
+            .collect())
+    }
+
+    /// Whether `entry` is the node this curator runs on. On the embedded
+    /// store (whose curator need not know its node) that is the bootstrap
+    /// node: the only node whose role needs no peer certificate.
+    fn is_own_node(&self, entry: &NodeEntry) -> bool {
+        match self.node_id() {
+            Some(me) => me == entry.id,
+            None => self.etcd_host().is_some_and(|h| h.node_id() == entry.id),
+        }
+    }
+
+    /// The consensus store's state, for Curator.GetConsensusStatus.
+    pub async fn consensus_status(&self) -> Result<GetConsensusStatusResponse, CuratorError> {
+        use get_consensus_status_response::{Backend, Member as PbMember};
+        let Some(consensus) = self.consensus() else {
+            return Ok(GetConsensusStatusResponse {
+                backend: Backend::Embedded as i32,
+                revision: self.store().revision().await?,
+                ..Default::default()
+            });
+        };
+        let members = consensus.members().await?;
+        let status = consensus.status().await?;
+        Ok(GetConsensusStatusResponse {
+            backend: Backend::Etcd as i32,
+            members: members
+                .into_iter()
+                .map(|m| PbMember {
+                    id: m.id,
+                    name: m.name,
+                    peer_urls: m.peer_urls,
+                    is_learner: m.is_learner,
+                })
+                .collect(),
+            raft_leader_id: status.leader_id,
+            raft_term: status.raft_term,
+            revision: status.revision,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls_bracket_ipv6() {
+        assert_eq!(
+            peer_url("127.0.0.2".parse().unwrap()),
+            "https://127.0.0.2:7834"
+        );
+        assert_eq!(peer_url("::1".parse().unwrap()), "https://[::1]:7834");
+        assert_eq!(
+            peer_url_on("fd00::1".parse().unwrap(), 1234),
+            "https://[fd00::1]:1234"
+        );
+    }
+}
