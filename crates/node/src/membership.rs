@@ -397,13 +397,10 @@ fn consensus_change(
             );
             Some(Ended::Consensus(Some(role.clone())))
         }
-        (Some(role), true, _)
-            if !role.peer_certificate.is_empty()
-                && m.etcd_peer_certificate.as_ref() != Some(&role.peer_certificate) =>
-        {
+        (Some(role), true, _) if readmitted(m.etcd_peer_certificate.as_deref(), role) => {
             tracing::info!(
-                "this node's etcd member was admitted again (with a new peer certificate); \
-                 restarting to join etcd afresh"
+                "this node's etcd member was dropped from etcd and admitted again (its old peer \
+                 certificate is revoked); restarting to join etcd afresh"
             );
             Some(Ended::Consensus(Some(role.clone())))
         }
@@ -413,6 +410,25 @@ fn consensus_change(
         }
         _ => None,
     }
+}
+
+/// Whether `role` admits this node to etcd anew: it carries another peer
+/// certificate than the one this node's etcd runs with, and revokes that one
+/// (the leader revokes the old certificate exactly when it admits a member
+/// again, after etcd dropped it). Only then is the member's etcd data of no
+/// use any more; a mere difference is not reason enough to throw it away.
+fn readmitted(running: Option<&[u8]>, role: &node_roles::ConsensusMember) -> bool {
+    let Some(running) = running else {
+        return false;
+    };
+    if role.peer_certificate.is_empty() || role.peer_certificate == running {
+        return false;
+    }
+    let Ok(cert) = metropolis_identity::parse_certificate(running) else {
+        return false;
+    };
+    metropolis_identity::parse_crl(&role.initial_crl, &role.ca_certificate)
+        .is_ok_and(|revoked| revoked.contains(&cert.serial))
 }
 
 /// Learns every node's address (GetClusterInfo), so that this node can find

@@ -71,10 +71,14 @@ pub trait EtcdHost: Send + Sync {
     fn address(&self) -> IpAddr;
 
     /// Starts etcd as a new cluster of one with `member`'s certificates, or
-    /// returns the one started before if it still runs with the same CA.
-    /// Fails with a reason an operator can act on (no etcd binary, the peer
-    /// port taken, etcd's own complaint).
-    async fn start(&self, member: &StagedMember) -> Result<Arc<EtcdStore>, String>;
+    /// returns the one started before if it still runs with the same CA;
+    /// either way with the member it runs as. Fails with a reason an
+    /// operator can act on (no etcd binary, the peer port taken, etcd's own
+    /// complaint).
+    async fn start(
+        &self,
+        member: &StagedMember,
+    ) -> Result<(Arc<EtcdStore>, StagedMember), String>;
 
     /// Makes the started member this node's consensus store, atomically;
     /// the node then restarts its curator on it.
@@ -103,6 +107,10 @@ impl WriteGate {
     /// Refuses writes from now on; returns once no write is in flight.
     pub async fn pause(&self) {
         *self.paused.write().await = true;
+    }
+
+    pub async fn is_paused(&self) -> bool {
+        *self.paused.read().await
     }
 
     pub async fn resume(&self) {
@@ -210,6 +218,11 @@ impl Cluster {
                     .into(),
             )
         })?;
+        if let Some(gate) = self.write_gate()
+            && gate.is_paused().await
+        {
+            return Err(CuratorError::Unavailable(MIGRATING.into()));
+        }
         let pki = self.ensure_consensus_pki().await?;
         let member = self.staged_member(host.as_ref(), &pki).await?;
         host.start(&member).await.map_err(|why| {
@@ -308,7 +321,7 @@ impl Cluster {
         })?;
         let pki = self.ensure_consensus_pki().await?;
         let member = self.staged_member(host, &pki).await?;
-        let etcd = host.start(&member).await.map_err(|why| {
+        let (etcd, member) = host.start(&member).await.map_err(|why| {
             CuratorError::Unavailable(format!(
                 "cannot start etcd to move the cluster state to ({why}); trying again later"
             ))

@@ -37,8 +37,8 @@ pub struct Staging {
 struct Staged {
     etcd: Etcd,
     store: Arc<EtcdStore>,
-    /// The consensus CA it was started with.
-    ca: Vec<u8>,
+    /// What it was started with.
+    member: StagedMember,
 }
 
 impl Staging {
@@ -99,7 +99,7 @@ impl Staging {
             Ok(store) => Ok(Staged {
                 etcd,
                 store,
-                ca: member.ca_certificate.clone(),
+                member: member.clone(),
             }),
             Err(_) => {
                 etcd.stop().await;
@@ -131,45 +131,55 @@ impl EtcdHost for Staging {
         self.address
     }
 
-    async fn start(&self, member: &StagedMember) -> Result<Arc<EtcdStore>, String> {
+    async fn start(
+        &self,
+        member: &StagedMember,
+    ) -> Result<(Arc<EtcdStore>, StagedMember), String> {
         let mut staged = self.staged.lock().await;
+        if *self.switched.borrow() {
+            return Err("this node has moved to etcd already and restarts on it".into());
+        }
         if let Some(s) = staged.as_ref()
-            && s.ca == member.ca_certificate
+            && s.member.ca_certificate == member.ca_certificate
         {
-            return Ok(s.store.clone());
+            return Ok((s.store.clone(), s.member.clone()));
         }
         if let Some(old) = staged.take() {
             old.etcd.stop().await;
         }
         let new = self.start_new(member).await.map_err(|e| format!("{e:#}"))?;
         tracing::info!(dir = %self.data.staging_etcd_dir().display(), "started the etcd member to move the cluster state to");
-        let store = new.store.clone();
+        let started = (new.store.clone(), new.member.clone());
         *staged = Some(new);
-        Ok(store)
+        Ok(started)
     }
 
     async fn switch(&self) -> Result<(), String> {
-        let staged = self
-            .staged
-            .lock()
-            .await
+        // Held throughout: no start may touch the directory meanwhile.
+        let mut guard = self.staged.lock().await;
+        let staged = guard
             .take()
             .ok_or("no etcd member was started to switch to")?;
         drop(staged.store);
         // Cleanly stopped, it starts again from the same data at once.
         staged.etcd.stop().await;
-        self.data.switch_to_etcd().map_err(|e| format!("{e:#}"))?;
+        self.data
+            .switch_to_etcd()
+            .map_err(|e| format!("{e:#}"))?;
         tracing::info!("this node's consensus store is etcd now; restarting on it");
         self.switched.send_replace(true);
+        drop(guard);
         Ok(())
     }
 
     async fn abandon(&self) {
-        if let Some(staged) = self.staged.lock().await.take() {
+        let mut guard = self.staged.lock().await;
+        if let Some(staged) = guard.take() {
             staged.etcd.stop().await;
         }
         if let Err(e) = remove_dir(&self.data.staging_etcd_dir()) {
             tracing::warn!(error = %format!("{e:#}"), "removing the abandoned etcd member");
         }
+        drop(guard);
     }
 }
