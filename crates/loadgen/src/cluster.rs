@@ -2,16 +2,10 @@
 //! certificate, and keep one owner channel.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
-use metropolis_api::api::{
-    EscrowRequest, GetRegisterTicketRequest, aaa_client::AaaClient, escrow_request::Parameters,
-    management_client::ManagementClient,
-};
-use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
+use metropolis_api::api::{GetRegisterTicketRequest, management_client::ManagementClient};
 use metropolis_identity::{ServerTrust, SigningKey};
 use metropolis_rpc::client::explain_status;
 use tonic::transport::Channel;
@@ -36,26 +30,12 @@ pub async fn channel(
     Ok(metropolis_rpc::client::connect(addr, tls).await?)
 }
 
-/// The CA the node serves, fetched without trusting it yet. The loadgen
-/// started the node itself on loopback, so trust on first use is sound here.
-async fn fetch_ca(addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
-    let seen = Arc::new(Mutex::new(None));
-    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen), None)
-        .context("building the TLS client configuration")?;
-    let ch = metropolis_rpc::client::connect(addr, tls).await?;
-    let resp = CuratorLocalClient::new(ch)
-        .get_ca_certificate(GetCaCertificateRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("GetCACertificate: {}", explain_status(&s)))?;
-    Ok(resp.into_inner().identity_ca_certificate)
-}
-
 /// Polls until the node answers CuratorLocal, failing early if it dies.
 pub async fn wait_serving(node: &mut NodeProcess, limit: Duration) -> anyhow::Result<Vec<u8>> {
     let deadline = Instant::now() + limit;
     loop {
         node.check_alive()?;
-        match fetch_ca(node.addr).await {
+        match metropolis_rpc::client::fetch_ca_unverified(node.addr).await {
             Ok(ca) => return Ok(ca),
             Err(e) if Instant::now() >= deadline => bail!(
                 "the node did not start serving on {} within {limit:?} (last error: {e:#}); \
@@ -76,33 +56,7 @@ pub async fn escrow_owner(
     ca: &[u8],
     owner: &SigningKey,
 ) -> anyhow::Result<Vec<u8>> {
-    let self_signed = metropolis_identity::self_signed_certificate(owner, "")
-        .context("creating the initial owner certificate")?;
-    let ch = channel(addr, ca, (self_signed, owner.clone())).await?;
-    let request = EscrowRequest {
-        parameters: Some(Parameters {
-            requested_identity_name: "owner".into(),
-            public_key: owner.verifying_key().to_bytes().to_vec(),
-        }),
-        proofs: None,
-    };
-    let mut replies = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([request]))
-        .await
-        .map_err(|s| anyhow::anyhow!("Escrow: {}", explain_status(&s)))?
-        .into_inner();
-    let reply = replies
-        .next()
-        .await
-        .context("Escrow: the node closed the stream without an answer")?
-        .map_err(|s| anyhow::anyhow!("Escrow: {}", explain_status(&s)))?;
-    if reply.emitted_certificate.is_empty() {
-        bail!(
-            "Escrow: no owner certificate emitted (needed proofs: {:?})",
-            reply.needed
-        );
-    }
-    Ok(reply.emitted_certificate)
+    Ok(metropolis_rpc::client::escrow_owner(addr, ca, owner).await?)
 }
 
 pub async fn register_ticket(owner: &mut ManagementClient<Channel>) -> anyhow::Result<Vec<u8>> {

@@ -252,3 +252,84 @@ pub fn explain_status(status: &tonic::Status) -> String {
     }
     status.message().to_string()
 }
+
+/// A call made by [`fetch_ca_unverified`] or [`escrow_owner`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("building the TLS client configuration: {0}")]
+    Tls(String),
+    #[error("{call}: {message}")]
+    Status { call: &'static str, message: String },
+    #[error("Escrow: {0}")]
+    Escrow(String),
+}
+
+/// The CA certificate the node at `addr` serves, fetched without verifying
+/// it: trust on first use, sound only for a node the caller started itself
+/// on loopback (tools and tests), or when the CA is checked afterwards.
+pub async fn fetch_ca_unverified(addr: SocketAddr) -> Result<Vec<u8>, CallError> {
+    use metropolis_api::curator::{
+        GetCaCertificateRequest, curator_local_client::CuratorLocalClient,
+    };
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let tls =
+        metropolis_identity::client_config(metropolis_identity::ServerTrust::Capture(seen), None)
+            .map_err(|e| CallError::Tls(e.to_string()))?;
+    let ch = connect(addr, tls).await?;
+    let resp = CuratorLocalClient::new(ch)
+        .get_ca_certificate(GetCaCertificateRequest {})
+        .await
+        .map_err(|s| CallError::Status {
+            call: "GetCACertificate",
+            message: explain_status(&s),
+        })?;
+    Ok(resp.into_inner().identity_ca_certificate)
+}
+
+/// Trades an owner key for the owner certificate (AAA.Escrow with a
+/// self-signed certificate), as metroctl's `takeownership` does.
+pub async fn escrow_owner(
+    addr: SocketAddr,
+    ca: &[u8],
+    owner: &metropolis_identity::SigningKey,
+) -> Result<Vec<u8>, CallError> {
+    use metropolis_api::api::{EscrowRequest, aaa_client::AaaClient, escrow_request::Parameters};
+    let self_signed = metropolis_identity::self_signed_certificate(owner, "")
+        .map_err(|e| CallError::Escrow(format!("creating the initial owner certificate: {e}")))?;
+    let trust = metropolis_identity::ServerTrust::ClusterCa {
+        ca_der: ca.to_vec(),
+        node_id: None,
+    };
+    let tls = metropolis_identity::client_config(trust, Some((self_signed, owner.clone())))
+        .map_err(|e| CallError::Tls(e.to_string()))?;
+    let ch = connect(addr, tls).await?;
+    let request = EscrowRequest {
+        parameters: Some(Parameters {
+            requested_identity_name: "owner".into(),
+            public_key: owner.verifying_key().to_bytes().to_vec(),
+        }),
+        proofs: None,
+    };
+    let status = |s: tonic::Status| CallError::Status {
+        call: "Escrow",
+        message: explain_status(&s),
+    };
+    let reply = AaaClient::new(ch)
+        .escrow(tokio_stream::iter([request]))
+        .await
+        .map_err(status)?
+        .into_inner()
+        .message()
+        .await
+        .map_err(status)?
+        .ok_or_else(|| CallError::Escrow("the node closed the stream without an answer".into()))?;
+    if reply.emitted_certificate.is_empty() {
+        return Err(CallError::Escrow(format!(
+            "no owner certificate emitted (needed proofs: {:?})",
+            reply.needed
+        )));
+    }
+    Ok(reply.emitted_certificate)
+}
