@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "metropolis/proto/api/management.proto",
     "metropolis/proto/api/debug.proto",
     "metropolis/proto/admin/admin.proto",
+    "metropolis/proto/admin/consensus.proto",
     "metropolis/proto/admin/faults.proto",
     "metropolis/node/core/curator/proto/api/api.proto",
     "metropolis/node/core/curator/proto/private/storage.proto",

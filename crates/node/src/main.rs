@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         Ok(serve::Exit::Stopped | serve::Exit::Consensus(_) | serve::Exit::CuratorReady) => {
             ExitCode::SUCCESS
         }
-        Ok(serve::Exit::Restart) => {
+        Ok(serve::Exit::Restart | serve::Exit::MovedToEtcd) => {
             drop(runtime);
             restart()
         }

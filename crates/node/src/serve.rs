@@ -41,6 +41,8 @@ pub const NODE_MANAGEMENT_PORT: u16 = 7839;
 
 /// How long a stopping node waits for open calls to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// ... and one whose cluster state just moved to etcd (see `Exit::MovedToEtcd`).
+const MOVED_GRACE: Duration = Duration::from_millis(100);
 
 pub struct Config {
     pub address: IpAddr,
@@ -247,7 +249,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let outcome = tokio::select! {
         () = curator_ready => Ok(Exit::CuratorReady),
         // A fresh process opens the new store as on any start.
-        () = moved_to_etcd => Ok(Exit::Restart),
+        () = moved_to_etcd => Ok(Exit::MovedToEtcd),
         r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
         r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
         r = &mut metrics_srv => Err(anyhow::anyhow!("the metrics server stopped: {:?}", r)),
@@ -278,8 +280,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         let _ = (&mut mgmt_srv).await;
         let _ = (&mut metrics_srv).await;
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, both).await.is_err() {
-        tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+    // After the move to etcd this curator can finish nothing (its store
+    // takes no writes): every moment spent here is a moment without writes.
+    let grace = match outcome {
+        Ok(Exit::MovedToEtcd) => MOVED_GRACE,
+        _ => SHUTDOWN_GRACE,
+    };
+    if tokio::time::timeout(grace, both).await.is_err() {
+        tracing::info!("connections still open after {grace:?}; closing them");
         curator_srv.abort();
         mgmt_srv.abort();
         metrics_srv.abort();
@@ -294,6 +302,9 @@ pub enum Exit {
     Stopped,
     /// Start again as a fresh process (Reboot).
     Restart,
+    /// The cluster state moved from the embedded store to etcd: start again
+    /// as a fresh process, on etcd.
+    MovedToEtcd,
     /// This node's etcd member serves now: serve again, with the curator.
     CuratorReady,
     /// The node gained (Some) or lost (None) the ConsensusMember role of an

@@ -75,10 +75,7 @@ pub trait EtcdHost: Send + Sync {
     /// either way with the member it runs as. Fails with a reason an
     /// operator can act on (no etcd binary, the peer port taken, etcd's own
     /// complaint).
-    async fn start(
-        &self,
-        member: &StagedMember,
-    ) -> Result<(Arc<EtcdStore>, StagedMember), String>;
+    async fn start(&self, member: &StagedMember) -> Result<(Arc<EtcdStore>, StagedMember), String>;
 
     /// Makes the started member this node's consensus store, atomically;
     /// the node then restarts its curator on it.

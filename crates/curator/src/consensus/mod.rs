@@ -78,6 +78,17 @@ pub enum Progress {
     Voter,
 }
 
+impl From<Progress> for metropolis_api::admin::ConsensusProgress {
+    fn from(p: Progress) -> Self {
+        use metropolis_api::admin::ConsensusProgress as P;
+        match p {
+            Progress::Pending => P::Pending,
+            Progress::Learner => P::Learner,
+            Progress::Voter => P::Voter,
+        }
+    }
+}
+
 /// The node's IP address as it reported it, if it did.
 pub(crate) fn reported_address(entry: &NodeEntry) -> Option<IpAddr> {
     entry
@@ -88,20 +99,22 @@ pub(crate) fn reported_address(entry: &NodeEntry) -> Option<IpAddr> {
 }
 
 impl Cluster {
-    /// The progress of every node holding the ConsensusMember role.
-    pub async fn consensus_progress(&self) -> Result<HashMap<String, Progress>, CuratorError> {
-        let nodes = self.nodes().await?;
-        let holders = nodes.iter().filter_map(|e| {
+    /// The progress of every node in `entries` that holds the
+    /// ConsensusMember role.
+    pub async fn consensus_progress(
+        &self,
+        entries: &[NodeEntry],
+    ) -> Result<HashMap<String, Progress>, CuratorError> {
+        let holders = entries.iter().filter_map(|e| {
             let role = e.node.roles.as_ref()?.consensus_member.as_ref()?;
             Some((e, role))
         });
         let Some(consensus) = self.consensus() else {
-            // The embedded store's member is the node whose role is admitted
-            // (bootstrap); everyone else waits for the move to etcd.
+            // The embedded store's member is the node whose store it is;
+            // everyone else waits for the move to etcd.
             return Ok(holders
-                .map(|(e, role)| {
-                    let admitted = role.peer_certificate.is_empty() && self.is_own_node(e);
-                    let p = if admitted {
+                .map(|(e, _)| {
+                    let p = if self.holds_consensus_state(e) {
                         Progress::Voter
                     } else {
                         Progress::Pending
@@ -113,8 +126,7 @@ impl Cluster {
         let members = consensus.members().await?;
         Ok(holders
             .map(|(e, role)| {
-                let member = members::member_of(&members, e);
-                let p = match member {
+                let p = match members::member_of(&members, e) {
                     _ if role.peer_certificate.is_empty() => Progress::Pending,
                     None => Progress::Pending,
                     Some(m) if m.is_learner => Progress::Learner,
@@ -123,16 +135,6 @@ impl Cluster {
                 (e.id.clone(), p)
             })
             .collect())
-    }
-
-    /// Whether `entry` is the node this curator runs on. On the embedded
-    /// store (whose curator need not know its node) that is the bootstrap
-    /// node: the only node whose role needs no peer certificate.
-    fn is_own_node(&self, entry: &NodeEntry) -> bool {
-        match self.node_id() {
-            Some(me) => me == entry.id,
-            None => self.etcd_host().is_some_and(|h| h.node_id() == entry.id),
-        }
     }
 
     /// The consensus store's state, for Curator.GetConsensusStatus.

@@ -313,7 +313,10 @@ mod tests {
         );
         assert_eq!(consensus.members().await.expect("members").len(), 1);
         assert_eq!(
-            c.consensus_progress().await.expect("progress").get(id),
+            c.consensus_progress(&c.nodes().await.expect("nodes"))
+                .await
+                .expect("progress")
+                .get(id),
             Some(&Progress::Pending)
         );
 
@@ -344,7 +347,10 @@ mod tests {
             "{members:?}"
         );
         assert_eq!(
-            c.consensus_progress().await.expect("progress").get(id),
+            c.consensus_progress(&c.nodes().await.expect("nodes"))
+                .await
+                .expect("progress")
+                .get(id),
             Some(&Progress::Learner)
         );
         // While the learner has not caught up (here: never starts), it stays

@@ -131,10 +131,7 @@ impl EtcdHost for Staging {
         self.address
     }
 
-    async fn start(
-        &self,
-        member: &StagedMember,
-    ) -> Result<(Arc<EtcdStore>, StagedMember), String> {
+    async fn start(&self, member: &StagedMember) -> Result<(Arc<EtcdStore>, StagedMember), String> {
         let mut staged = self.staged.lock().await;
         if *self.switched.borrow() {
             return Err("this node has moved to etcd already and restarts on it".into());
@@ -163,9 +160,7 @@ impl EtcdHost for Staging {
         drop(staged.store);
         // Cleanly stopped, it starts again from the same data at once.
         staged.etcd.stop().await;
-        self.data
-            .switch_to_etcd()
-            .map_err(|e| format!("{e:#}"))?;
+        self.data.switch_to_etcd().map_err(|e| format!("{e:#}"))?;
         tracing::info!("this node's consensus store is etcd now; restarting on it");
         self.switched.send_replace(true);
         drop(guard);

@@ -251,7 +251,9 @@ async fn connect(socket: PathBuf) -> Arc<EtcdStore> {
                     next_report += Duration::from_secs(30);
                 }
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                // Often: every moment between etcd serving and the node noticing
+                // is a moment without a curator.
+                delay = (delay * 2).min(Duration::from_millis(250));
             }
         }
     }
