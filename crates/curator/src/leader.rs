@@ -316,26 +316,70 @@ impl Election {
     }
 
     /// Follows the leader named by `kv` until its key goes away.
+    ///
+    /// Meanwhile it knocks on the leader's curator port: a leader whose port
+    /// refuses connections has no process listening any more (node and
+    /// curator share one process, and the election ends before the port
+    /// closes), so its lease is revoked rather than waited out, and the
+    /// followers campaign at once. A leader that does not answer at all (a
+    /// dead machine, a partition) is waited out: only its lease ending says
+    /// it no longer leads.
     async fn follow(&self, kv: KeyValue) -> Result<(), StoreError> {
         let key = KEY_LEADER.as_bytes();
-        match LeaderInfo::decode(&kv.value) {
+        let mut leader = match LeaderInfo::decode(&kv.value) {
             // This curator's own claim, while it abstains: it goes with the
             // lease.
-            Some(info) if info.node_id == self.me.node_id => self.set(Leadership::Unknown),
-            Some(info) => self.set(Leadership::Following(info)),
-            None => tracing::warn!("unreadable leader key; waiting for it to expire"),
-        }
-        let mut watch = self.store.watch(key, kv.mod_revision + 1).await?;
-        while let Some(ev) = watch.next().await {
-            let ev = ev?;
-            if ev.kv.key != key {
-                continue;
+            Some(info) if info.node_id == self.me.node_id => {
+                self.set(Leadership::Unknown);
+                None
             }
-            match ev.kind {
-                EventKind::Delete => return Ok(()),
-                EventKind::Put => {
-                    if let Some(info) = LeaderInfo::decode(&ev.kv.value) {
-                        self.set(Leadership::Following(info));
+            Some(info) => {
+                self.set(Leadership::Following(info.clone()));
+                Some((info, kv.lease))
+            }
+            None => {
+                tracing::warn!("unreadable leader key; waiting for it to expire");
+                None
+            }
+        };
+        let mut watch = self.store.watch(key, kv.mod_revision + 1).await?;
+        loop {
+            let gone = async {
+                match &leader {
+                    Some((info, _)) => refuses_connections(info).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = watch.next() => {
+                    let Some(ev) = ev else { break };
+                    let ev = ev?;
+                    if ev.kv.key != key {
+                        continue;
+                    }
+                    match ev.kind {
+                        EventKind::Delete => return Ok(()),
+                        EventKind::Put => {
+                            if let Some(info) = LeaderInfo::decode(&ev.kv.value) {
+                                self.set(Leadership::Following(info.clone()));
+                                leader = (info.node_id != self.me.node_id)
+                                    .then_some((info, ev.kv.lease));
+                            }
+                        }
+                    }
+                }
+                () = gone => {
+                    if let Some((info, lease)) = leader.take() {
+                        tracing::info!(
+                            leader = %info.node_id,
+                            "the curator leader's port refuses connections: its process is gone; \
+                             revoking its lease"
+                        );
+                        match self.store.revoke_lease(lease).await {
+                            // Gone already: the watch shows the delete.
+                            Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }
@@ -393,6 +437,29 @@ impl Election {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// How often a follower knocks on the leader's curator port ...
+const KNOCK_INTERVAL: Duration = Duration::from_millis(150);
+/// ... and after how many refusals in a row it takes the leader for gone.
+const REFUSALS: u32 = 3;
+
+/// Returns once `leader`'s curator port has refused TCP connections
+/// [`REFUSALS`] times in a row (nothing listens there); never for a port that
+/// accepts, or does not answer.
+async fn refuses_connections(leader: &LeaderInfo) {
+    let mut refused = 0;
+    loop {
+        tokio::time::sleep(KNOCK_INTERVAL).await;
+        let connect = tokio::net::TcpStream::connect((leader.host.as_str(), leader.port));
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            _ => refused = 0,
+        }
+        if refused >= REFUSALS {
+            return;
         }
     }
 }
@@ -489,11 +556,31 @@ where
 mod tests {
     use super::*;
 
+    /// A curator that listens on a port (followers knock on it), kept open
+    /// while the returned listener lives.
     fn me(n: &str) -> LeaderInfo {
+        use std::sync::OnceLock;
+        // One listening port for every live curator of these tests.
+        static LISTENER: OnceLock<std::net::TcpListener> = OnceLock::new();
+        let l =
+            LISTENER.get_or_init(|| std::net::TcpListener::bind("127.0.0.1:0").expect("listen"));
         LeaderInfo {
             node_id: n.into(),
-            host: "127.0.0.2".into(),
-            port: 7835,
+            host: "127.0.0.1".into(),
+            port: l.local_addr().expect("address").port(),
+        }
+    }
+
+    /// A curator whose port nothing listens on (its process is gone).
+    fn dead(n: &str) -> LeaderInfo {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        LeaderInfo {
+            node_id: n.into(),
+            host: "127.0.0.1".into(),
+            port,
         }
     }
 
@@ -521,6 +608,30 @@ mod tests {
         task_a.abort();
         wait_for(&mut b, Leadership::is_leading).await;
         task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_port_refuses_connections_is_not_waited_out() {
+        let (_dir, store, _) = crate::state::test_support::store().await;
+        // Far longer than the test's patience: only the knock can explain
+        // a takeover.
+        let ttl = Duration::from_secs(60);
+        let gone = dead("a");
+        let (mut a, task_a) = campaign(store.clone(), gone.clone(), ttl, Default::default());
+        wait_for(&mut a, Leadership::is_leading).await;
+        // Its process dies without a word (its lease lives on).
+        task_a.abort();
+        let (mut b, task_b) = campaign(store.clone(), me("b"), ttl, Default::default());
+        let started = Instant::now();
+        wait_for(&mut b, Leadership::is_leading).await;
+        assert!(started.elapsed() < ttl / 2);
+        // While b's own port accepts, c keeps following it.
+        let (mut c, task_c) = campaign(store, me("c"), ttl, Default::default());
+        wait_for(&mut c, |l| matches!(l, Leadership::Following(_))).await;
+        tokio::time::sleep(KNOCK_INTERVAL * (REFUSALS + 2)).await;
+        assert_eq!(*c.borrow(), Leadership::Following(me("b")));
+        task_b.abort();
+        task_c.abort();
     }
 
     #[tokio::test]
@@ -578,8 +689,10 @@ mod tests {
             .refusal("/metropolis.proto.api.Management/GetNodes")
             .expect("refused");
         assert_eq!(s.code(), tonic::Code::Unavailable);
+        let b = me("b");
         assert!(
-            s.message().contains("node b at 127.0.0.2:7835"),
+            s.message()
+                .contains(&format!("node b at {}:{}", b.host, b.port)),
             "{}",
             s.message()
         );

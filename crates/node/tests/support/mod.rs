@@ -19,6 +19,10 @@ use metropolis_identity::{ServerTrust, SigningKey};
 use prost::Message;
 use tonic::transport::Channel;
 
+mod owner;
+#[allow(unused_imports, reason = "not every test uses them")]
+pub use owner::*;
+
 pub const CURATOR_PORT: u16 = 7835;
 
 pub fn node_binary() -> PathBuf {
