@@ -330,4 +330,39 @@ mod tests {
         assert_eq!(back.key.to_bytes(), key.to_bytes());
         assert_eq!(back.node_certificate, cert);
     }
+
+    /// A move to etcd that stopped before the switch leaves the embedded
+    /// store live and its half-made etcd member goes; one that stopped after
+    /// it leaves etcd live and the embedded store aside, read-only.
+    #[test]
+    fn settle_finishes_a_move_either_way() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dd = DataDir::new(tmp.path().join("node"));
+        dd.create().expect("create");
+        dd.create_store_dir().expect("store dir");
+        fs::write(dd.store_path(), b"redb").expect("store");
+        let staging = dd.staging_etcd_dir();
+        fs::create_dir_all(&staging).expect("staging");
+        fs::write(staging.join("config.pb"), b"").expect("config");
+
+        // Before the switch.
+        dd.settle().expect("settle");
+        assert!(dd.has_store() && !staging.exists());
+        assert!(!crate::consensus::is_configured(&dd.etcd_dir()));
+
+        // The switch, then a crash before the store was set aside.
+        fs::create_dir_all(&staging).expect("staging");
+        fs::write(staging.join("config.pb"), b"").expect("config");
+        fs::rename(&staging, dd.etcd_dir()).expect("switch");
+        assert!(dd.has_store());
+        dd.settle().expect("settle");
+        assert!(!dd.has_store());
+        assert!(crate::consensus::is_configured(&dd.etcd_dir()));
+        let kept = fs::metadata(dd.pre_etcd_store_path()).expect("kept");
+        assert_eq!(kept.permissions().mode() & 0o777, 0o400);
+        // Nothing more to do, and a second switch is refused.
+        dd.settle().expect("settle again");
+        fs::create_dir_all(&staging).expect("staging");
+        assert!(dd.switch_to_etcd().is_err());
+    }
 }

@@ -528,3 +528,41 @@ fn heartbeat_dropped() -> bool {
     fail::fail_point!("node::heartbeat_send", |_| true);
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a role that revokes the certificate this node's etcd runs with
+    /// makes it throw its etcd data away.
+    #[test]
+    fn readmission_needs_the_old_certificate_revoked() {
+        use metropolis_identity::{CertificateAuthority, Revoked, generate_key};
+        let ca = CertificateAuthority::generate_named("Metropolis Consensus CA").unwrap();
+        let key = generate_key();
+        let issue = || {
+            ca.issue_peer_certificate(key.verifying_key().as_bytes(), "127.0.0.2".parse().unwrap())
+                .unwrap()
+        };
+        let (running, other) = (issue(), issue());
+        let serial = metropolis_identity::parse_certificate(&running).unwrap().serial;
+        let role = |cert: &[u8], revoked: &[Revoked]| node_roles::ConsensusMember {
+            ca_certificate: ca.cert_der().to_vec(),
+            peer_certificate: cert.to_vec(),
+            initial_crl: ca.issue_crl(revoked, 2).unwrap(),
+            peers: Vec::new(),
+        };
+        let revoked = [Revoked {
+            serial,
+            revoked_at: time::OffsetDateTime::now_utc(),
+        }];
+        assert!(readmitted(Some(&running), &role(&other, &revoked)));
+        // Another certificate, the old one not revoked (a role written by a
+        // leader that issued one more): keep the data.
+        assert!(!readmitted(Some(&running), &role(&other, &[])));
+        // The same certificate, or none yet, or no etcd here.
+        assert!(!readmitted(Some(&running), &role(&running, &revoked)));
+        assert!(!readmitted(Some(&running), &role(&[], &revoked)));
+        assert!(!readmitted(None, &role(&other, &revoked)));
+    }
+}
