@@ -18,9 +18,11 @@ const PROTOS: &[&str] = &[
     "metropolis/proto/admin/admin.proto",
     "metropolis/proto/admin/consensus.proto",
     "metropolis/proto/admin/faults.proto",
+    "metropolis/proto/admin/node.proto",
+    "metropolis/proto/storage/storage.proto",
     "metropolis/node/core/curator/proto/api/api.proto",
-    "metropolis/node/core/curator/proto/private/storage.proto",
     "osbase/logtree/proto/logtree.proto",
+    "osbase/net/proto/net.proto",
     "version/spec/spec.proto",
 ];
 

@@ -23,6 +23,9 @@ pub mod metropolis {
         pub mod admin {
             tonic::include_proto!("metropolis.proto.admin");
         }
+        pub mod storage {
+            tonic::include_proto!("metropolis.proto.storage");
+        }
     }
     pub mod node {
         pub mod core {
@@ -30,9 +33,6 @@ pub mod metropolis {
                 pub mod proto {
                     pub mod api {
                         tonic::include_proto!("metropolis.node.core.curator.proto.api");
-                    }
-                    pub mod private {
-                        tonic::include_proto!("metropolis.node.core.curator.proto.private");
                     }
                 }
             }
@@ -46,6 +46,11 @@ pub mod osbase {
             tonic::include_proto!("osbase.logtree.proto");
         }
     }
+    pub mod net {
+        pub mod proto {
+            tonic::include_proto!("osbase.net.proto");
+        }
+    }
 }
 
 pub mod version {
@@ -56,11 +61,12 @@ pub mod version {
 
 // Short names for the packages used everywhere.
 pub use metropolis::node::core::curator::proto::api as curator;
-pub use metropolis::node::core::curator::proto::private;
 pub use metropolis::proto::admin;
 pub use metropolis::proto::api;
 pub use metropolis::proto::common;
 pub use metropolis::proto::ext;
+/// The curator's stored records (package `metropolis.proto.storage`).
+pub use metropolis::proto::storage as private;
 
 pub mod authorization;
 pub mod json;

@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use metropolis_api::api::{
-    EscrowRequest, EscrowResponse, ProofRequest, aaa_server::Aaa, proof_request::Kind,
+    EscrowRequest, EscrowResponse,
+    aaa_server::Aaa,
+    escrow_response::{ProofRequest, proof_request::Kind},
 };
 use metropolis_rpc::Caller;
 use tonic::{Request, Response, Status, Streaming};

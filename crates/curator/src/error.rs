@@ -15,6 +15,9 @@ pub enum CuratorError {
     PermissionDenied(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A call of the contract this implementation does not serve.
+    #[error("{0}")]
+    Unimplemented(String),
     /// Nothing was done, and the same call may succeed shortly (for example
     /// at a new leader).
     #[error("{0}")]
@@ -36,6 +39,7 @@ impl From<CuratorError> for Status {
             CuratorError::FailedPrecondition(_) => Status::failed_precondition(msg),
             CuratorError::PermissionDenied(_) => Status::permission_denied(msg),
             CuratorError::AlreadyExists(_) => Status::already_exists(msg),
+            CuratorError::Unimplemented(_) => Status::unimplemented(msg),
             CuratorError::Unavailable(_) => Status::unavailable(msg),
             CuratorError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             CuratorError::Store(StoreError::FailedPrecondition(_)) => {

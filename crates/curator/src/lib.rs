@@ -21,6 +21,7 @@ pub mod local;
 pub mod management;
 pub mod nodes;
 pub mod state;
+pub mod watch;
 
 pub use error::CuratorError;
 pub use state::{BootstrapRequest, Bootstrapped, Cluster};

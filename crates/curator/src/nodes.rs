@@ -1,26 +1,26 @@
 //! Curator: the node-to-cluster service (register, commit, join, heartbeat,
-//! status).
+//! status, cluster networking), and NodeCurator, our additions to it.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use metropolis_api::admin::{
+    ReportDecommissionedRequest, ReportDecommissionedResponse, node_curator_server::NodeCurator,
+};
 use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
     CommitNodeRequest, CommitNodeResponse, GetConsensusStatusRequest, GetConsensusStatusResponse,
-    HeartbeatUpdateRequest, HeartbeatUpdateResponse, JoinNodeRequest, JoinNodeResponse, Node,
-    RegisterNodeRequest, RegisterNodeResponse, ReportDecommissionedRequest,
-    ReportDecommissionedResponse, UpdateNodeStatusRequest, UpdateNodeStatusResponse, WatchEvent,
-    WatchRequest,
+    HeartbeatRequest, HeartbeatResponse, IssueCertificateRequest, IssueCertificateResponse,
+    JoinNodeRequest, JoinNodeResponse, RegisterNodeRequest, RegisterNodeResponse,
+    UpdateNodeClusterNetworkingRequest, UpdateNodeClusterNetworkingResponse,
+    UpdateNodeStatusRequest, UpdateNodeStatusResponse, WatchEvent, WatchRequest,
     curator_server::Curator,
-    watch_event::{NodeTombstone, Progress},
-    watch_request,
 };
 use metropolis_rpc::Caller;
-use metropolis_store::EventKind;
-use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::CuratorError;
 use crate::heartbeat::Heartbeats;
 use crate::state::Cluster;
 
@@ -52,29 +52,7 @@ fn presented_key(caller: &Caller) -> Result<[u8; 32], Status> {
         })
 }
 
-fn node_id_of_key(key: &[u8]) -> String {
-    String::from_utf8_lossy(key)
-        .trim_start_matches(crate::state::NODES_PREFIX)
-        .to_string()
-}
-
-/// A node record as the Watch stream shows it to nodes.
-fn watch_node(key: &[u8], value: &[u8]) -> Result<Node, Status> {
-    let id = node_id_of_key(key);
-    let n = metropolis_api::private::Node::decode(value)
-        .map_err(|e| Status::internal(format!("node record {id} is corrupt: {e}")))?;
-    Ok(Node {
-        id,
-        pubkey: n.public_key,
-        state: n.state,
-        roles: n.roles,
-        status: n.status,
-        labels: n.labels,
-        decommission_requested: n.decommission_requested,
-    })
-}
-
-type HeartbeatStream = Pin<Box<dyn Stream<Item = Result<HeartbeatUpdateResponse, Status>> + Send>>;
+type HeartbeatStream = Pin<Box<dyn Stream<Item = Result<HeartbeatResponse, Status>> + Send>>;
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -82,70 +60,8 @@ impl Curator for CuratorService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let only = match request.into_inner().kind {
-            Some(watch_request::Kind::NodeInCluster(n)) if !n.node_id.is_empty() => Some(n.node_id),
-            Some(watch_request::Kind::NodeInCluster(_)) => {
-                return Err(Status::invalid_argument(
-                    "node_in_cluster.node_id must be set",
-                ));
-            }
-            Some(watch_request::Kind::NodesInCluster(_)) => None,
-            None => {
-                return Err(Status::invalid_argument(
-                    "kind must be node_in_cluster or nodes_in_cluster",
-                ));
-            }
-        };
-        let prefix = match &only {
-            Some(id) => crate::state::node_key(id),
-            None => crate::state::NODES_PREFIX.to_string(),
-        };
-        // The backlog and the changes after it come from one revision, so
-        // nothing is missed or seen twice in between.
-        let store = self.cluster.store().clone();
-        let range = store
-            .range(prefix.as_bytes())
-            .await
-            .map_err(crate::CuratorError::from)?;
-        let wanted = only.map(|id| crate::state::node_key(&id).into_bytes());
-        let matches = move |key: &[u8]| wanted.as_deref().is_none_or(|w| key == w);
-        let backlog: Vec<Node> = range
-            .kvs
-            .iter()
-            .filter(|kv| matches(&kv.key))
-            .map(|kv| watch_node(&kv.key, &kv.value))
-            .collect::<Result<_, _>>()?;
-        let first = WatchEvent {
-            nodes: backlog,
-            node_tombstones: vec![],
-            progress: Progress::LastBacklogged as i32,
-        };
-        let changes = store
-            .watch(prefix.as_bytes(), range.revision + 1)
-            .await
-            .map_err(crate::CuratorError::from)?;
-        let changes = changes.filter_map(move |ev| {
-            let out = match ev {
-                Err(e) => Some(Err(Status::from(crate::CuratorError::from(e)))),
-                Ok(ev) if !matches(&ev.kv.key) => None,
-                Ok(ev) => Some(match ev.kind {
-                    EventKind::Put => watch_node(&ev.kv.key, &ev.kv.value).map(|n| WatchEvent {
-                        nodes: vec![n],
-                        ..Default::default()
-                    }),
-                    EventKind::Delete => Ok(WatchEvent {
-                        node_tombstones: vec![NodeTombstone {
-                            node_id: node_id_of_key(&ev.kv.key),
-                        }],
-                        ..Default::default()
-                    }),
-                }),
-            };
-            futures::future::ready(out)
-        });
-        Ok(Response::new(Box::pin(
-            futures::stream::iter([Ok(first)]).chain(changes),
-        )))
+        let stream = crate::watch::watch(self.cluster.store(), request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn update_node_status(
@@ -170,7 +86,7 @@ impl Curator for CuratorService {
 
     async fn heartbeat(
         &self,
-        request: Request<Streaming<HeartbeatUpdateRequest>>,
+        request: Request<Streaming<HeartbeatRequest>>,
     ) -> Result<Response<HeartbeatStream>, Status> {
         let node_id = Caller::of(&request)?.node_id()?.to_string();
         let heartbeats = self.heartbeats.clone();
@@ -187,7 +103,7 @@ impl Curator for CuratorService {
                 ));
             }
             heartbeats.beat(&node_id);
-            Ok(HeartbeatUpdateResponse {})
+            Ok(HeartbeatResponse {})
         });
         Ok(Response::new(Box::pin(beats)))
     }
@@ -198,22 +114,39 @@ impl Curator for CuratorService {
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let key = presented_key(Caller::of(&request)?)?;
         let req = request.into_inner();
+        // Upstream's later JoinNode proves this key; here the node
+        // certificate does, so a well-formed key is accepted and not kept.
+        if !req.join_key.is_empty() && req.join_key.len() != 32 {
+            return Err(Status::invalid_argument(format!(
+                "join_key must be an Ed25519 public key of 32 bytes, got {} bytes",
+                req.join_key.len()
+            )));
+        }
+        let config = self.cluster.configuration().await?;
+        let tpm_usage = crate::state::tpm_usage(&config, req.have_local_tpm)?;
+        let storage_security = crate::state::recommended_storage_security(&config)?;
         let (labels, dropped) = crate::labels::sanitize_initial(req.labels);
         let node_id = self
             .cluster
-            .register_node(key, &req.register_ticket, labels)
+            .register_node_using(key, &req.register_ticket, labels, tpm_usage)
             .await?;
         for problem in dropped {
             tracing::warn!(node = %node_id, %problem, "dropped invalid label of registering node");
         }
         tracing::info!(node = %node_id, "node registered");
-        Ok(Response::new(RegisterNodeResponse { node_id }))
+        Ok(Response::new(RegisterNodeResponse {
+            cluster_configuration: Some(config),
+            tpm_usage: tpm_usage as i32,
+            recommended_node_storage_security: storage_security as i32,
+        }))
     }
 
     async fn commit_node(
         &self,
         request: Request<CommitNodeRequest>,
     ) -> Result<Response<CommitNodeResponse>, Status> {
+        // The cluster unlock key and storage security are upstream's disk
+        // encryption, which this implementation does not do: not kept.
         let key = presented_key(Caller::of(&request)?)?;
         let node_certificate = self.cluster.commit_node(key).await?;
         tracing::info!(node = %metropolis_identity::node_id(&key), "node committed");
@@ -221,24 +154,6 @@ impl Curator for CuratorService {
             ca_certificate: self.cluster.ca().cert_der().to_vec(),
             node_certificate,
         }))
-    }
-
-    async fn report_decommissioned(
-        &self,
-        request: Request<ReportDecommissionedRequest>,
-    ) -> Result<Response<ReportDecommissionedResponse>, Status> {
-        let node_id = Caller::of(&request)?.node_id()?.to_string();
-        self.cluster.complete_decommission(&node_id).await?;
-        self.heartbeats.forget(&node_id);
-        tracing::info!(node = %node_id, "node decommissioned itself");
-        Ok(Response::new(ReportDecommissionedResponse {}))
-    }
-
-    async fn get_consensus_status(
-        &self,
-        _: Request<GetConsensusStatusRequest>,
-    ) -> Result<Response<GetConsensusStatusResponse>, Status> {
-        Ok(Response::new(self.cluster.consensus_status().await?))
     }
 
     async fn join_node(
@@ -256,26 +171,215 @@ impl Curator for CuratorService {
             )));
         }
         Ok(Response::new(JoinNodeResponse {
+            cluster_unlock_key: Vec::new(),
             roles: entry.node.roles,
         }))
+    }
+
+    async fn issue_certificate(
+        &self,
+        _: Request<IssueCertificateRequest>,
+    ) -> Result<Response<IssueCertificateResponse>, Status> {
+        Err(CuratorError::Unimplemented(
+            "IssueCertificate issues Kubernetes component certificates, and this implementation runs no Kubernetes".into(),
+        )
+        .into())
+    }
+
+    async fn update_node_cluster_networking(
+        &self,
+        request: Request<UpdateNodeClusterNetworkingRequest>,
+    ) -> Result<Response<UpdateNodeClusterNetworkingResponse>, Status> {
+        let node_id = Caller::of(&request)?.node_id()?.to_string();
+        let cn = request
+            .into_inner()
+            .clusternet
+            .ok_or_else(|| Status::invalid_argument("clusternet must be set"))?;
+        self.cluster.update_clusternet(&node_id, cn).await?;
+        Ok(Response::new(UpdateNodeClusterNetworkingResponse {}))
+    }
+
+    async fn get_consensus_status(
+        &self,
+        _: Request<GetConsensusStatusRequest>,
+    ) -> Result<Response<GetConsensusStatusResponse>, Status> {
+        Ok(Response::new(self.cluster.consensus_status().await?))
+    }
+}
+
+/// NodeCurator: the node-to-cluster calls upstream's Curator lacks.
+pub struct NodeCuratorService {
+    cluster: Arc<Cluster>,
+    heartbeats: Arc<Heartbeats>,
+}
+
+impl NodeCuratorService {
+    pub fn new(cluster: Arc<Cluster>, heartbeats: Arc<Heartbeats>) -> Self {
+        NodeCuratorService {
+            cluster,
+            heartbeats,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeCurator for NodeCuratorService {
+    async fn report_decommissioned(
+        &self,
+        request: Request<ReportDecommissionedRequest>,
+    ) -> Result<Response<ReportDecommissionedResponse>, Status> {
+        let node_id = Caller::of(&request)?.node_id()?.to_string();
+        self.cluster.complete_decommission(&node_id).await?;
+        self.heartbeats.forget(&node_id);
+        tracing::info!(node = %node_id, "node decommissioned itself");
+        Ok(Response::new(ReportDecommissionedResponse {}))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metropolis_api::common::NodeLabels;
+    use metropolis_api::common::{
+        NodeClusterNetworking, NodeLabels, NodeStatus, NodeStorageSecurity, NodeTpmUsage,
+    };
+    use metropolis_api::curator::{watch_event::Progress, watch_request};
+    use metropolis_rpc::Principal;
     use metropolis_store::{Op, Txn};
     use std::time::Duration;
+
+    fn service(cluster: &Arc<Cluster>) -> CuratorService {
+        CuratorService::new(
+            cluster.clone(),
+            Arc::new(Heartbeats::new(Duration::from_secs(5))),
+        )
+    }
+
+    /// A request as the authentication layer hands it on: from a node with
+    /// its node certificate, or from a key's self-signed certificate.
+    fn as_node<T>(msg: T, id: &str) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.extensions_mut().insert(Caller {
+            certificate: None,
+            principal: Some(Principal::Node {
+                id: id.to_string(),
+                public_key: [0; 32],
+            }),
+        });
+        req
+    }
+
+    fn self_signed<T>(msg: T, key: &metropolis_identity::SigningKey) -> Request<T> {
+        let der = metropolis_identity::self_signed_certificate(key, "").expect("self-signed");
+        let cert = metropolis_identity::parse_certificate(&der).expect("parse");
+        let mut req = Request::new(msg);
+        req.extensions_mut().insert(Caller {
+            certificate: Some(Arc::new(cert)),
+            principal: None,
+        });
+        req
+    }
+
+    #[tokio::test]
+    async fn register_answers_configuration_and_tpm_usage_and_checks_the_join_key() {
+        let t = crate::state::test_support::bootstrapped().await;
+        let svc = service(&t.cluster);
+        let key = metropolis_identity::generate_key();
+        let ticket = t.cluster.register_ticket().await.expect("ticket");
+        let req = |join_key: Vec<u8>| RegisterNodeRequest {
+            register_ticket: ticket.clone(),
+            join_key,
+            have_local_tpm: true,
+            labels: None,
+        };
+        let bad = svc
+            .register_node(self_signed(req(vec![1; 5]), &key))
+            .await
+            .expect_err("short join key");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+        let resp = svc
+            .register_node(self_signed(req(vec![1; 32]), &key))
+            .await
+            .expect("register")
+            .into_inner();
+        let config = t.cluster.configuration().await.expect("config");
+        assert_eq!(resp.cluster_configuration, Some(config));
+        // The bootstrap default is TPM_MODE_DISABLED: a TPM, unused.
+        assert_eq!(resp.tpm_usage, NodeTpmUsage::PresentButUnused as i32);
+        assert_eq!(
+            resp.recommended_node_storage_security,
+            NodeStorageSecurity::AuthenticatedEncrypted as i32
+        );
+        let id = metropolis_identity::node_id(key.verifying_key().as_bytes());
+        let stored = t.cluster.node(&id).await.expect("read").expect("node");
+        assert_eq!(stored.node.tpm_usage, NodeTpmUsage::PresentButUnused as i32);
+    }
+
+    #[tokio::test]
+    async fn issue_certificate_is_unimplemented() {
+        let t = crate::state::test_support::bootstrapped().await;
+        let err = service(&t.cluster)
+            .issue_certificate(as_node(IssueCertificateRequest::default(), &t.first_id))
+            .await
+            .expect_err("no kubernetes");
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(err.message().contains("no Kubernetes"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn cluster_networking_shows_in_watch() {
+        let t = crate::state::test_support::bootstrapped().await;
+        let svc = service(&t.cluster);
+        let id = t.first_id.clone();
+        let unset = svc
+            .update_node_cluster_networking(as_node(Default::default(), &id))
+            .await
+            .expect_err("unset");
+        assert_eq!(unset.code(), tonic::Code::InvalidArgument);
+        svc.update_node_status(as_node(
+            UpdateNodeStatusRequest {
+                node_id: id.clone(),
+                status: Some(NodeStatus {
+                    external_address: "127.0.0.2".into(),
+                    ..Default::default()
+                }),
+            },
+            &id,
+        ))
+        .await
+        .expect("status");
+        let cn = NodeClusterNetworking {
+            wireguard_pubkey: "GaNXuc/yl8IaXduX6PQ+ZxIG4HtBACubHrRI7rqfA20=".into(),
+            prefixes: vec![metropolis_api::common::node_cluster_networking::Prefix {
+                cidr: "127.0.0.2/32".into(),
+            }],
+        };
+        svc.update_node_cluster_networking(as_node(
+            UpdateNodeClusterNetworkingRequest {
+                clusternet: Some(cn.clone()),
+            },
+            &id,
+        ))
+        .await
+        .expect("update");
+        let only = WatchRequest {
+            kind: Some(watch_request::Kind::NodeInCluster(
+                watch_request::NodeInCluster { node_id: id },
+            )),
+        };
+        let mut s = svc
+            .watch(Request::new(only))
+            .await
+            .expect("watch")
+            .into_inner();
+        let ev = s.next().await.expect("backlog").expect("ok");
+        assert_eq!(ev.nodes[0].clusternet, Some(cn));
+    }
 
     #[tokio::test]
     async fn watch_sends_backlog_then_changes_and_tombstones() {
         let t = crate::state::test_support::bootstrapped().await;
         let (store, cluster, id) = (t.store.clone(), t.cluster.clone(), t.first_id.clone());
-        let svc = CuratorService::new(
-            cluster.clone(),
-            Arc::new(Heartbeats::new(Duration::from_secs(5))),
-        );
+        let svc = service(&cluster);
 
         let req = WatchRequest {
             kind: Some(watch_request::Kind::NodesInCluster(Default::default())),

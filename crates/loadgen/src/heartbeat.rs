@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use metropolis_api::common::NodeStatus;
 use metropolis_api::curator::{
-    HeartbeatUpdateRequest, HeartbeatUpdateResponse, JoinNodeRequest, UpdateNodeStatusRequest,
+    HeartbeatRequest, HeartbeatResponse, JoinNodeRequest, UpdateNodeStatusRequest,
     curator_client::CuratorClient,
 };
 use metropolis_api::version::spec::{Version, version::Release};
@@ -45,8 +45,8 @@ struct Session {
     index: usize,
     // Held so the connection outlives setup for as long as the stream runs.
     _curator: CuratorClient<Channel>,
-    replies: Streaming<HeartbeatUpdateResponse>,
-    beats: mpsc::Sender<HeartbeatUpdateRequest>,
+    replies: Streaming<HeartbeatResponse>,
+    beats: mpsc::Sender<HeartbeatRequest>,
 }
 
 struct SetupTimings {
@@ -114,7 +114,7 @@ async fn open_session(
 
     let t = Instant::now();
     curator
-        .join_node(JoinNodeRequest {})
+        .join_node(JoinNodeRequest::default())
         .await
         .map_err(status_error("JoinNode"))?;
     let join = t.elapsed();
@@ -217,7 +217,7 @@ async fn beat(
             },
             _ = ticker.tick(), if sender.is_some() => {
                 let Some(tx) = &sender else { continue };
-                match tx.try_send(HeartbeatUpdateRequest {}) {
+                match tx.try_send(HeartbeatRequest {}) {
                     Ok(()) => {
                         in_flight.push_back(Instant::now());
                         out.sent += 1;

@@ -103,6 +103,7 @@ impl NodeProcess {
                 high_availability: s.high_availability,
                 ..Default::default()
             })),
+            network_config: None,
         };
         std::fs::write(&params_path, params.encode_to_vec())
             .with_context(|| format!("writing node parameters {}", params_path.display()))?;

@@ -10,13 +10,15 @@ use anyhow::{Context, bail};
 use backon::BackoffBuilder;
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
+use metropolis_api::admin::{ReportDecommissionedRequest, node_curator_client::NodeCuratorClient};
+use metropolis_api::common::NodeStorageSecurity;
 use metropolis_api::common::{
     ClusterDirectory, NodeLabels, NodeStatus, node_roles, node_status::RunningCurator,
 };
 use metropolis_api::curator::{
-    CommitNodeRequest, GetCurrentLeaderResponse, HeartbeatUpdateRequest, JoinNodeRequest,
-    RegisterNodeRequest, ReportDecommissionedRequest, UpdateNodeStatusRequest, WatchRequest,
-    curator_client::CuratorClient, watch_request,
+    CommitNodeRequest, GetCurrentLeaderResponse, HeartbeatRequest, JoinNodeRequest,
+    RegisterNodeRequest, UpdateNodeStatusRequest, WatchRequest, curator_client::CuratorClient,
+    watch_request,
 };
 use metropolis_api::version::spec::{Version, version::Release};
 use metropolis_identity::ServerTrust;
@@ -116,6 +118,9 @@ pub async fn register(
         CuratorClient::new(ch)
             .register_node(RegisterNodeRequest {
                 register_ticket: ticket.clone(),
+                // Rejoining is proven by the node certificate, not a join key.
+                join_key: Vec::new(),
+                have_local_tpm: false,
                 labels: labels.clone(),
             })
             .await
@@ -135,7 +140,11 @@ pub async fn register(
             .await?
             .channel;
         CuratorClient::new(ch)
-            .commit_node(CommitNodeRequest {})
+            .commit_node(CommitNodeRequest {
+                // This node keeps its data directory unencrypted.
+                cluster_unlock_key: Vec::new(),
+                storage_security: NodeStorageSecurity::Insecure as i32,
+            })
             .await
             .map_err(CallError::Status)
     };
@@ -304,7 +313,9 @@ async fn session(
         metropolis_rpc::client::connect_leader(&endpoints, attempt.saturating_sub(1), tls).await?;
     let mut curator = CuratorClient::new(connected.channel.clone());
     let joined = curator
-        .join_node(JoinNodeRequest {})
+        .join_node(JoinNodeRequest {
+            using_sealed_configuration: false,
+        })
         .await
         .map_err(CallError::Status)?
         .into_inner();
@@ -374,7 +385,7 @@ async fn session(
                         }
                     }
                     if node.decommission_requested {
-                        return decommission(m, &mut curator).await;
+                        return decommission(m, connected.channel.clone()).await;
                     }
                 }
             }
@@ -479,10 +490,7 @@ fn log_roles(roles: Option<&metropolis_api::common::NodeRoles>) {
 
 /// Destroys the node's credentials and data, then tells the curator, using
 /// the certificate still held in memory.
-async fn decommission(
-    m: &Maintain,
-    curator: &mut CuratorClient<Channel>,
-) -> Result<Ended, CallError> {
+async fn decommission(m: &Maintain, channel: Channel) -> Result<Ended, CallError> {
     tracing::warn!(
         "the cluster asked this node to decommission itself; wiping {}",
         m.data_dir.display()
@@ -495,7 +503,7 @@ async fn decommission(
             m.data_dir.display()
         )));
     }
-    curator
+    NodeCuratorClient::new(channel)
         .report_decommissioned(ReportDecommissionedRequest {})
         .await
         .map_err(CallError::Status)?;
@@ -508,7 +516,7 @@ async fn decommission(
 /// One heartbeat request now and then every `interval`.
 fn async_stream_interval(
     interval: Duration,
-) -> impl futures::Stream<Item = HeartbeatUpdateRequest> + Send + 'static {
+) -> impl futures::Stream<Item = HeartbeatRequest> + Send + 'static {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     futures::stream::unfold(ticker, |mut t| async move {
@@ -518,7 +526,7 @@ fn async_stream_interval(
                 break;
             }
         }
-        Some((HeartbeatUpdateRequest {}, t))
+        Some((HeartbeatRequest {}, t))
     })
 }
 
@@ -545,7 +553,9 @@ mod tests {
                 .unwrap()
         };
         let (running, other) = (issue(), issue());
-        let serial = metropolis_identity::parse_certificate(&running).unwrap().serial;
+        let serial = metropolis_identity::parse_certificate(&running)
+            .unwrap()
+            .serial;
         let role = |cert: &[u8], revoked: &[Revoked]| node_roles::ConsensusMember {
             ca_certificate: ca.cert_der().to_vec(),
             peer_certificate: cert.to_vec(),

@@ -55,6 +55,12 @@ pub fn load(path: &Path) -> Result<Params, ParamsError> {
         path: p.clone(),
         source,
     })?;
+    if msg.network_config.is_some() {
+        tracing::warn!(
+            path = %p,
+            "node parameters carry network_config; this implementation does not configure interfaces and ignores it (use --address)"
+        );
+    }
     let invalid = |problem: String| ParamsError::Invalid {
         path: p.clone(),
         problem,
@@ -131,6 +137,7 @@ mod tests {
                     ..Default::default()
                 },
             )),
+            network_config: None,
         }
         .encode_to_vec()
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metropolis_api::admin::cluster_admin_server::ClusterAdminServer;
+use metropolis_api::admin::node_curator_server::NodeCuratorServer;
 use metropolis_api::api::{aaa_server::AaaServer, management_server::ManagementServer};
 use metropolis_api::common::node_roles;
 use metropolis_api::curator::{
@@ -21,7 +22,7 @@ use metropolis_curator::heartbeat::Heartbeats;
 use metropolis_curator::leader::{self, LeaderGate, LeaderInfo, Leadership};
 use metropolis_curator::local::CuratorLocalService;
 use metropolis_curator::management::ManagementService;
-use metropolis_curator::nodes::CuratorService;
+use metropolis_curator::nodes::{CuratorService, NodeCuratorService};
 use metropolis_rpc::observe::ObserveLayer;
 use metropolis_rpc::server::Redirect;
 use metropolis_rpc::{AuthLayer, Authorizer};
@@ -34,7 +35,7 @@ use crate::membership;
 use crate::node_mgmt::{NodeManagementService, PowerAction};
 use metropolis_api::api::node_management_server::NodeManagementServer;
 
-/// Port of AAA, Management, Curator and CuratorLocal.
+/// Port of AAA, Management, ClusterAdmin, Curator, NodeCurator and CuratorLocal.
 pub const CURATOR_PORT: u16 = 7835;
 /// Port of NodeManagement.
 pub const NODE_MANAGEMENT_PORT: u16 = 7839;
@@ -141,6 +142,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 )))
                 .add_service(CuratorServer::new(CuratorService::new(
                     cluster.clone(),
+                    heartbeats.clone(),
+                )))
+                .add_service(NodeCuratorServer::new(NodeCuratorService::new(
+                    cluster.clone(),
                     heartbeats,
                 )))
                 .add_service(local)
@@ -168,7 +173,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 .add_service(Redirect::<ClusterAdminServer<ClusterAdminService>>::new(
                     msg.clone(),
                 ))
-                .add_service(Redirect::<CuratorServer<CuratorService>>::new(msg))
+                .add_service(Redirect::<CuratorServer<CuratorService>>::new(msg.clone()))
+                .add_service(Redirect::<NodeCuratorServer<NodeCuratorService>>::new(msg))
                 .add_service(local)
         }
     };

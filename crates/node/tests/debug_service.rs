@@ -73,6 +73,7 @@ async fn debug_build_serves_logs_before_joining_and_failpoints() {
                 labels: None,
             },
         )),
+        network_config: None,
     };
     let p = tmp.path().join("register.pb");
     std::fs::write(&p, params.encode_to_vec()).expect("params");

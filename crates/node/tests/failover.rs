@@ -132,7 +132,7 @@ async fn failover(kills: usize) {
         &tmp.path().join("n1"),
         Some(&params),
     )];
-    members[0].wait_serving().await;
+    members[0].wait_leading().await;
     let ca = fetch_ca(members[0].endpoint()).await.expect("ca");
     let cert = escrow_owner(members[0].endpoint(), &ca, &owner_key).await;
     let owner = Arc::new(Owner {

@@ -228,7 +228,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         Some(&params),
         FLAGS,
     );
-    first.wait_serving().await;
+    first.wait_leading().await;
     let ca = fetch_ca(first.endpoint()).await.expect("ca");
     let cert = escrow_owner(first.endpoint(), &ca, &key).await;
     let owner = Owner {
@@ -246,10 +246,21 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     let mut mgmt = ManagementClient::new(ch.clone());
     let status = consensus(&ch).await.expect("consensus status");
     assert_eq!(
-        status.backend, 2,
+        status.backend,
+        metropolis_api::admin::ConsensusBackend::Etcd as i32,
         "bootstrapped with --ha: etcd backend: {status:?}"
     );
     assert_eq!(status.members.len(), 1);
+    // Upstream's field names the member by node ID.
+    assert_eq!(status.etcd_member.len(), 1, "{status:?}");
+    assert_eq!(
+        status.etcd_member[0].id, status.members[0].name,
+        "{status:?}"
+    );
+    assert!(
+        status.etcd_member[0].id.starts_with("metropolis-"),
+        "{status:?}"
+    );
 
     // Four more nodes register; all are approved.
     let reg = tmp.path().join("register.pb");

@@ -85,7 +85,7 @@ async fn register_new_node(addr: SocketAddr, ca: &[u8], ticket: Vec<u8>) -> Vec<
     CuratorClient::new(ch)
         .register_node(RegisterNodeRequest {
             register_ticket: ticket,
-            labels: None,
+            ..Default::default()
         })
         .await
         .expect("register node");

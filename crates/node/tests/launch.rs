@@ -214,8 +214,12 @@ fn launch_ha_makes_three_consensus_members() {
     assert!(text.contains("raft leader"), "{text}");
     let json = metroctl(&cfg, &["cluster", "status", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("json");
-    assert_eq!(v["backend"], "BACKEND_ETCD", "{v}");
+    assert_eq!(v["backend"], "CONSENSUS_BACKEND_ETCD", "{v}");
     assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{v}");
+    // Upstream's member list, as upstream clients read it.
+    let upstream = v["etcdMember"].as_array().cloned().unwrap_or_default();
+    assert_eq!(upstream.len(), 3, "{v}");
+    assert!(upstream.iter().all(|m| m["status"] == "STATUS_FULL"), "{v}");
 
     // A member that starts while its etcd cluster has no quorum serves as a
     // plain node (reachable, its logs readable) and starts its curator once

@@ -296,7 +296,7 @@ async fn roles_decommission_and_delete() {
     // After a curator restart too.
     first.stop();
     let first = TestNode::spawn_with(first.address, &first.data_dir, None, FAST);
-    first.wait_serving().await;
+    first.wait_leading().await;
     let as_third = channel(first.endpoint(), trust(&ca), Some((cert3, key3)))
         .await
         .expect("connect");

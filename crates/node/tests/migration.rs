@@ -57,6 +57,7 @@ async fn fill(store_path: &std::path::Path, records: usize) {
             registered_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
             decommission_requested: false,
             tpm_usage: 0,
+            clusternet: None,
         };
         txn = txn.and_then(Op::put(
             format!("/nodes/{}", metropolis_identity::node_id(&key)),
@@ -87,7 +88,7 @@ async fn grows_into_etcd(records: usize) {
     // No etcd to be had: the cluster cannot move.
     let no_etcd = ["--etcd-binary", "/nonexistent/etcd"];
     let mut n1 = TestNode::spawn_with(a1, &n1_dir, Some(&params), &no_etcd);
-    n1.wait_serving().await;
+    n1.wait_leading().await;
     let ca = fetch_ca(n1.endpoint()).await.expect("ca");
     let cert = escrow_owner(n1.endpoint(), &ca, &owner_key).await;
     let owner = Arc::new(Owner {

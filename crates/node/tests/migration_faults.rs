@@ -71,7 +71,7 @@ async fn a_crash_at_any_step_of_the_move_leaves_one_store_and_every_write() {
         &[],
         &[("METROPOLIS_FAILPOINTS", &first_fault)],
     );
-    n1.wait_serving().await;
+    n1.wait_leading().await;
     let ca = fetch_ca(n1.endpoint()).await.expect("ca");
     let cert = escrow_owner(n1.endpoint(), &ca, &owner_key).await;
     let owner = Arc::new(Owner {

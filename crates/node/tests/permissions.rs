@@ -82,6 +82,11 @@ fn handler_code(path: &str, who: Who) -> Code {
         | ("/metropolis.proto.admin.NodeFaults", _) => Code::Unimplemented,
         ("/metropolis.proto.api.AAA", "Escrow") => Code::InvalidArgument,
         ("/metropolis.node.core.curator.proto.api.CuratorLocal", _) => Code::Ok,
+        // Only nodes may call it on themselves; no decommission was asked.
+        ("/metropolis.proto.admin.NodeCurator", "ReportDecommissioned") if who.is_node() => {
+            Code::FailedPrecondition
+        }
+        ("/metropolis.proto.admin.NodeCurator", "ReportDecommissioned") => Code::PermissionDenied,
         ("/metropolis.node.core.curator.proto.api.Curator", m) => match m {
             "RegisterNode" if !who.presents_certificate() => Code::Unauthenticated,
             // Wrong (empty) ticket, or a deleted node's key.
@@ -93,11 +98,14 @@ fn handler_code(path: &str, who: Who) -> Code {
             "Watch" => Code::InvalidArgument,
             // READ_CLUSTER_STATUS: every authenticated principal here has it.
             "GetConsensusStatus" => Code::Ok,
+            // No Kubernetes here, whoever asks.
+            "IssueCertificate" => Code::Unimplemented,
             // Methods only nodes may call on themselves.
             _ if !who.is_node() => Code::PermissionDenied,
             "Heartbeat" | "JoinNode" => Code::Ok,
-            "UpdateNodeStatus" => Code::InvalidArgument,
-            "ReportDecommissioned" => Code::FailedPrecondition,
+            // No status or no clusternet in the empty request.
+            "UpdateNodeStatus" | "UpdateNodeClusterNetworking" => Code::InvalidArgument,
+
             other => panic!("no expectation for Curator/{other}: add it"),
         },
         ("/metropolis.proto.api.Management", m) => match m {
@@ -220,7 +228,7 @@ async fn every_method_refuses_every_caller_that_may_not_use_it() {
     // Let the store's background tasks release the file.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let first = TestNode::spawn(first.address, &first.data_dir, None);
-    first.wait_serving().await;
+    first.wait_leading().await;
     let addr = first.endpoint();
     let owner_cert = escrow_owner(addr, &ca, &owner).await;
     let mut mgmt = ManagementClient::new(

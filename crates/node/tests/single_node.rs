@@ -11,7 +11,7 @@ use metropolis_api::admin::{
 };
 use metropolis_api::api::{
     EscrowRequest, GetClusterInfoRequest, GetRegisterTicketRequest, aaa_client::AaaClient,
-    management_client::ManagementClient, proof_request::Kind,
+    escrow_response::proof_request::Kind, management_client::ManagementClient,
 };
 use metropolis_identity::{CertificateAuthority, generate_key};
 use tonic::Code;
@@ -342,6 +342,7 @@ fn bad_parameters_exit_with_one_line_and_write_nothing() {
                     ..Default::default()
                 },
             )),
+            network_config: None,
         };
         std::fs::write(&short_key, p.encode_to_vec()).expect("write");
     }

@@ -290,6 +290,7 @@ impl Cluster {
                 high_availability,
                 ..Default::default()
             })),
+            network_config: None,
         };
         std::fs::write(&params, p.encode_to_vec())
             .with_context(|| format!("writing {}", params.display()))?;
@@ -341,6 +342,7 @@ impl Cluster {
                 ca_certificate: info.ca_certificate,
                 labels: None,
             })),
+            network_config: None,
         };
         std::fs::write(&register, p.encode_to_vec())
             .with_context(|| format!("writing {}", register.display()))?;

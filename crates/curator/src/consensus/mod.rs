@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
+use metropolis_api::admin::{ConsensusBackend, ConsensusMember};
 use metropolis_api::curator::{GetConsensusStatusResponse, get_consensus_status_response};
 
 use crate::error::CuratorError;
@@ -137,12 +138,26 @@ impl Cluster {
             .collect())
     }
 
-    /// The consensus store's state, for Curator.GetConsensusStatus.
+    /// The consensus store's state, for Curator.GetConsensusStatus:
+    /// upstream's member list, and our details in fields 1000 and up.
     pub async fn consensus_status(&self) -> Result<GetConsensusStatusResponse, CuratorError> {
-        use get_consensus_status_response::{Backend, Member as PbMember};
+        use get_consensus_status_response::{EtcdMember, etcd_member::Status};
         let Some(consensus) = self.consensus() else {
+            // The embedded store has one member, the node serving it: this
+            // curator's own (a curator on the embedded store is alone).
+            let me = match self.node_id() {
+                Some(id) => Some(id.to_string()),
+                None => self.embedded_member().await?,
+            };
             return Ok(GetConsensusStatusResponse {
-                backend: Backend::Embedded as i32,
+                etcd_member: me
+                    .into_iter()
+                    .map(|id| EtcdMember {
+                        id,
+                        status: Status::Full as i32,
+                    })
+                    .collect(),
+                backend: ConsensusBackend::Embedded as i32,
                 revision: self.store().revision().await?,
                 ..Default::default()
             });
@@ -150,10 +165,21 @@ impl Cluster {
         let members = consensus.members().await?;
         let status = consensus.status().await?;
         Ok(GetConsensusStatusResponse {
-            backend: Backend::Etcd as i32,
+            etcd_member: members
+                .iter()
+                .map(|m| EtcdMember {
+                    id: m.name.clone(),
+                    status: if m.is_learner {
+                        Status::Learner
+                    } else {
+                        Status::Full
+                    } as i32,
+                })
+                .collect(),
+            backend: ConsensusBackend::Etcd as i32,
             members: members
                 .into_iter()
-                .map(|m| PbMember {
+                .map(|m| ConsensusMember {
                     id: m.id,
                     name: m.name,
                     peer_urls: m.peer_urls,
@@ -165,11 +191,59 @@ impl Cluster {
             revision: status.revision,
         })
     }
+
+    /// The node whose embedded store this is: the one its etcd host names,
+    /// or else the only node with the ConsensusMember role.
+    async fn embedded_member(&self) -> Result<Option<String>, CuratorError> {
+        if let Some(host) = self.etcd_host() {
+            return Ok(Some(host.node_id().to_string()));
+        }
+        let mut members = self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|e| crate::state::is_consensus_member(&e.node));
+        Ok(match (members.next(), members.next()) {
+            (Some(only), None) => Some(only.id),
+            _ => None,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn consensus_status_fills_upstream_members_and_our_details() {
+        use get_consensus_status_response::etcd_member::Status;
+        let t = crate::state::test_support::bootstrapped().await;
+        let s = t.cluster.consensus_status().await.expect("status");
+        assert!(s.revision > 0);
+        match t.cluster.consensus() {
+            None => {
+                assert_eq!(s.backend, ConsensusBackend::Embedded as i32);
+                assert_eq!(s.etcd_member.len(), 1, "{s:?}");
+                assert_eq!(s.etcd_member[0].id, t.first_id);
+                assert_eq!(s.etcd_member[0].status, Status::Full as i32);
+                assert!(s.members.is_empty());
+            }
+            Some(_) => {
+                assert_eq!(s.backend, ConsensusBackend::Etcd as i32);
+                assert!(!s.members.is_empty());
+                assert_eq!(s.etcd_member.len(), s.members.len());
+                for (up, ours) in s.etcd_member.iter().zip(&s.members) {
+                    assert_eq!(up.id, ours.name);
+                    let want = if ours.is_learner {
+                        Status::Learner
+                    } else {
+                        Status::Full
+                    };
+                    assert_eq!(up.status, want as i32);
+                }
+            }
+        }
+    }
 
     #[test]
     fn peer_urls_bracket_ipv6() {

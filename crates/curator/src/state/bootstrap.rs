@@ -135,6 +135,7 @@ pub async fn bootstrap_with_ca(
         registered_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
         decommission_requested: false,
         tpm_usage: NodeTpmUsage::NotPresent as i32,
+        clusternet: None,
     };
     let ca_record = private::ClusterCa {
         certificate: ca.cert_der().to_vec(),

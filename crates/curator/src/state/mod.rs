@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use metropolis_api::common::{
     ClusterConfiguration, ClusterDirectory, NodeLabels, NodeRoles, NodeState, NodeStatus,
-    NodeTpmUsage,
+    NodeStorageSecurity, NodeTpmUsage,
     cluster_configuration::{StorageSecurityPolicy, TpmMode},
     cluster_directory, node_roles,
 };
@@ -33,6 +33,7 @@ use crate::consensus::{EtcdHost, Liveness};
 use crate::error::CuratorError;
 
 mod bootstrap;
+pub mod clusternet;
 mod config;
 mod labels;
 mod lifecycle;
@@ -45,6 +46,7 @@ pub use bootstrap::{
     BootstrapRequest, Bootstrapped, bootstrap, bootstrap_with_ca, initial_configuration,
 };
 pub use config::PATH_LABELS_TO_SYNC;
+pub use register::{recommended_storage_security, tpm_usage};
 pub use roles::RoleChange;
 
 pub const KEY_CA: &str = "/cluster/ca";
@@ -494,7 +496,7 @@ fn has_roles(node: &private::Node) -> bool {
     })
 }
 
-fn is_consensus_member(node: &private::Node) -> bool {
+pub(crate) fn is_consensus_member(node: &private::Node) -> bool {
     node.roles
         .as_ref()
         .is_some_and(|r| r.consensus_member.is_some())

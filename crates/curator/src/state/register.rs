@@ -16,6 +16,19 @@ impl Cluster {
         ticket: &[u8],
         labels: NodeLabels,
     ) -> Result<String, CuratorError> {
+        self.register_node_using(public_key, ticket, labels, NodeTpmUsage::NotPresent)
+            .await
+    }
+
+    /// [`Cluster::register_node`], recording how the node uses its TPM (see
+    /// [`tpm_usage`]).
+    pub async fn register_node_using(
+        &self,
+        public_key: [u8; 32],
+        ticket: &[u8],
+        labels: NodeLabels,
+        tpm_usage: NodeTpmUsage,
+    ) -> Result<String, CuratorError> {
         let id = metropolis_identity::node_id(&public_key);
         let key = node_key(&id);
         let tombstone = tombstone_key(&id);
@@ -40,7 +53,7 @@ impl Cluster {
             state: NodeState::New as i32,
             labels: Some(labels),
             registered_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-            tpm_usage: NodeTpmUsage::NotPresent as i32,
+            tpm_usage: tpm_usage as i32,
             ..Default::default()
         };
         // All conditions in one transaction: a ticket regenerated or a node
@@ -169,6 +182,56 @@ impl Cluster {
     }
 }
 
+/// Whether a registering node uses its TPM, from the cluster's TPM mode and
+/// whether the node has one (as upstream decides it). PERMISSION_DENIED when
+/// the cluster requires a TPM the node lacks.
+pub fn tpm_usage(
+    config: &ClusterConfiguration,
+    have_tpm: bool,
+) -> Result<NodeTpmUsage, CuratorError> {
+    let use_tpm = match TpmMode::try_from(config.tpm_mode) {
+        Ok(TpmMode::Disabled) => false,
+        Ok(TpmMode::BestEffort) => have_tpm,
+        Ok(TpmMode::Required) if have_tpm => true,
+        Ok(TpmMode::Required) => {
+            return Err(CuratorError::PermissionDenied(
+                "the cluster requires a TPM (tpm_mode TPM_MODE_REQUIRED) and this node reported none".into(),
+            ));
+        }
+        _ => {
+            return Err(CuratorError::Corrupt(format!(
+                "cluster configuration has an unknown tpm_mode {}",
+                config.tpm_mode
+            )));
+        }
+    };
+    Ok(match (have_tpm, use_tpm) {
+        (false, _) => NodeTpmUsage::NotPresent,
+        (true, false) => NodeTpmUsage::PresentButUnused,
+        (true, true) => NodeTpmUsage::PresentAndUsed,
+    })
+}
+
+/// The storage security the cluster suggests to a registering node, from
+/// its storage security policy (as upstream suggests it: the strongest the
+/// policy allows).
+pub fn recommended_storage_security(
+    config: &ClusterConfiguration,
+) -> Result<NodeStorageSecurity, CuratorError> {
+    match StorageSecurityPolicy::try_from(config.storage_security_policy) {
+        Ok(
+            StorageSecurityPolicy::Permissive
+            | StorageSecurityPolicy::NeedsEncryptionAndAuthentication,
+        ) => Ok(NodeStorageSecurity::AuthenticatedEncrypted),
+        Ok(StorageSecurityPolicy::NeedsEncryption) => Ok(NodeStorageSecurity::Encrypted),
+        Ok(StorageSecurityPolicy::NeedsInsecure) => Ok(NodeStorageSecurity::Insecure),
+        _ => Err(CuratorError::Corrupt(format!(
+            "cluster configuration has an unknown storage_security_policy {}",
+            config.storage_security_policy
+        ))),
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -180,6 +243,50 @@ mod register_tests {
     async fn cluster() -> (test_support::Backing, Arc<Cluster>) {
         let t = test_support::bootstrapped().await;
         (t.dir, t.cluster)
+    }
+
+    #[test]
+    fn tpm_usage_and_storage_security_follow_the_policy() {
+        let cfg = |tpm: TpmMode, sec: StorageSecurityPolicy| ClusterConfiguration {
+            tpm_mode: tpm as i32,
+            storage_security_policy: sec as i32,
+            ..Default::default()
+        };
+        use NodeTpmUsage::*;
+        for (mode, have, want) in [
+            (TpmMode::Disabled, false, Some(NotPresent)),
+            (TpmMode::Disabled, true, Some(PresentButUnused)),
+            (TpmMode::BestEffort, false, Some(NotPresent)),
+            (TpmMode::BestEffort, true, Some(PresentAndUsed)),
+            (TpmMode::Required, true, Some(PresentAndUsed)),
+            (TpmMode::Required, false, None),
+        ] {
+            let got = tpm_usage(&cfg(mode, StorageSecurityPolicy::Permissive), have).ok();
+            assert_eq!(got, want, "{mode:?} with TPM {have}");
+        }
+        assert!(tpm_usage(&ClusterConfiguration::default(), false).is_err());
+        for (policy, want) in [
+            (
+                StorageSecurityPolicy::Permissive,
+                NodeStorageSecurity::AuthenticatedEncrypted,
+            ),
+            (
+                StorageSecurityPolicy::NeedsEncryption,
+                NodeStorageSecurity::Encrypted,
+            ),
+            (
+                StorageSecurityPolicy::NeedsEncryptionAndAuthentication,
+                NodeStorageSecurity::AuthenticatedEncrypted,
+            ),
+            (
+                StorageSecurityPolicy::NeedsInsecure,
+                NodeStorageSecurity::Insecure,
+            ),
+        ] {
+            let got = recommended_storage_security(&cfg(TpmMode::Disabled, policy)).ok();
+            assert_eq!(got, Some(want), "{policy:?}");
+        }
+        assert!(recommended_storage_security(&ClusterConfiguration::default()).is_err());
     }
 
     #[tokio::test]

@@ -161,9 +161,10 @@ pub async fn configure_set(ctx: &Ctx, assignment: &str) -> anyhow::Result<()> {
 /// `metroctl cluster status`: who leads the curator, and the consensus
 /// store's members with their health.
 pub async fn status(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
+    use metropolis_api::admin::ConsensusBackend as Backend;
     use metropolis_api::curator::{
         GetConsensusStatusRequest, GetCurrentLeaderRequest, curator_client::CuratorClient,
-        curator_local_client::CuratorLocalClient, get_consensus_status_response::Backend,
+        curator_local_client::CuratorLocalClient,
     };
     let channel = ctx.owner_channel().await?;
     let consensus = CuratorClient::new(channel.clone())

@@ -31,6 +31,7 @@ pub fn bootstrap_params(ctx: &Ctx, out: &Path, high_availability: bool) -> anyho
             high_availability,
             ..Default::default()
         })),
+        network_config: None,
     };
     write_params(out, &params)?;
     eprintln!("Wrote bootstrap parameters to {}", out.display());
@@ -57,6 +58,7 @@ pub async fn register_params(ctx: &Ctx, out: &Path) -> anyhow::Result<()> {
             ca_certificate: info.ca_certificate,
             labels: None,
         })),
+        network_config: None,
     };
     write_params(out, &params)?;
     eprintln!("Wrote register parameters to {}", out.display());

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, bail};
 use metropolis_api::api::{
     EscrowRequest, GetClusterInfoRequest, aaa_client::AaaClient, escrow_request::Parameters,
-    management_client::ManagementClient, proof_request::Kind,
+    escrow_response::proof_request::Kind, management_client::ManagementClient,
 };
 use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
 use metropolis_identity::{ServerTrust, SigningKey};

@@ -14,7 +14,9 @@ use metropolis_api::api::{
     escrow_request::Parameters,
     node_parameters::{Cluster, ClusterBootstrap},
 };
-use metropolis_api::curator::{GetCaCertificateRequest, curator_local_client::CuratorLocalClient};
+use metropolis_api::curator::{
+    GetCaCertificateRequest, GetCurrentLeaderRequest, curator_local_client::CuratorLocalClient,
+};
 use metropolis_identity::{ServerTrust, SigningKey};
 use prost::Message;
 use tonic::transport::Channel;
@@ -67,6 +69,7 @@ pub fn write_bootstrap_params(path: &Path, owner: &SigningKey) {
             owner_public_key: owner.verifying_key().to_bytes().to_vec(),
             ..Default::default()
         })),
+        network_config: None,
     };
     std::fs::write(path, params.encode_to_vec()).expect("write params");
 }
@@ -140,7 +143,7 @@ impl TestNode {
         let params = dir.join("bootstrap.pb");
         write_bootstrap_params(&params, owner);
         let node = TestNode::spawn(fresh_address(), &dir.join("node"), Some(&params));
-        node.wait_serving().await;
+        node.wait_leading().await;
         node
     }
 
@@ -162,6 +165,45 @@ impl TestNode {
             assert!(
                 Instant::now() < deadline,
                 "node {} did not start serving; log:\n{}",
+                self.address,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the node serves and its own curator leads (it says so in
+    /// CuratorLocal.GetCurrentLeader). The curator port serves a few
+    /// moments before the election ends; until then the cluster services
+    /// answer UNAVAILABLE.
+    pub async fn wait_leading(&self) {
+        self.wait_serving().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leader = async {
+                let ch = channel(
+                    self.endpoint(),
+                    ServerTrust::Capture(Default::default()),
+                    None,
+                )
+                .await
+                .ok()?;
+                let mut s = CuratorLocalClient::new(ch)
+                    .get_current_leader(GetCurrentLeaderRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                s.message().await.ok().flatten()
+            };
+            if let Some(l) = leader.await
+                && !l.leader_node_id.is_empty()
+                && l.leader_node_id == l.this_node_id
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never led its curator; log:\n{}",
                 self.address,
                 self.log_text()
             );
@@ -361,6 +403,7 @@ pub fn write_register_params(
                 }),
             },
         )),
+        network_config: None,
     };
     std::fs::write(path, params.encode_to_vec()).expect("write params");
 }
