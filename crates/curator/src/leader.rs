@@ -494,6 +494,15 @@ impl LeaderGate {
         if !GATED.iter().any(|p| path.starts_with(p)) {
             return None;
         }
+        // The election ended (its curator stopped): whatever it last said,
+        // this curator leads no more. Connections that outlive their server
+        // (a stream in flight at a shutdown) must not reach a stopped one.
+        if self.leadership.has_changed().is_err() {
+            return Some(tonic::Status::unavailable(format!(
+                "node {}'s curator has stopped; reconnect to the cluster to find the leader",
+                self.node_id
+            )));
+        }
         let msg = match &*self.leadership.borrow() {
             Leadership::Leading { .. } => return None,
             Leadership::Following(l) => format!(
@@ -700,6 +709,12 @@ mod tests {
         assert!(
             gate.refusal("/metropolis.proto.api.Management/GetNodes")
                 .is_none()
+        );
+        // An election that ended leaves no leader behind, whatever it said.
+        drop(tx);
+        assert!(
+            gate.refusal("/metropolis.proto.api.Management/GetNodes")
+                .is_some_and(|s| s.code() == tonic::Code::Unavailable)
         );
     }
 }

@@ -9,12 +9,13 @@
 //! - `store/cluster.redb`: the embedded consensus store.
 //! - `etcd/`: this node's etcd member, on consensus members of a cluster on
 //!   etcd (see `consensus`).
-//! - `etcd.migrating/`: the etcd member a cluster on the embedded store is
-//!   moving to. Renaming it to `etcd/` is the switch: from that moment etcd
-//!   holds the cluster state. [`DataDir::settle`], at every start, finishes
-//!   either way: an `etcd.migrating/` beside the store is removed (the move
-//!   did not happen), a `store/` beside `etcd/` becomes
-//!   `store.pre-etcd/`, read-only (the move happened; the copy stays).
+//!   While a cluster on the embedded store moves to etcd, its new member runs
+//!   in `etcd/` *staged* (`etcd/staged` exists): removing that marker is the
+//!   switch, from which moment etcd holds the cluster state.
+//!   [`DataDir::settle`], at every start, finishes either way: a staged
+//!   `etcd/` beside the store is removed (the move did not happen), a
+//!   `store/` beside a configured `etcd/` becomes `store.pre-etcd/`,
+//!   read-only (the move happened; the copy stays).
 //!
 //! "Sealed" means owner-only file permissions: this daemon has no TPM to seal
 //! against, and says so in ARCHITECTURE.md.
@@ -35,7 +36,6 @@ const STORE_FILE: &str = "cluster.redb";
 const PENDING_KEY: &str = "pending-key";
 const DIRECTORY: &str = "directory.pb";
 const ETCD_DIR: &str = "etcd";
-const STAGING_ETCD_DIR: &str = "etcd.migrating";
 const PRE_ETCD_STORE_DIR: &str = "store.pre-etcd";
 
 /// A node's long-term credentials.
@@ -79,37 +79,29 @@ impl DataDir {
         self.store_path().exists()
     }
 
-    /// Where a node on the embedded store starts the etcd member it moves
-    /// the cluster state to.
-    pub fn staging_etcd_dir(&self) -> PathBuf {
-        self.root.join(STAGING_ETCD_DIR)
-    }
-
     /// The embedded store as it was when the cluster moved to etcd.
     pub fn pre_etcd_store_path(&self) -> PathBuf {
         self.root.join(PRE_ETCD_STORE_DIR).join(STORE_FILE)
     }
 
     /// The switch from the embedded store to etcd: the staged etcd member
-    /// becomes this node's (one rename, made durable), then the embedded
+    /// becomes this node's (one unlink, made durable), then the embedded
     /// store is set aside read-only.
     pub fn switch_to_etcd(&self) -> anyhow::Result<()> {
-        let (from, to) = (self.staging_etcd_dir(), self.etcd_dir());
-        if to.exists() {
-            bail!("{} exists already; refusing to replace it", to.display());
+        let dir = self.etcd_dir();
+        if !crate::consensus::is_staged(&dir) {
+            bail!("{} holds no staged etcd member to switch to", dir.display());
         }
-        fs::rename(&from, &to)
-            .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
-        sync_dir(&self.root)?;
+        crate::consensus::unstage(&dir)?;
         self.settle()
     }
 
     /// Finishes an interrupted move from the embedded store to etcd, either
     /// way (see the module documentation). Called at every start.
     pub fn settle(&self) -> anyhow::Result<()> {
-        let staging = self.staging_etcd_dir();
+        let etcd = self.etcd_dir();
         let store_dir = self.root.join(STORE_DIR);
-        if crate::consensus::is_configured(&self.etcd_dir()) {
+        if crate::consensus::is_configured(&etcd) {
             if store_dir.exists() {
                 let kept = self.root.join(PRE_ETCD_STORE_DIR);
                 fs::rename(&store_dir, &kept).with_context(|| {
@@ -126,9 +118,9 @@ impl DataDir {
                     "the cluster state is on etcd now; the embedded store stays as the pre-migration copy, read-only"
                 );
             }
-        } else if staging.exists() && self.has_store() {
-            fs::remove_dir_all(&staging)
-                .with_context(|| format!("removing {}", staging.display()))?;
+        } else if etcd.exists() && self.has_store() {
+            // Staged (or half made): the embedded store is the live one.
+            fs::remove_dir_all(&etcd).with_context(|| format!("removing {}", etcd.display()))?;
             tracing::info!(
                 "removed the etcd member of a move to etcd that did not finish; the cluster state is in the embedded store"
             );
@@ -148,7 +140,7 @@ impl DataDir {
     /// first start that died half-way. Starting over on top of it could mix
     /// two clusters' state.
     pub fn check_fresh(&self) -> anyhow::Result<()> {
-        if self.has_store() || self.etcd_dir().exists() || self.staging_etcd_dir().exists() {
+        if self.has_store() || self.etcd_dir().exists() {
             bail!(
                 "data directory {} holds a consensus store but no node credentials (an interrupted first start?); \
                  remove the directory to start over",
@@ -332,8 +324,8 @@ mod tests {
     }
 
     /// A move to etcd that stopped before the switch leaves the embedded
-    /// store live and its half-made etcd member goes; one that stopped after
-    /// it leaves etcd live and the embedded store aside, read-only.
+    /// store live and its staged etcd member goes; one that stopped after it
+    /// leaves etcd live and the embedded store aside, read-only.
     #[test]
     fn settle_finishes_a_move_either_way() {
         let tmp = tempfile::tempdir().expect("tmp");
@@ -341,28 +333,30 @@ mod tests {
         dd.create().expect("create");
         dd.create_store_dir().expect("store dir");
         fs::write(dd.store_path(), b"redb").expect("store");
-        let staging = dd.staging_etcd_dir();
-        fs::create_dir_all(&staging).expect("staging");
-        fs::write(staging.join("config.pb"), b"").expect("config");
+        let etcd = dd.etcd_dir();
+        let stage = || {
+            fs::create_dir_all(&etcd).expect("etcd");
+            fs::write(etcd.join("config.pb"), b"").expect("config");
+            fs::write(etcd.join("staged"), b"").expect("marker");
+            assert!(!crate::consensus::is_configured(&etcd));
+        };
 
         // Before the switch.
+        stage();
         dd.settle().expect("settle");
-        assert!(dd.has_store() && !staging.exists());
-        assert!(!crate::consensus::is_configured(&dd.etcd_dir()));
+        assert!(dd.has_store() && !etcd.exists());
 
         // The switch, then a crash before the store was set aside.
-        fs::create_dir_all(&staging).expect("staging");
-        fs::write(staging.join("config.pb"), b"").expect("config");
-        fs::rename(&staging, dd.etcd_dir()).expect("switch");
-        assert!(dd.has_store());
+        stage();
+        crate::consensus::unstage(&etcd).expect("switch");
+        assert!(dd.has_store() && crate::consensus::is_configured(&etcd));
         dd.settle().expect("settle");
         assert!(!dd.has_store());
-        assert!(crate::consensus::is_configured(&dd.etcd_dir()));
+        assert!(crate::consensus::is_configured(&etcd));
         let kept = fs::metadata(dd.pre_etcd_store_path()).expect("kept");
         assert_eq!(kept.permissions().mode() & 0o777, 0o400);
-        // Nothing more to do, and a second switch is refused.
+        // Nothing more to do, and nothing to switch to any more.
         dd.settle().expect("settle again");
-        fs::create_dir_all(&staging).expect("staging");
         assert!(dd.switch_to_etcd().is_err());
     }
 }

@@ -116,10 +116,13 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(args, logs)) {
         // Reconfigured consensus membership is turned into a restart by run().
-        Ok(serve::Exit::Stopped | serve::Exit::Consensus(_) | serve::Exit::CuratorReady) => {
-            ExitCode::SUCCESS
-        }
-        Ok(serve::Exit::Restart | serve::Exit::MovedToEtcd) => {
+        Ok(
+            serve::Exit::Stopped
+            | serve::Exit::Consensus(_)
+            | serve::Exit::CuratorReady
+            | serve::Exit::MovedToEtcd,
+        ) => ExitCode::SUCCESS,
+        Ok(serve::Exit::Restart) => {
             drop(runtime);
             restart()
         }
@@ -268,6 +271,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
     loop {
         let mut until_curator = None;
         let mut moved_to_etcd = None;
+        let mut staging = None;
         let mut crl_follower = None;
         // The connection that ends the catching-up phase is the one the
         // curator then uses.
@@ -278,14 +282,15 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 let cluster = Cluster::open(metrics.instrument(store)).await?;
                 // A second consensus member moves the cluster to etcd, on
                 // this node.
-                let (staging, switched) = consensus::staging::Staging::new(
+                let (host, switched) = consensus::staging::Staging::new(
                     creds.key.clone(),
                     args.address,
                     args.etcd_binary.clone(),
                     logs.clone(),
                     data.clone(),
                 );
-                cluster.set_etcd_host(staging);
+                cluster.set_etcd_host(host.clone());
+                staging = Some(host);
                 moved_to_etcd = Some(switched);
                 (Some(cluster), None)
             }
@@ -358,6 +363,17 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 };
                 held = Held::Etcd { etcd, store };
             }
+            (Ok(serve::Exit::MovedToEtcd), None) => {
+                let switched = match &staging {
+                    Some(host) => host.take_switched().await,
+                    None => None,
+                };
+                let (etcd, store) = switched
+                    .context("the cluster state moved to etcd, but its member is not at hand")?;
+                tracing::info!("serving on etcd now, which holds the cluster state");
+                data.settle()?;
+                held = Held::Etcd { etcd, store };
+            }
             (exit, etcd) => {
                 if let Some(etcd) = etcd {
                     etcd.stop().await;
@@ -423,6 +439,7 @@ fn reconfigure(
             initial_cluster: role.peers.into_iter().map(|p| (p.name, p.url)).collect(),
             new_cluster: false,
             cluster_token: consensus::CLUSTER_TOKEN.into(),
+            staged: false,
         };
         consensus::configure(&dir, &cfg, &creds.key)
             .context("setting up this node's etcd member")?;
@@ -491,6 +508,7 @@ async fn bootstrap(
             initial_cluster: vec![(node_id.clone(), url.clone())],
             new_cluster: true,
             cluster_token: consensus::CLUSTER_TOKEN.into(),
+            staged: false,
         };
         consensus::configure(&data.etcd_dir(), &cfg, &key)?;
         consensus_role = metropolis_api::common::node_roles::ConsensusMember {

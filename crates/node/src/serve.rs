@@ -58,7 +58,7 @@ pub struct Config {
     /// to start again with its curator.
     pub until_curator: Option<futures::future::BoxFuture<'static, ()>>,
     /// On the embedded store: turns true once the cluster state has moved
-    /// to etcd, and the node restarts on it.
+    /// to etcd, and the node serves again with a curator on it.
     pub moved_to_etcd: Option<watch::Receiver<bool>>,
     /// Where this node's curator client looks for the leader.
     pub curators: Vec<SocketAddr>,
@@ -254,7 +254,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     };
     let outcome = tokio::select! {
         () = curator_ready => Ok(Exit::CuratorReady),
-        // A fresh process opens the new store as on any start.
+        // The node serves again, with a curator on etcd.
         () = moved_to_etcd => Ok(Exit::MovedToEtcd),
         r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
         r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
@@ -277,6 +277,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     for task in background {
         task.abort();
     }
+    // Streams in flight outlive the server (tonic's connections are tasks of
+    // their own): heartbeat streams end at their next beat, so that nodes
+    // reconnect to whoever serves next (LeaderGate refuses new calls on old
+    // connections once the election is gone).
+    heartbeats.stop_leading();
     // Graceful shutdown waits for every connection to close, and long-lived
     // streams (heartbeats, watches, log follows) never do on their own: give
     // in-flight calls a grace period, then exit regardless.
@@ -308,8 +313,8 @@ pub enum Exit {
     Stopped,
     /// Start again as a fresh process (Reboot).
     Restart,
-    /// The cluster state moved from the embedded store to etcd: start again
-    /// as a fresh process, on etcd.
+    /// The cluster state moved from the embedded store to etcd: serve again,
+    /// with a curator on the etcd member the move started.
     MovedToEtcd,
     /// This node's etcd member serves now: serve again, with the curator.
     CuratorReady,

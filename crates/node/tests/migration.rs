@@ -176,7 +176,7 @@ async fn grows_into_etcd(records: usize) {
             .is_none_or(|r| r.consensus_member.is_none()),
         "the refused role was not recorded"
     );
-    assert!(!n1_dir.join("etcd.migrating").exists());
+    assert!(!n1_dir.join("etcd").exists(), "no etcd member left behind");
     set_label(ch.clone(), &n1_id, "refused", "still-writable")
         .await
         .expect("a write after the refusals");
@@ -238,6 +238,17 @@ async fn grows_into_etcd(records: usize) {
         .filter(|l| l.contains("this curator is now the leader"))
         .filter_map(at)
         .find(|t| switched.is_some_and(|s| *t > s));
+    // The node's own account of the move and its restart.
+    let mut shown = false;
+    for line in log.lines().filter(|l| !l.starts_with('{')) {
+        shown |= line.contains("started the etcd member to move");
+        if shown {
+            println!("  n1: {}", line.chars().take(220).collect::<String>());
+        }
+        if shown && line.contains("this curator is now the leader") {
+            break;
+        }
+    }
     let restart = match (switched, leading_again) {
         (Some(s), Some(l)) => format!("{:.0} ms", (l - s) * 1000.0),
         _ => "?".into(),
@@ -245,7 +256,7 @@ async fn grows_into_etcd(records: usize) {
     println!(
         "migration of {} node records: accepted in {accepted:?}; on the node, writes paused for \
          {paused_ms} ms (copy and check); a client writing throughout saw {} writes refused as \
-         'migrating' and no acknowledged write for {gap:?} (pause + the node's restart on etcd, \
+         'migrating' and no acknowledged write for {gap:?} (pause + the curator's restart on etcd, \
          which led again {restart} after the switch); the new member was a voter after \
          {voter_after:?}",
         records + 2,
@@ -270,7 +281,7 @@ async fn grows_into_etcd(records: usize) {
     // The data directory: etcd, and the embedded store kept read-only.
     assert!(n1_dir.join("etcd/config.pb").exists());
     assert!(!n1_dir.join("store").exists());
-    assert!(!n1_dir.join("etcd.migrating").exists());
+    assert!(!n1_dir.join("etcd/staged").exists());
     let kept = n1_dir.join("store.pre-etcd/cluster.redb");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&kept)

@@ -37,7 +37,8 @@ enum Live {
 }
 
 fn live_store(data: &Path) -> Live {
-    let etcd = data.join("etcd/config.pb").exists();
+    // A staged member (the marker `staged`) does not hold the state yet.
+    let etcd = data.join("etcd/config.pb").exists() && !data.join("etcd/staged").exists();
     let embedded = data.join("store/cluster.redb").exists();
     match (etcd, embedded) {
         (false, true) => Live::Embedded,
@@ -208,7 +209,7 @@ async fn a_crash_at_any_step_of_the_move_leaves_one_store_and_every_write() {
     );
     assert_eq!(live_store(&n1_dir), Live::Etcd);
     assert!(n1_dir.join("store.pre-etcd/cluster.redb").exists());
-    assert!(!n1_dir.join("etcd.migrating").exists());
+    assert!(!n1_dir.join("etcd/staged").exists());
 }
 
 /// What `std::process::abort` ends a process with.

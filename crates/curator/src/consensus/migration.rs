@@ -14,14 +14,14 @@
 //! 3. it compares key count and digest of both sides;
 //! 4. it records its own node as etcd's member, and switches: one atomic
 //!    change of the data directory ([`EtcdHost::switch`]), after which the
-//!    node runs its curator on etcd. The embedded store stays beside it,
+//!    node runs its curator on etcd (the same etcd process). The embedded store stays beside it,
 //!    read-only, as the pre-migration copy. The reconciler on etcd then
 //!    admits the pending members as usual.
 //!
 //! Until the switch the embedded store is the cluster's store, and after it
 //! etcd is: a crash before it leaves the cluster on the embedded store (the
-//! node removes the half-made etcd member when it starts, and the pending
-//! role makes the next leader try again), a crash after it on etcd. Writes
+//! node removes the staged etcd member when it starts, and the pending role
+//! makes the next leader try again), a crash after it on etcd. Writes
 //! refused during the pause were never acknowledged, and every acknowledged
 //! one was in the read that was copied. Debug builds have a failpoint after
 //! each step (`migration::*`, action `return(crash)` aborts the process).
@@ -78,7 +78,7 @@ pub trait EtcdHost: Send + Sync {
     async fn start(&self, member: &StagedMember) -> Result<(Arc<EtcdStore>, StagedMember), String>;
 
     /// Makes the started member this node's consensus store, atomically;
-    /// the node then restarts its curator on it.
+    /// the node then serves a curator on it.
     async fn switch(&self) -> Result<(), String>;
 
     /// Stops and removes the started member, if there is one.
@@ -196,8 +196,8 @@ pub const FAILPOINTS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Moved {
     pub digest: Digest,
-    /// From pausing writes to the switch (the node's restart on etcd comes on
-    /// top).
+    /// From pausing writes to the switch (the curator's restart on etcd
+    /// comes on top).
     pub paused_for: Duration,
     pub copy: Duration,
     pub verify: Duration,

@@ -17,6 +17,8 @@ pub(super) const CA_FILE: &str = "ca.pem";
 pub(super) const PEER_CERT_FILE: &str = "peer.pem";
 pub(super) const PEER_KEY_FILE: &str = "peer-key.pem";
 pub(super) const CRL_FILE: &str = "peer.crl";
+/// Present while the member is staged (see [`PeerConfig::staged`]).
+const STAGED_FILE: &str = "staged";
 pub(super) const DATA_DIR: &str = "data";
 pub(super) const PID_FILE: &str = "etcd.pid";
 /// The URL etcd is told to listen on; see the module documentation.
@@ -54,6 +56,10 @@ pub struct PeerConfig {
     /// `--initial-cluster-token`: keeps members of different clusters
     /// founded with the same member list apart.
     pub cluster_token: String,
+    /// A member that runs but does not hold the node's cluster state yet:
+    /// the one a cluster on the embedded store moves to. [`is_configured`]
+    /// is false for it until [`unstage`] (the switch).
+    pub staged: bool,
 }
 
 /// `config.pb`.
@@ -81,9 +87,25 @@ struct StoredMember {
     peer_url: String,
 }
 
-/// Whether [`configure`] has completed in `dir`.
+/// Whether [`configure`] has completed in `dir` for a member that holds
+/// the node's cluster state (a staged one does not, until [`unstage`]).
 pub fn is_configured(dir: &Path) -> bool {
-    dir.join(CONFIG_FILE).is_file()
+    dir.join(CONFIG_FILE).is_file() && !is_staged(dir)
+}
+
+/// Whether `dir` holds a staged member (see [`PeerConfig::staged`]).
+pub fn is_staged(dir: &Path) -> bool {
+    dir.join(STAGED_FILE).exists()
+}
+
+/// Makes a staged member the node's: one unlink, made durable. From then
+/// on [`is_configured`] holds.
+pub fn unstage(dir: &Path) -> anyhow::Result<()> {
+    let marker = dir.join(STAGED_FILE);
+    fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 /// The peer certificate (DER) the member in `dir` was configured with.
@@ -130,6 +152,11 @@ pub fn configure(dir: &Path, cfg: &PeerConfig, key: &SigningKey) -> anyhow::Resu
         0o600,
     )?;
     write_atomic(&dir, CRL_FILE, &cfg.crl_der, 0o644)?;
+    if cfg.staged {
+        // Before the configuration: a crash in between leaves a directory
+        // that is staged, never one that looks like the node's store.
+        write_atomic(&dir, STAGED_FILE, b"", 0o600)?;
+    }
     let stored = StoredConfig {
         name: cfg.name.clone(),
         address: cfg.address.to_string(),
@@ -442,8 +469,34 @@ mod tests {
             .unwrap()
             .cert_der()
             .to_vec();
-        assert!(check(&cfg, &m.key).contains("not issued by the cluster CA"));
+        assert!(check(&cfg, &m.key).contains("not issued by the consensus CA"));
+        // etcd would refuse every peer on a CRL it cannot read, and a
+        // member whose own certificate is revoked could never join.
+        let mut cfg = good.clone();
+        cfg.crl_der = b"not a CRL".to_vec();
+        assert!(check(&cfg, &m.key).contains("invalid consensus CRL"));
+        let mut cfg = good.clone();
+        let serial = metropolis_identity::parse_certificate(&cfg.peer_cert_der)
+            .unwrap()
+            .serial;
+        cfg.crl_der = ca
+            .issue_crl(
+                &[metropolis_identity::Revoked {
+                    serial,
+                    revoked_at: time::OffsetDateTime::now_utc(),
+                }],
+                2,
+            )
+            .unwrap();
+        assert!(check(&cfg, &m.key).contains("revoked"));
 
+        // Staged, a member is not the node's until unstaged.
+        let mut staged = good.clone();
+        staged.staged = true;
+        configure(&m.dir, &staged, &m.key).unwrap();
+        assert!(is_staged(&m.dir) && !is_configured(&m.dir));
+        unstage(&m.dir).unwrap();
+        assert!(!is_staged(&m.dir) && is_configured(&m.dir));
         configure(&m.dir, &good, &m.key).unwrap();
         assert!(is_configured(&m.dir));
     }

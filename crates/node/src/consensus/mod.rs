@@ -13,6 +13,8 @@
 //! - `peer.crl`: the consensus CA's CRL (former members' certificates),
 //!   which etcd reads at every new peer connection; [`crl::follow`] keeps it
 //!   current from the cluster state.
+//! - `staged`: present while the member is staged ([`PeerConfig::staged`]):
+//!   running, but not yet holding the node's cluster state.
 //! - `data/`: etcd's `--data-dir`.
 //! - `etcd.pid`: the PID of the current etcd process, rewritten on every
 //!   (re)start and removed by [`Etcd::stop`].
@@ -64,7 +66,9 @@ mod supervisor;
 mod testing;
 mod wal;
 
-pub use config::{PeerConfig, configure, find_binary, is_configured, peer_certificate};
+pub use config::{
+    PeerConfig, configure, find_binary, is_configured, is_staged, peer_certificate, unstage,
+};
 pub use supervisor::Etcd;
 
 /// etcd's `--initial-cluster-token`: only used when a new etcd cluster forms

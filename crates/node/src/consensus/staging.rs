@@ -1,8 +1,9 @@
 //! The node's part in moving its cluster from the embedded store to etcd
 //! (`metropolis_curator::consensus::migration` decides and copies): it
-//! starts the new etcd member in `etcd.migrating/` and, at the switch, makes
-//! it the node's (`DataDir::switch_to_etcd`), then asks the node to restart
-//! on it.
+//! starts the new etcd member in `etcd/`, staged ([`PeerConfig::staged`]),
+//! and at the switch unstages it (`DataDir::switch_to_etcd`) and hands it,
+//! running, to the node, which serves on it from then on
+//! ([`Staging::take_switched`]): no restart of etcd, no raft election.
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ pub struct Staging {
     binary: Option<PathBuf>,
     logs: Arc<LogTree>,
     data: DataDir,
+    /// The staged member; after the switch, the node's, until taken.
     staged: Mutex<Option<Staged>>,
     switched: watch::Sender<bool>,
 }
@@ -43,7 +45,7 @@ struct Staged {
 
 impl Staging {
     /// The host, and what turns true once the node's store is etcd (the
-    /// node then restarts on it).
+    /// node then serves on [`Staging::take_switched`]).
     pub fn new(
         key: SigningKey,
         address: IpAddr,
@@ -65,6 +67,16 @@ impl Staging {
         (Arc::new(staging), rx)
     }
 
+    /// After the switch: the running etcd member, now this node's, and a
+    /// client of it.
+    pub async fn take_switched(&self) -> Option<(Etcd, Arc<EtcdStore>)> {
+        if !*self.switched.borrow() {
+            return None;
+        }
+        let staged = self.staged.lock().await.take()?;
+        Some((staged.etcd, staged.store))
+    }
+
     async fn start_new(&self, member: &StagedMember) -> anyhow::Result<Staged> {
         use anyhow::Context;
         let binary = find_binary(self.binary.as_deref())?;
@@ -74,7 +86,13 @@ impl Staging {
         TcpListener::bind(peer).with_context(|| {
             format!("etcd's peer port {peer} is not free (another process listens on it)")
         })?;
-        let dir = self.data.staging_etcd_dir();
+        let dir = self.data.etcd_dir();
+        if super::is_configured(&dir) {
+            anyhow::bail!(
+                "{} holds this node's etcd member already; refusing to stage another",
+                dir.display()
+            );
+        }
         remove_dir(&dir)?;
         let cfg = PeerConfig {
             name: self.node_id.clone(),
@@ -86,6 +104,7 @@ impl Staging {
             initial_cluster: vec![(self.node_id.clone(), peer_url(self.address))],
             new_cluster: true,
             cluster_token: CLUSTER_TOKEN.into(),
+            staged: true,
         };
         configure(&dir, &cfg, &self.key)?;
         let etcd = match Etcd::start(&dir, &binary, self.logs.clone()).await {
@@ -134,7 +153,7 @@ impl EtcdHost for Staging {
     async fn start(&self, member: &StagedMember) -> Result<(Arc<EtcdStore>, StagedMember), String> {
         let mut staged = self.staged.lock().await;
         if *self.switched.borrow() {
-            return Err("this node has moved to etcd already and restarts on it".into());
+            return Err("this node has moved to etcd already".into());
         }
         if let Some(s) = staged.as_ref()
             && s.member.ca_certificate == member.ca_certificate
@@ -145,7 +164,7 @@ impl EtcdHost for Staging {
             old.etcd.stop().await;
         }
         let new = self.start_new(member).await.map_err(|e| format!("{e:#}"))?;
-        tracing::info!(dir = %self.data.staging_etcd_dir().display(), "started the etcd member to move the cluster state to");
+        tracing::info!(dir = %self.data.etcd_dir().display(), "started the etcd member to move the cluster state to, staged");
         let started = (new.store.clone(), new.member.clone());
         *staged = Some(new);
         Ok(started)
@@ -153,28 +172,33 @@ impl EtcdHost for Staging {
 
     async fn switch(&self) -> Result<(), String> {
         // Held throughout: no start may touch the directory meanwhile.
-        let mut guard = self.staged.lock().await;
-        let staged = guard
-            .take()
-            .ok_or("no etcd member was started to switch to")?;
-        drop(staged.store);
-        // Cleanly stopped, it starts again from the same data at once.
-        staged.etcd.stop().await;
+        let staged = self.staged.lock().await;
+        if staged.is_none() {
+            return Err("no etcd member was started to switch to".into());
+        }
         self.data.switch_to_etcd().map_err(|e| format!("{e:#}"))?;
-        tracing::info!("this node's consensus store is etcd now; restarting on it");
+        tracing::info!("this node's consensus store is etcd now; serving on it");
         self.switched.send_replace(true);
-        drop(guard);
+        drop(staged);
         Ok(())
     }
 
     async fn abandon(&self) {
-        let mut guard = self.staged.lock().await;
-        if let Some(staged) = guard.take() {
-            staged.etcd.stop().await;
+        let mut staged = self.staged.lock().await;
+        if *self.switched.borrow() {
+            return;
         }
-        if let Err(e) = remove_dir(&self.data.staging_etcd_dir()) {
+        if let Some(s) = staged.take() {
+            s.etcd.stop().await;
+        }
+        let dir = self.data.etcd_dir();
+        if super::is_configured(&dir) {
+            // Not ours to remove (nothing stages over a configured member).
+            return;
+        }
+        if let Err(e) = remove_dir(&dir) {
             tracing::warn!(error = %format!("{e:#}"), "removing the abandoned etcd member");
         }
-        drop(guard);
+        drop(staged);
     }
 }

@@ -93,6 +93,7 @@ impl Member {
             initial_cluster,
             new_cluster: true,
             cluster_token: "test-cluster".into(),
+            staged: false,
         }
     }
 
