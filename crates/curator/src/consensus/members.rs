@@ -465,7 +465,102 @@ pub(crate) fn check_quorum_after_removal(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::test_support::{ALL_LIVE, cluster_with_worker, set};
+    use metropolis_api::common::NodeStatus;
     use std::collections::HashMap;
+
+    /// Drift, on a real etcd: a member without a role goes, a learner added
+    /// by a leader that stopped before writing the record is adopted, and a
+    /// role whose member etcd dropped is admitted again with a new
+    /// certificate (the old one revoked).
+    #[tokio::test]
+    async fn drift_is_repaired_from_the_records() {
+        let (_d, c, _first, id, key) = cluster_with_worker().await;
+        let Some(consensus) = c.consensus().cloned() else {
+            // Membership drift is etcd's (METROPOLIS_TEST_STORE=etcd).
+            return;
+        };
+        c.approve_node(&id).await.expect("approve");
+        c.commit_node(key).await.expect("commit");
+        c.update_status(
+            &id,
+            NodeStatus {
+                external_address: "127.0.0.9".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("status");
+
+        // A member nobody holds the role for (a learner: no quorum at stake).
+        consensus
+            .add_learner("https://127.0.0.77:7834")
+            .await
+            .expect("stray learner");
+        let pass = reconcile_once(&c, &ALL_LIVE).await.expect("reconcile");
+        assert_eq!(pass.removed, ["https://127.0.0.77:7834"], "{pass:?}");
+        assert_eq!(consensus.members().await.expect("members").len(), 1);
+
+        // The leader added the learner, then stopped before the record said
+        // so: the role is pending, the learner there; the next pass adopts it
+        // (etcd would refuse a second learner).
+        c.update_roles(&id, set(None, None, Some(true)), &ALL_LIVE)
+            .await
+            .expect("role");
+        let added = consensus
+            .add_learner("https://127.0.0.9:7834")
+            .await
+            .expect("learner");
+        let pass = reconcile_once(&c, &ALL_LIVE).await.expect("reconcile");
+        assert_eq!(pass.admitted.as_deref(), Some(id.as_str()), "{pass:?}");
+        let members = consensus.members().await.expect("members");
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert!(members.iter().any(|m| m.id == added.id));
+        let role = || async {
+            c.node(&id)
+                .await
+                .expect("read")
+                .expect("node")
+                .node
+                .roles
+                .and_then(|r| r.consensus_member)
+                .expect("role")
+        };
+        let first_cert = role().await.peer_certificate;
+        assert!(!first_cert.is_empty());
+
+        // etcd drops the member (an operator with etcdctl, say): the role is
+        // admitted again, with a new certificate, the old one revoked.
+        consensus.remove(added.id).await.expect("drop");
+        // etcd may take a moment to settle the removal (UNAVAILABLE): the
+        // reconciler tries again on its next pass.
+        let mut tries = 0;
+        let pass = loop {
+            match reconcile_once(&c, &ALL_LIVE).await {
+                Ok(pass) => break pass,
+                Err(CuratorError::Store(metropolis_store::StoreError::Unavailable(e)))
+                    if tries < 10 =>
+                {
+                    eprintln!("reconcile: {e}");
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("reconcile: {e}"),
+            }
+        };
+        assert_eq!(pass.admitted.as_deref(), Some(id.as_str()), "{pass:?}");
+        let second_cert = role().await.peer_certificate;
+        assert_ne!(second_cert, first_cert);
+        let pki = c.consensus_pki().await.expect("pki").expect("pki");
+        let serial = |der: &[u8]| {
+            metropolis_identity::parse_certificate(der)
+                .expect("cert")
+                .serial
+        };
+        assert!(pki.is_revoked(&serial(&first_cert)));
+        assert!(!pki.is_revoked(&serial(&second_cert)));
+        assert_eq!(consensus.members().await.expect("members").len(), 2);
+    }
 
     struct Live(HashMap<&'static str, Option<bool>>);
     impl Liveness for Live {
