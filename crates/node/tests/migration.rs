@@ -243,7 +243,7 @@ async fn grows_into_etcd(records: usize) {
     for line in log.lines().filter(|l| !l.starts_with('{')) {
         shown |= line.contains("started the etcd member to move");
         if shown {
-            println!("  n1: {}", line.chars().take(220).collect::<String>());
+            println!("  n1: {}", line.chars().take(400).collect::<String>());
         }
         if shown && line.contains("this curator is now the leader") {
             break;
