@@ -14,6 +14,7 @@ mod metrics;
 mod node_mgmt;
 mod params;
 mod serve;
+mod update;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use crate::params::Params;
 #[derive(Parser, Debug)]
 #[command(
     name = "metropolis-node",
-    version,
+    version = update::VERSION,
     about = "The Metropolis node daemon"
 )]
 struct Args {
@@ -59,6 +60,25 @@ struct Args {
     /// cluster run (default: `etcd` on PATH).
     #[arg(long)]
     etcd_binary: Option<PathBuf>,
+    /// How long a newly installed binary has to rejoin the cluster and
+    /// become HEALTHY before the node rolls back to the previous one.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    update_trial_timeout: Duration,
+    /// Close gRPC connections that carry no stream for this long (tests
+    /// shorten it; the default is `metropolis_rpc::server::Limits`').
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    connection_idle_timeout: Option<Duration>,
+}
+
+impl Args {
+    /// The transport limits of every gRPC port.
+    fn limits(&self) -> metropolis_rpc::server::Limits {
+        let mut limits = metropolis_rpc::server::Limits::default();
+        if let Some(t) = self.connection_idle_timeout {
+            limits.idle_timeout = t;
+        }
+        limits
+    }
 }
 
 impl Args {
@@ -103,6 +123,14 @@ fn main() -> ExitCode {
             .with(stderr)
             .with(logtree::LogTreeLayer::new(logs.clone()))
             .init();
+    }
+    // A node with update slots: this process supervises the node's slot.
+    if let Some(code) = update::start(update::Start {
+        data_dir: &args.data_dir,
+        address: args.address,
+        trial_timeout: args.update_trial_timeout,
+    }) {
+        return code;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -153,17 +181,14 @@ fn raise_fd_limit() {
 /// Replaces this process with a fresh copy of itself (a Reboot): same
 /// arguments, except the Node Parameters, which only the first start uses.
 /// Listening sockets are close-on-exec, so the new process can bind them.
+/// A node run by its update supervisor exits instead, to be started again
+/// from whichever slot boots next.
 fn restart() -> ExitCode {
     use std::os::unix::process::CommandExt;
-    let mut args = std::env::args_os().skip(1).peekable();
-    let mut keep = Vec::new();
-    while let Some(a) = args.next() {
-        if a == "--params" {
-            args.next();
-        } else if !a.to_string_lossy().starts_with("--params=") {
-            keep.push(a);
-        }
+    if let Some(code) = update::restart_supervised() {
+        return code;
     }
+    let keep = update::forwarded_args();
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -177,6 +202,14 @@ fn restart() -> ExitCode {
 }
 
 async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::Exit> {
+    // Damaged or exposed credentials stop the node before any port opens or
+    // anything is written.
+    let data = DataDir::new(args.data_dir.clone());
+    let sealed = if data.is_member() {
+        Some(data.unseal()?)
+    } else {
+        None
+    };
     #[cfg(feature = "debug")]
     let view: debug::View = {
         let view = Arc::new(std::sync::Mutex::new(serde_json::json!({
@@ -187,8 +220,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         debug::start(args.address, logs.clone(), view.clone()).await?;
         view
     };
-    let data = DataDir::new(args.data_dir.clone());
-    let (creds, held) = if data.is_member() {
+    let (creds, held) = if let Some(creds) = sealed {
         if let Some(p) = &args.params {
             bail!(
                 "data directory {} already belongs to a cluster; refusing to use node parameters {} again. \
@@ -197,7 +229,6 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 p.display()
             );
         }
-        let creds = data.unseal()?;
         tracing::info!(node = %creds.node_id(), "rejoining cluster from sealed credentials");
         // A move to etcd that a crash interrupted ends here, either way.
         data.settle()?;
@@ -349,6 +380,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             data_dir: args.data_dir.clone(),
             logs: logs.clone(),
             metrics: metrics.clone(),
+            limits: args.limits(),
         })
         .await;
         if let Some(follower) = crl_follower {
@@ -524,7 +556,7 @@ async fn bootstrap(
         let store = etcd.connect().await;
         (store.clone() as Arc<dyn Store>, Held::Etcd { etcd, store })
     } else {
-        data.create_store_dir()?;
+        data.create_store()?;
         let store = open_store(data).await?;
         (store.clone(), Held::Embedded(store))
     };

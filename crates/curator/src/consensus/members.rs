@@ -326,7 +326,10 @@ async fn admit(
     for op in pki_ops {
         txn = txn.and_then(op);
     }
-    if !cluster.commit(txn).await?.succeeded {
+    let resp = cluster.commit(txn).await?;
+    if resp.succeeded {
+        cluster.node_written(&entry.id, resp.revision, Some(&node));
+    } else {
         // The role changed meanwhile (taken away?): the next pass decides
         // again, and removes the learner if nobody holds the role any more.
         return Err(CuratorError::Unavailable(format!(

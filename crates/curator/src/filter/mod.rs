@@ -146,7 +146,7 @@ pub enum FilterError {
          conditionals); the limit is {limit}"
     )]
     TooDeep { depth: usize, limit: usize },
-    #[error("filter is not valid CEL: {message}")]
+    #[error("filter is not valid CEL: {}", metropolis_api::quote::cut(message))]
     Syntax { message: String },
     #[error("unknown identifier `{name}` in filter: {hint}")]
     UnknownIdentifier { name: String, hint: String },
@@ -175,7 +175,11 @@ pub enum FilterError {
          per request"
     )]
     DynamicPattern,
-    #[error("invalid matches() pattern {pattern:?}: {message}")]
+    #[error(
+        "invalid matches() pattern {}: {}",
+        metropolis_api::quote(pattern),
+        metropolis_api::quote::cut(message)
+    )]
     InvalidPattern { pattern: String, message: String },
     #[error(
         "filter is too expensive: an estimated {cost} evaluation steps per node; the limit \
@@ -350,6 +354,8 @@ fn regex_var(i: usize) -> String {
 
 mod check;
 mod eval;
+#[cfg(test)]
+mod props;
 mod scan;
 use check::*;
 use eval::*;
@@ -362,7 +368,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     /// A node as registered and never heard from: only identity and state.
-    fn bare_node() -> api::Node {
+    pub(super) fn bare_node() -> api::Node {
         api::Node {
             pubkey: vec![7; 32],
             id: "metropolis-0123abcd".to_owned(),
@@ -372,7 +378,7 @@ mod tests {
     }
 
     /// A node with every sub-message set.
-    fn full_node() -> api::Node {
+    pub(super) fn full_node() -> api::Node {
         api::Node {
             pubkey: vec![1; 32],
             id: "metropolis-fedc9876".to_owned(),
@@ -395,6 +401,7 @@ mod tests {
                         commits_since_release: 5,
                         build_tree_state: 1,
                     }),
+                    binary_sha256: "0a1b2c3d".repeat(8),
                 }),
                 boot_id: vec![9; 16],
             }),
@@ -558,6 +565,7 @@ mod tests {
             "status.version.git_information.commit_hash",
             "status.version.git_information.commits_since_release",
             "status.version.git_information.build_tree_state",
+            "status.version.binary_sha256",
             "roles.consensus_member.ca_certificate",
             "roles.consensus_member.peers",
         ] {
@@ -566,6 +574,11 @@ mod tests {
             assert_eval(&src, &full, true);
         }
         assert_eval("has(node.status.version.release.major)", &full, false);
+        assert_eval(
+            r#"node.status.version.binary_sha256.startsWith("0a1b2c3d")"#,
+            &full,
+            true,
+        );
 
         // A set but empty sub-message is present; its fields are not.
         let mut empty_status = bare_node();

@@ -14,6 +14,7 @@
 //! concurrent curator calls (and, with etcd, several curators) never overwrite
 //! each other's writes.
 
+use metropolis_api::quote;
 use std::sync::Arc;
 
 use metropolis_api::common::{
@@ -35,6 +36,7 @@ use crate::error::CuratorError;
 mod bootstrap;
 pub mod clusternet;
 mod config;
+mod directory;
 mod labels;
 mod lifecycle;
 mod register;
@@ -46,6 +48,7 @@ pub use bootstrap::{
     BootstrapRequest, Bootstrapped, bootstrap, bootstrap_with_ca, initial_configuration,
 };
 pub use config::PATH_LABELS_TO_SYNC;
+pub use directory::DIRECTORY_NODES;
 pub use register::{recommended_storage_security, tpm_usage};
 pub use roles::RoleChange;
 
@@ -110,6 +113,8 @@ pub struct Cluster {
     membership_lock: tokio::sync::Mutex<()>,
     /// Wakes the reconciler after a role change.
     membership_changed: tokio::sync::Notify,
+    /// The index GetClusterInfo answers from (see [`directory`]).
+    directory: directory::Directory,
 }
 
 /// Node records this curator wrote recently, with the revision each was
@@ -215,6 +220,7 @@ impl Cluster {
             etcd_host: std::sync::OnceLock::new(),
             membership_lock: tokio::sync::Mutex::new(()),
             membership_changed: tokio::sync::Notify::new(),
+            directory: directory::Directory::default(),
         })
     }
 
@@ -258,6 +264,7 @@ impl Cluster {
         // Another leader may have written in between; remembered records
         // would only cost failed transactions.
         *self.recent_nodes() = RecentNodes::default();
+        self.directory.invalidate();
     }
 
     fn recent_nodes(&self) -> std::sync::MutexGuard<'_, RecentNodes> {
@@ -392,29 +399,6 @@ impl Cluster {
             })
             .collect()
     }
-
-    /// Every UP node with a known address, for clients to find the cluster.
-    pub async fn directory(&self) -> Result<ClusterDirectory, CuratorError> {
-        let nodes = self
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|e| e.node.state == NodeState::Up as i32)
-            .filter_map(|e| {
-                let addr = e
-                    .node
-                    .status
-                    .as_ref()
-                    .map(|s| s.external_address.clone())
-                    .filter(|a| !a.is_empty())?;
-                Some(cluster_directory::Node {
-                    id: e.id,
-                    addresses: vec![cluster_directory::node::Address { host: addr }],
-                })
-            })
-            .collect();
-        Ok(ClusterDirectory { nodes })
-    }
 }
 
 /// Outcome of a read-modify-write on a node record.
@@ -445,10 +429,9 @@ impl Cluster {
             let (mut node, mod_revision) = match remembered.take() {
                 Some(r) => r,
                 None => {
-                    let entry = self
-                        .node(id)
-                        .await?
-                        .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+                    let entry = self.node(id).await?.ok_or_else(|| {
+                        CuratorError::NotFound(format!("node {} not found", quote(id)))
+                    })?;
                     (entry.node, entry.mod_revision)
                 }
             };
@@ -466,12 +449,15 @@ impl Cluster {
                 .and_then(Op::put(key.clone(), node.encode_to_vec()));
             match self.commit(txn).await {
                 Ok(resp) if resp.succeeded => {
+                    self.node_written(id, resp.revision, Some(&node));
                     self.recent_nodes().insert(id, node, resp.revision);
                     return Ok(out);
                 }
                 Ok(_) => self.recent_nodes().remove(id),
                 Err(e) => {
                     self.recent_nodes().remove(id);
+                    // It may have committed.
+                    self.directory.invalidate();
                     return Err(e);
                 }
             }

@@ -4,6 +4,7 @@ pub mod install;
 pub mod launch;
 pub mod node;
 pub mod takeownership;
+pub mod update;
 pub mod user;
 
 use std::io::{BufRead, IsTerminal, Write};

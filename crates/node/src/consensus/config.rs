@@ -15,7 +15,7 @@ use prost::Message;
 pub(super) const CONFIG_FILE: &str = "config.pb";
 pub(super) const CA_FILE: &str = "ca.pem";
 pub(super) const PEER_CERT_FILE: &str = "peer.pem";
-pub(super) const PEER_KEY_FILE: &str = "peer-key.pem";
+pub(crate) const PEER_KEY_FILE: &str = "peer-key.pem";
 pub(super) const CRL_FILE: &str = "peer.crl";
 /// Present while the member is staged (see [`PeerConfig::staged`]).
 const STAGED_FILE: &str = "staged";

@@ -66,6 +66,7 @@ mod supervisor;
 mod testing;
 mod wal;
 
+pub(crate) use config::PEER_KEY_FILE;
 pub use config::{
     PeerConfig, configure, find_binary, is_configured, is_staged, peer_certificate, unstage,
 };
