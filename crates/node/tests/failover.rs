@@ -239,7 +239,40 @@ async fn failover(kills: usize) {
         members[v] = TestNode::spawn(members[v].address, &dir, None);
         members[v].wait_serving().await;
     }
-    settled(&owner, &members, &ids).await;
+    let (curator_leader, raft_leader) = settled(&owner, &members, &ids).await;
+
+    // A stopped node (SIGSTOP: the kernel accepts its connections, its TLS
+    // handshake never ends) first in the list: clients ask every node at
+    // once, so it costs them nothing. Asked in turn, it would cost up to
+    // rpc::client::CONNECT_TIMEOUT (5 s) before the next node is tried.
+    let s = ids
+        .iter()
+        .position(|id| *id != curator_leader && *id != raft_leader)
+        .expect("a third member");
+    let stopped_first: Vec<SocketAddr> = std::iter::once(addrs[s])
+        .chain(
+            addrs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != s)
+                .map(|(_, a)| *a),
+        )
+        .collect();
+    let pid = members[s].pid().expect("running").to_string();
+    let signal = |sig: &str| {
+        let out = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .output()
+            .expect("kill(1)");
+        assert!(out.status.success(), "kill {sig} {pid}: {out:?}");
+    };
+    signal("-STOP");
+    let asked = Instant::now();
+    let found = owner.leader(&stopped_first).await;
+    let took = asked.elapsed();
+    signal("-CONT");
+    assert!(found.is_some(), "no leader found past a stopped node");
+    println!("with a SIGSTOPped node first in the list, the client found the leader in {took:?}");
 
     let mut times: Vec<Duration> = record.iter().map(|k| k.writes_back).collect();
     times.sort();
