@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metropolis_api::admin::ConsensusProgress;
-use metropolis_api::api::{ApproveNodeRequest, management_client::ManagementClient};
+use metropolis_api::admin::{AddIdentityRequest, Role, cluster_admin_client::ClusterAdminClient};
+use metropolis_api::api::{
+    ApproveNodeRequest, DeleteNodeRequest, delete_node_request, management_client::ManagementClient,
+};
 use metropolis_api::common::NodeState;
 use metropolis_store::{Op, Store, Txn};
 use prost::Message;
@@ -310,8 +313,19 @@ async fn grows_into_etcd(records: usize) {
         other => panic!("a member's peer certificate: {other:?}"),
     }
     let owner_id = (owner.cert.clone(), owner.key.clone());
+    let reader = metropolis_identity::generate_key();
+    ClusterAdminClient::new(leader_now(&owner, &addrs).await)
+        .add_identity(AddIdentityRequest {
+            name: "reader".into(),
+            public_key: reader.verifying_key().to_bytes().to_vec(),
+            role: Role::Reader as i32,
+        })
+        .await
+        .expect("add a reader");
+    let reader_cert = escrow_anywhere(&addrs, &owner.ca, "reader", &reader).await;
     for (who, identity) in [
         ("the owner", Some(owner_id)),
+        ("a reader", Some((reader_cert, reader))),
         ("a node certificate", Some(node_credentials(&n2_dir))),
         ("no certificate", None),
     ] {
@@ -349,7 +363,65 @@ async fn grows_into_etcd(records: usize) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A deleted node gets in with neither its node certificate nor its old
+    // peer certificate.
+    let n2_node = node_credentials(&n2_dir);
+    let n2_id2 = n2_id.clone();
+    eventually("n2 deleted", &owner, &addrs, |ch| {
+        let n2_id = n2_id2.clone();
+        async move {
+            let deleted = ManagementClient::new(ch)
+                .delete_node(DeleteNodeRequest {
+                    node: Some(delete_node_request::Node::Id(n2_id)),
+                    safety_bypass_has_roles: None,
+                    safety_bypass_not_decommissioned: Some(
+                        delete_node_request::SafetyBypassNotDecommissioned {},
+                    ),
+                })
+                .await;
+            match deleted {
+                Err(s) if s.code() == tonic::Code::Unavailable => None,
+                other => {
+                    other.expect("delete n2");
+                    Some(())
+                }
+            }
+        }
+    })
+    .await;
+    let answer = ask_peer_port(at(a1), Some(n2_node)).await;
+    assert!(
+        matches!(answer, PeerAnswer::Refused(_)),
+        "a deleted node's certificate on the peer port: {answer:?}"
+    );
+    let answer = ask_peer_port(at(a1), Some(n2_peer)).await;
+    assert!(
+        matches!(answer, PeerAnswer::Refused(_) | PeerAnswer::Closed),
+        "a deleted node's peer certificate on the peer port: {answer:?}"
+    );
     drop(n2);
+}
+
+/// A certificate for the identity `name`, escrowed at whichever of `addrs`
+/// serves it first.
+async fn escrow_anywhere(
+    addrs: &[SocketAddr],
+    ca: &[u8],
+    name: &str,
+    key: &metropolis_identity::SigningKey,
+) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut last = None;
+        for addr in addrs {
+            match escrow_as(*addr, ca, name, key).await {
+                Ok(cert) => return cert,
+                Err(e) => last = Some(e),
+            }
+        }
+        assert!(Instant::now() < deadline, "escrow for {name}: {last:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -346,6 +346,32 @@ pub fn escrow_request(name: &str, key: &[u8]) -> EscrowRequest {
     }
 }
 
+/// Escrow for `name`, proving `key` with a self-signed certificate.
+pub async fn escrow_as(
+    addr: SocketAddr,
+    ca: &[u8],
+    name: &str,
+    key: &SigningKey,
+) -> Result<Vec<u8>, tonic::Status> {
+    use metropolis_api::api::aaa_client::AaaClient;
+    let self_signed = metropolis_identity::self_signed_certificate(key, "").expect("self-signed");
+    let ch = channel(addr, trust(ca), Some((self_signed, key.clone())))
+        .await
+        .expect("connect");
+    let mut s = AaaClient::new(ch)
+        .escrow(tokio_stream::iter([escrow_request(
+            name,
+            key.verifying_key().as_bytes(),
+        )]))
+        .await?
+        .into_inner();
+    let resp = s
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("no response"))?;
+    Ok(resp.emitted_certificate)
+}
+
 /// Runs the owner escrow flow over gRPC and returns the owner certificate.
 pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Vec<u8> {
     metropolis_rpc::client::escrow_owner(addr, ca, owner)
