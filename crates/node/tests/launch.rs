@@ -309,6 +309,27 @@ fn a_launched_cluster_grows_into_ha() {
     let out = metroctl(&cfg, &["node", "label", &first[0], "written-before=yes"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
+    // An ID that names no node: refused, and the other is not changed.
+    let unknown = "metropolis-00000000000000000000000000000000";
+    let out = metroctl(
+        &cfg,
+        &[
+            "node",
+            "add",
+            "role",
+            "ConsensusMember",
+            &others[0],
+            unknown,
+        ],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("node {unknown} not found; no role was changed")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(list("has(node.roles.consensus_member)"), first);
+
     let started = std::time::Instant::now();
     let mut args = vec!["node", "add", "role", "ConsensusMember"];
     args.extend(others.iter().map(String::as_str));

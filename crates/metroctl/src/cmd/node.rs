@@ -257,6 +257,13 @@ pub async fn set_role(
     ids: &[String],
     wait: bool,
 ) -> anyhow::Result<()> {
+    // All or nothing for an ID that names no node: one call per node, so
+    // check them all before the first.
+    if ids.len() > 1 {
+        get_nodes(ctx, "", ids)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; no role was changed"))?;
+    }
     for id in ids {
         update_role(ctx, role, on, id).await?;
         println!(
