@@ -78,45 +78,66 @@ pub async fn connect_any(
 /// How long a node may take to say who leads.
 const LEADER_QUESTION_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long [`connect_leader`] waits for one node before it asks the next
+/// as well.
+const NEXT_CANDIDATE_AFTER: Duration = Duration::from_millis(250);
+
 /// A channel to the curator leader, found from any of `addrs`: every node
-/// answers CuratorLocal.GetCurrentLeader, so ask them all at once and take
-/// the first that leads, or go where one points. All at once because a
-/// stopped or dead node stalls its TCP or TLS handshake up to
-/// [`CONNECT_TIMEOUT`]: asked in turn, every such node ahead of the leader
-/// would add that much to a failover. Nodes that know no leader (an election
-/// in progress) are passed over; if none knows one, a reachable node's
-/// channel is returned (the first in `start` order), and calls on it say what
-/// is wrong (UNAVAILABLE naming the leader, or that there is none yet), which
-/// callers retry.
+/// answers CuratorLocal.GetCurrentLeader, so ask one and go where it points.
+/// The next node is asked as soon as one fails or does not lead, and also
+/// when one has not answered within [`NEXT_CANDIDATE_AFTER`], while those
+/// asked go on (the first that leads wins): a stopped node stalls its TCP or
+/// TLS handshake up to [`CONNECT_TIMEOUT`], which asked strictly in turn
+/// would add to a failover; asked all at once, every node of a large cluster
+/// would open a connection to every node in its directory at each failover.
+/// Nodes that know no leader (an election in progress) are passed over; if
+/// none knows one, a reachable node's channel is returned (the first in
+/// `start` order), and calls on it say what is wrong (UNAVAILABLE naming the
+/// leader, or that there is none yet), which callers retry.
 ///
-/// `start` rotates the order in which a fallback is chosen, so that a client
-/// retrying after a failure does not use the same node every time.
+/// `start` rotates the order, so that a client retrying after a failure does
+/// not knock on the same dead node first every time.
 pub async fn connect_leader(
     addrs: &[SocketAddr],
     start: usize,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Connected, ConnectError> {
     let n = addrs.len();
+    let mut order = (0..n).map(|i| (i, addrs[(start + i) % n]));
     let mut asks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let addr = addrs[(start + i) % n];
-        // A leader named by another node is followed only if it is not among
-        // `addrs`: there, its own answer comes anyway.
-        let known = addrs.to_vec();
-        asks.spawn(ask_candidate(i, addr, known, tls.clone()));
-    }
     let mut fallback: Option<(usize, Channel, SocketAddr)> = None;
     let mut last = None;
-    while let Some(joined) = asks.join_next().await {
-        let Ok(answer) = joined else { continue };
+    loop {
+        if asks.is_empty() {
+            match order.next() {
+                Some((i, addr)) => {
+                    asks.spawn(ask_candidate(i, addr, tls.clone()));
+                }
+                None => break,
+            }
+        }
+        let joined = tokio::select! {
+            joined = asks.join_next() => joined,
+            () = tokio::time::sleep(NEXT_CANDIDATE_AFTER) => {
+                if let Some((i, addr)) = order.next() {
+                    asks.spawn(ask_candidate(i, addr, tls.clone()));
+                }
+                continue;
+            }
+        };
+        let Some(Ok(answer)) = joined else { continue };
         match answer {
             Answer::Leader(connected) => return Ok(connected),
-            Answer::Reachable(order, channel, addr) => {
-                if fallback.as_ref().is_none_or(|(o, _, _)| order < *o) {
-                    fallback = Some((order, channel, addr));
+            Answer::Reachable(i, channel, addr) => {
+                if fallback.as_ref().is_none_or(|(o, _, _)| i < *o) {
+                    fallback = Some((i, channel, addr));
                 }
             }
             Answer::Failed(e) => last = Some(e),
+        }
+        // No leader from that one: the next, without waiting.
+        if let Some((i, addr)) = order.next() {
+            asks.spawn(ask_candidate(i, addr, tls.clone()));
         }
     }
     if let Some((_, channel, addr)) = fallback {
@@ -142,12 +163,7 @@ enum Answer {
     Failed(ConnectError),
 }
 
-async fn ask_candidate(
-    order: usize,
-    addr: SocketAddr,
-    known: Vec<SocketAddr>,
-    tls: Arc<rustls::ClientConfig>,
-) -> Answer {
+async fn ask_candidate(order: usize, addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Answer {
     let channel = match connect(addr, tls.clone()).await {
         Ok(ch) => ch,
         Err(e) => {
@@ -166,9 +182,6 @@ async fn ask_candidate(
     };
     let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
     let leader_addr = SocketAddr::new(ip, port);
-    if known.contains(&leader_addr) {
-        return Answer::Reachable(order, channel, addr);
-    }
     // Nodes that are not consensus members pass on what their own connection
     // found, which may be stale: ask the named node itself.
     match connect(leader_addr, tls).await {
