@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
+use metropolis_api::admin::ConsensusProgress;
 use metropolis_api::api::{
     ApproveNodeRequest, ApproveNodeResponse, ConfigureClusterRequest, ConfigureClusterResponse,
     DecommissionNodeRequest, DecommissionNodeResponse, DeleteNodeRequest, DeleteNodeResponse,
@@ -17,6 +18,7 @@ use metropolis_api::api::{
 use metropolis_api::common::{NodeRoles, node_roles};
 use tonic::{Request, Response, Status};
 
+use crate::consensus::Progress;
 use crate::filter::Filter;
 use crate::heartbeat::Heartbeats;
 use crate::state::{Cluster, NodeEntry, RoleChange};
@@ -35,16 +37,25 @@ impl ManagementService {
     }
 }
 
-/// A node as the Management API shows it, with health computed now, in
-/// upstream's form: roles always set and as markers only (the consensus
-/// member's certificates and peers are the node's business, not an
-/// operator's), labels always set and sorted by key.
-pub fn api_node(entry: NodeEntry, heartbeats: &Heartbeats, now: Instant) -> Node {
+/// A node as the Management API shows it, with health computed now and its
+/// consensus progress (`None`: not a consensus member), in upstream's form:
+/// roles always set and as markers only (the consensus member's
+/// certificates and peers are the node's business, not an operator's),
+/// labels always set and sorted by key.
+pub fn api_node(
+    entry: NodeEntry,
+    heartbeats: &Heartbeats,
+    now: Instant,
+    consensus: Option<Progress>,
+) -> Node {
     let (health, since) = heartbeats.health(&entry.id, entry.node.state, now);
     let roles = entry.node.roles.unwrap_or_default();
     let mut labels = entry.node.labels.unwrap_or_default();
     labels.pairs.sort_by(|a, b| a.key.cmp(&b.key));
     Node {
+        consensus_progress: consensus
+            .map(ConsensusProgress::from)
+            .unwrap_or(ConsensusProgress::None) as i32,
         pubkey: entry.node.public_key,
         id: entry.id,
         state: entry.node.state,
@@ -114,12 +125,14 @@ impl Management for ManagementService {
         // As upstream: a record that does not decode is skipped (and logged),
         // not a failed call.
         let entries = self.cluster.nodes_readable().await?;
+        let progress = self.cluster.consensus_progress(&entries).await?;
         let heartbeats = self.heartbeats.clone();
         let now = Instant::now();
         // Nodes are converted and filtered one at a time as the stream is
         // polled: only the store's read result is held, not a second copy.
         let nodes = entries.into_iter().filter_map(move |entry| {
-            let node = api_node(entry, &heartbeats, now);
+            let p = progress.get(&entry.id).copied();
+            let node = api_node(entry, &heartbeats, now, p);
             match filter.as_ref().map(|f| f.matches(&node)) {
                 None | Some(Ok(true)) => Some(Ok(node)),
                 Some(Ok(false)) => None,
@@ -282,7 +295,7 @@ mod tests {
         let labels = NodeLabels {
             pairs: vec![pair("zone"), pair("arch"), pair("m")],
         };
-        let shown = api_node(entry(Some(full), Some(labels)), &hb, Instant::now());
+        let shown = api_node(entry(Some(full), Some(labels)), &hb, Instant::now(), None);
         let roles = shown.roles.expect("roles");
         assert_eq!(
             roles.consensus_member,
@@ -298,7 +311,7 @@ mod tests {
             .collect();
         assert_eq!(keys, ["arch", "m", "zone"]);
         // Nothing set: still both set, empty.
-        let bare = api_node(entry(None, None), &hb, Instant::now());
+        let bare = api_node(entry(None, None), &hb, Instant::now(), None);
         assert_eq!(bare.roles, Some(NodeRoles::default()));
         assert_eq!(bare.labels, Some(NodeLabels::default()));
     }

@@ -1006,11 +1006,12 @@ async fn logs_responses_hold_up_to_2000_entries() {
     let owner = metropolis_identity::generate_key();
     let params = tmp.path().join("bootstrap.pb");
     write_bootstrap_params(&params, &owner);
-    let node = TestNode::spawn_binary(
+    let node = TestNode::spawn_custom(
         &binary,
         fresh_address(),
         &tmp.path().join("n"),
         Some(&params),
+        &[],
         &[],
     );
     node.wait_leading().await;

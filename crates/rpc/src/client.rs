@@ -78,12 +78,22 @@ pub async fn connect_any(
 /// How long a node may take to say who leads.
 const LEADER_QUESTION_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long [`connect_leader`] waits for one node before it asks the next
+/// as well.
+const NEXT_CANDIDATE_AFTER: Duration = Duration::from_millis(250);
+
 /// A channel to the curator leader, found from any of `addrs`: every node
-/// answers CuratorLocal.GetCurrentLeader, so ask the first node that
-/// answers and go where it points. Nodes that know no leader (an election in
-/// progress) are passed over; if none knows one, the first reachable node's
-/// channel is returned, and calls on it say what is wrong (UNAVAILABLE naming
-/// the leader, or that there is none yet), which callers retry.
+/// answers CuratorLocal.GetCurrentLeader, so ask one and go where it points.
+/// The next node is asked as soon as one fails or does not lead, and also
+/// when one has not answered within [`NEXT_CANDIDATE_AFTER`], while those
+/// asked go on (the first that leads wins): a stopped node stalls its TCP or
+/// TLS handshake up to [`CONNECT_TIMEOUT`], which asked strictly in turn
+/// would add to a failover; asked all at once, every node of a large cluster
+/// would open a connection to every node in its directory at each failover.
+/// Nodes that know no leader (an election in progress) are passed over; if
+/// none knows one, a reachable node's channel is returned (the first in
+/// `start` order), and calls on it say what is wrong (UNAVAILABLE naming the
+/// leader, or that there is none yet), which callers retry.
 ///
 /// `start` rotates the order, so that a client retrying after a failure does
 /// not knock on the same dead node first every time.
@@ -93,59 +103,44 @@ pub async fn connect_leader(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Connected, ConnectError> {
     let n = addrs.len();
-    let mut fallback = None;
+    let mut order = (0..n).map(|i| (i, addrs[(start + i) % n]));
+    let mut asks = tokio::task::JoinSet::new();
+    let mut fallback: Option<(usize, Channel, SocketAddr)> = None;
     let mut last = None;
-    for i in 0..n {
-        let addr = addrs[(start + i) % n];
-        let channel = match connect(addr, tls.clone()).await {
-            Ok(ch) => ch,
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "endpoint failed");
-                last = Some(e);
+    loop {
+        if asks.is_empty() {
+            match order.next() {
+                Some((i, addr)) => {
+                    asks.spawn(ask_candidate(i, addr, tls.clone()));
+                }
+                None => break,
+            }
+        }
+        let joined = tokio::select! {
+            joined = asks.join_next() => joined,
+            () = tokio::time::sleep(NEXT_CANDIDATE_AFTER) => {
+                if let Some((i, addr)) = order.next() {
+                    asks.spawn(ask_candidate(i, addr, tls.clone()));
+                }
                 continue;
             }
         };
-        let Some(leader) = ask_leader(channel.clone()).await else {
-            fallback.get_or_insert((channel, addr));
-            continue;
-        };
-        if !leader.leader_node_id.is_empty() && leader.leader_node_id == leader.this_node_id {
-            return Ok(Connected {
-                channel,
-                addr,
-                leader: true,
-                leader_node_id: leader.leader_node_id,
-            });
-        }
-        let Ok(ip) = leader.leader_host.parse::<std::net::IpAddr>() else {
-            fallback.get_or_insert((channel, addr));
-            continue;
-        };
-        let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
-        let leader_addr = SocketAddr::new(ip, port);
-        // Nodes that are not consensus members pass on what their own
-        // connection found, which may be stale: ask the named node itself.
-        match connect(leader_addr, tls.clone()).await {
-            Ok(led) => match ask_leader(led.clone()).await {
-                Some(l) if !l.leader_node_id.is_empty() && l.leader_node_id == l.this_node_id => {
-                    return Ok(Connected {
-                        channel: led,
-                        addr: leader_addr,
-                        leader: true,
-                        leader_node_id: l.leader_node_id,
-                    });
+        let Some(Ok(answer)) = joined else { continue };
+        match answer {
+            Answer::Leader(connected) => return Ok(connected),
+            Answer::Reachable(i, channel, addr) => {
+                if fallback.as_ref().is_none_or(|(o, _, _)| i < *o) {
+                    fallback = Some((i, channel, addr));
                 }
-                _ => {
-                    fallback.get_or_insert((channel, addr));
-                }
-            },
-            Err(e) => {
-                tracing::debug!(%leader_addr, error = %e, "the leader named by {addr} is unreachable");
-                fallback.get_or_insert((channel, addr));
             }
+            Answer::Failed(e) => last = Some(e),
+        }
+        // No leader from that one: the next, without waiting.
+        if let Some((i, addr)) = order.next() {
+            asks.spawn(ask_candidate(i, addr, tls.clone()));
         }
     }
-    if let Some((channel, addr)) = fallback {
+    if let Some((_, channel, addr)) = fallback {
         return Ok(Connected {
             channel,
             addr,
@@ -157,6 +152,68 @@ pub async fn connect_leader(
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         message: "no endpoints given".into(),
     }))
+}
+
+/// What one of [`connect_leader`]'s candidates said.
+enum Answer {
+    Leader(Connected),
+    /// Reachable, but neither it nor the node it named leads; `usize` is its
+    /// place in the `start` order.
+    Reachable(usize, Channel, SocketAddr),
+    Failed(ConnectError),
+}
+
+async fn ask_candidate(order: usize, addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Answer {
+    let channel = match connect(addr, tls.clone()).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "endpoint failed");
+            return Answer::Failed(e);
+        }
+    };
+    let Some(leader) = ask_leader(channel.clone()).await else {
+        return Answer::Reachable(order, channel, addr);
+    };
+    if let Some(connected) = leading(&channel, addr, &leader) {
+        return Answer::Leader(connected);
+    }
+    let Ok(ip) = leader.leader_host.parse::<std::net::IpAddr>() else {
+        return Answer::Reachable(order, channel, addr);
+    };
+    let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
+    let leader_addr = SocketAddr::new(ip, port);
+    // Nodes that are not consensus members pass on what their own connection
+    // found, which may be stale: ask the named node itself.
+    match connect(leader_addr, tls).await {
+        Ok(led) => match ask_leader(led.clone())
+            .await
+            .and_then(|l| leading(&led, leader_addr, &l))
+        {
+            Some(connected) => Answer::Leader(connected),
+            None => Answer::Reachable(order, channel, addr),
+        },
+        Err(e) => {
+            tracing::debug!(%leader_addr, error = %e, "the leader named by {addr} is unreachable");
+            Answer::Reachable(order, channel, addr)
+        }
+    }
+}
+
+/// `channel` to `addr` as a [`Connected`] leader, if `answer` says the node
+/// leads.
+fn leading(
+    channel: &Channel,
+    addr: SocketAddr,
+    answer: &metropolis_api::curator::GetCurrentLeaderResponse,
+) -> Option<Connected> {
+    (!answer.leader_node_id.is_empty() && answer.leader_node_id == answer.this_node_id).then(|| {
+        Connected {
+            channel: channel.clone(),
+            addr,
+            leader: true,
+            leader_node_id: answer.leader_node_id.clone(),
+        }
+    })
 }
 
 /// A channel from [`connect_leader`].

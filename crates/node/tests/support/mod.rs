@@ -20,6 +20,10 @@ use metropolis_identity::{ServerTrust, SigningKey};
 use prost::Message;
 use tonic::transport::Channel;
 
+mod owner;
+#[allow(unused_imports, reason = "not every test uses them")]
+pub use owner::*;
+
 pub const CURATOR_PORT: u16 = 7835;
 
 pub fn node_binary() -> PathBuf {
@@ -114,16 +118,18 @@ impl TestNode {
         params: Option<&Path>,
         extra: &[&str],
     ) -> TestNode {
-        Self::spawn_binary(&node_binary(), address, data_dir, params, extra)
+        Self::spawn_custom(&node_binary(), address, data_dir, params, extra, &[])
     }
 
-    /// Like `spawn_with`, running `binary` (e.g. [`debug_binary`]).
-    pub fn spawn_binary(
+    /// Like `spawn_with`, running `binary` (the debug build, say) with
+    /// `env` added to its environment.
+    pub fn spawn_custom(
         binary: &Path,
         address: IpAddr,
         data_dir: &Path,
         params: Option<&Path>,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> TestNode {
         let log = data_dir.with_extension("log");
         let out = std::fs::OpenOptions::new()
@@ -132,6 +138,7 @@ impl TestNode {
             .open(&log)
             .expect("log file");
         let mut cmd = Command::new(binary);
+        cmd.envs(env.iter().copied());
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--address")
@@ -261,6 +268,21 @@ impl TestNode {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Waits up to `limit` for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_exit() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: the node gets no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -349,6 +371,32 @@ pub fn escrow_request(name: &str, key: &[u8]) -> EscrowRequest {
     }
 }
 
+/// Escrow for `name`, proving `key` with a self-signed certificate.
+pub async fn escrow_as(
+    addr: SocketAddr,
+    ca: &[u8],
+    name: &str,
+    key: &SigningKey,
+) -> Result<Vec<u8>, tonic::Status> {
+    use metropolis_api::api::aaa_client::AaaClient;
+    let self_signed = metropolis_identity::self_signed_certificate(key, "").expect("self-signed");
+    let ch = channel(addr, trust(ca), Some((self_signed, key.clone())))
+        .await
+        .expect("connect");
+    let mut s = AaaClient::new(ch)
+        .escrow(tokio_stream::iter([escrow_request(
+            name,
+            key.verifying_key().as_bytes(),
+        )]))
+        .await?
+        .into_inner();
+    let resp = s
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("no response"))?;
+    Ok(resp.emitted_certificate)
+}
+
 /// Runs the owner escrow flow over gRPC and returns the owner certificate.
 pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Vec<u8> {
     metropolis_rpc::client::escrow_owner(addr, ca, owner)
@@ -430,4 +478,59 @@ pub async fn fetch_register_params(
         ca,
         &[],
     );
+}
+
+/// etcd's peer port (7834) of a consensus member.
+pub const PEER_PORT: u16 = 7834;
+
+/// What etcd's peer port did with a client.
+#[derive(Debug)]
+pub enum PeerAnswer {
+    /// The TLS handshake failed, or the server answered it with an alert
+    /// (with TLS 1.3 a client learns that its certificate was refused at its
+    /// first read): the error as rustls saw it.
+    Refused(String),
+    /// The handshake went through, then the connection closed without an
+    /// answer or an alert.
+    Closed,
+    /// An HTTP answer.
+    Replied(String),
+}
+
+/// `GET /members` on the peer port at `addr` over TLS, presenting `identity`
+/// (certificate DER and key) if given, trusting any server certificate.
+pub async fn ask_peer_port(
+    addr: SocketAddr,
+    identity: Option<(Vec<u8>, SigningKey)>,
+) -> PeerAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen), identity)
+        .expect("client config");
+    // etcd's peer endpoints speak HTTP/1.1 here; no gRPC ALPN.
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the peer port");
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let exchange = async {
+        let mut stream = connector.connect(name, tcp).await?;
+        stream
+            .write_all(b"GET /members HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        match stream.read_to_end(&mut out).await {
+            Err(e) if out.is_empty() && e.kind() != std::io::ErrorKind::UnexpectedEof => Err(e),
+            // A close without close_notify, after a complete answer or none.
+            _ => Ok(out),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Err(_) => panic!("etcd's peer port at {addr} did not answer within 10s"),
+        Ok(Err(e)) => PeerAnswer::Refused(e.to_string()),
+        Ok(Ok(out)) if out.is_empty() => PeerAnswer::Closed,
+        Ok(Ok(out)) => PeerAnswer::Replied(String::from_utf8_lossy(&out).into_owned()),
+    }
 }
