@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metropolis_api::admin::cluster_admin_server::ClusterAdminServer;
 use metropolis_api::admin::node_curator_server::NodeCuratorServer;
+use metropolis_api::admin::node_watch_server::NodeWatchServer;
 use metropolis_api::api::{aaa_server::AaaServer, management_server::ManagementServer};
 use metropolis_api::common::node_roles;
 use metropolis_api::curator::{
@@ -22,6 +23,7 @@ use metropolis_curator::heartbeat::Heartbeats;
 use metropolis_curator::leader::{self, LeaderGate, LeaderInfo, Leadership};
 use metropolis_curator::local::CuratorLocalService;
 use metropolis_curator::management::ManagementService;
+use metropolis_curator::node_watch::NodeWatchService;
 use metropolis_curator::nodes::{CuratorService, NodeCuratorService};
 use metropolis_rpc::observe::ObserveLayer;
 use metropolis_rpc::server::Redirect;
@@ -100,6 +102,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             cluster.step_down().clone(),
         );
         background.push(election);
+        // Health timeouts for NodeWatch (idle while nobody watches).
+        background.push(tokio::spawn(heartbeats.clone().report_timeouts()));
         background.push(tokio::spawn(follow_leadership(
             rx.clone(),
             me,
@@ -120,6 +124,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         (Some(cluster), Some(leadership)) => {
             let heartbeats = heartbeats.clone();
             let management = Arc::new(ManagementService::new(cluster.clone(), heartbeats.clone()));
+            let node_watch = NodeWatchService::new(
+                cluster.clone(),
+                heartbeats.clone(),
+                leadership.clone(),
+                node_id.clone(),
+            );
             // Layers added first are outermost: only the leader serves the
             // curator services; authentication runs before the audit layer,
             // which needs the established caller.
@@ -132,6 +142,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 .layer(AuditLayer::new(cluster.store().clone()))
                 .add_service(AaaServer::new(AaaService::new(cluster.clone())))
                 .add_service(ManagementServer::from_arc(management))
+                .add_service(NodeWatchServer::new(node_watch))
                 .add_service(ClusterAdminServer::new(ClusterAdminService::new(
                     cluster.clone(),
                 )))
@@ -163,6 +174,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 .layer(AuditLayer::disabled())
                 .add_service(Redirect::<AaaServer<AaaService>>::new(msg.clone()))
                 .add_service(Redirect::<ManagementServer<ManagementService>>::new(
+                    msg.clone(),
+                ))
+                .add_service(Redirect::<NodeWatchServer<NodeWatchService>>::new(
                     msg.clone(),
                 ))
                 .add_service(Redirect::<ClusterAdminServer<ClusterAdminService>>::new(
