@@ -326,12 +326,21 @@ mod tests {
         hb.beat_at("a", t0);
         hb.beat_at("a", t0 + s(1));
         assert_eq!(rx.try_recv().ok(), Some(HealthChange::Node("a".into())));
-        assert!(rx.try_recv().is_err(), "a beat within the timeout changes nothing");
+        assert!(
+            rx.try_recv().is_err(),
+            "a beat within the timeout changes nothing"
+        );
         // The first timeout as leader passes: every node's health is known.
-        assert_eq!(hb.timeouts_between(t0 + s(4), t0 + s(5)), vec![HealthChange::All]);
+        assert_eq!(
+            hb.timeouts_between(t0 + s(4), t0 + s(5)),
+            vec![HealthChange::All]
+        );
         // a's last beat (t0+1s) becomes a timeout ago at t0+6s, not before
         // and not twice.
-        assert_eq!(hb.timeouts_between(t0 + s(5), t0 + s(5) + Duration::from_millis(999)), vec![]);
+        assert_eq!(
+            hb.timeouts_between(t0 + s(5), t0 + s(5) + Duration::from_millis(999)),
+            vec![]
+        );
         assert_eq!(
             hb.timeouts_between(t0 + s(5), t0 + s(6)),
             vec![HealthChange::Node("a".into())]
@@ -340,7 +349,10 @@ mod tests {
         // A beat after the timeout: HEALTHY again, reported by the beat.
         hb.beat_at("a", t0 + s(8));
         assert_eq!(rx.try_recv().ok(), Some(HealthChange::Node("a".into())));
-        assert_eq!(hb.health("a", NodeState::Up as i32, t0 + s(8)).0, Health::Healthy);
+        assert_eq!(
+            hb.health("a", NodeState::Up as i32, t0 + s(8)).0,
+            Health::Healthy
+        );
         // Leading anew: every node's health is unknown again.
         hb.start_leading();
         assert_eq!(rx.try_recv().ok(), Some(HealthChange::All));

@@ -421,13 +421,7 @@ fn outbox(limits: Limits) -> (Outbox, impl Stream<Item = Result<WatchNodesEvent,
         shared: shared.clone(),
         limits,
     };
-    let take_cut = |shared: &Pending| {
-        shared
-            .cut
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-    };
+    let take_cut = |shared: &Pending| shared.cut.lock().unwrap_or_else(|p| p.into_inner()).take();
     let stream = futures::stream::unfold(Some((rx, shared)), move |st| async move {
         let (mut rx, shared) = st?;
         if let Some(status) = take_cut(&shared) {
@@ -468,7 +462,8 @@ mod tests {
         let t = bootstrapped().await;
         let hb = Arc::new(Heartbeats::new(Duration::from_secs(60)));
         let (_lead, rx) = leading();
-        let view = NodeView::new(r#"node.labels.pairs.exists(p, p.key == "zone")"#).expect("filter");
+        let view =
+            NodeView::new(r#"node.labels.pairs.exists(p, p.key == "zone")"#).expect("filter");
         let mut s = watch_nodes(&t.cluster, hb.clone(), view, rx, "me", Limits::default())
             .await
             .expect("watch");
@@ -600,7 +595,10 @@ mod tests {
                 .await
                 .expect("label");
         }
-        println!("20 label writes with a stalled watcher: {:?}", started.elapsed());
+        println!(
+            "20 label writes with a stalled watcher: {:?}",
+            started.elapsed()
+        );
         // Let the producer reach the limit.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let err = next(&mut s).await.expect_err("cut");

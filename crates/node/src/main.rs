@@ -59,6 +59,11 @@ struct Args {
     /// cluster run (default: `etcd` on PATH).
     #[arg(long)]
     etcd_binary: Option<PathBuf>,
+    /// Also serve the metrics port's paths over plain HTTP, without client
+    /// certificates, on this loopback address and port (e.g. 127.0.0.1:7841).
+    /// Off by default: port 7840 serves them over TLS to cluster certificates.
+    #[arg(long, value_name = "LOOPBACK_IP:PORT")]
+    metrics_plain_http: Option<SocketAddr>,
 }
 
 impl Args {
@@ -68,6 +73,14 @@ impl Args {
             return Err(
                 "--heartbeat-interval and --heartbeat-timeout must be longer than zero".into(),
             );
+        }
+        if let Some(a) = self.metrics_plain_http
+            && !a.ip().is_loopback()
+        {
+            return Err(format!(
+                "--metrics-plain-http {a}: plain HTTP has no authentication, so it is only \
+                 served on loopback addresses (127.0.0.0/8, ::1)"
+            ));
         }
         // etcd leases are whole seconds; a shorter TTL would be rounded up
         // and the leader would renew it in a busy loop.
@@ -324,6 +337,8 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             data_dir: args.data_dir.clone(),
             logs: logs.clone(),
             metrics: metrics.clone(),
+            etcd_socket: etcd.as_ref().map(|e| e.client_socket()),
+            metrics_plain_http: args.metrics_plain_http,
         })
         .await;
         match (exit, etcd) {

@@ -65,6 +65,10 @@ pub struct Config {
     pub data_dir: std::path::PathBuf,
     pub logs: Arc<LogTree>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// etcd's client socket on nodes that run etcd (its metrics).
+    pub etcd_socket: Option<std::path::PathBuf>,
+    /// Plain-HTTP metrics on this loopback address as well (off: None).
+    pub metrics_plain_http: Option<SocketAddr>,
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
@@ -205,10 +209,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     // NodeManagement: this node's own operations, same TLS and auth layer.
     let mgmt_addr = SocketAddr::new(cfg.address, NODE_MANAGEMENT_PORT);
     let mgmt_listener = metropolis_rpc::server::bind(mgmt_addr).await?;
+    // Metrics: TLS as upstream; plain HTTP only on loopback, if asked for.
+    let metrics_addr = SocketAddr::new(cfg.address, crate::metrics::METRICS_PORT);
+    let metrics_listener = metropolis_rpc::server::bind(metrics_addr).await?;
+    let plain_metrics = match cfg.metrics_plain_http {
+        Some(a) => Some(metropolis_rpc::server::bind(a).await?),
+        None => None,
+    };
     let (power_tx, mut power_rx) = mpsc::channel(1);
     let node_mgmt = Server::builder()
         .layer(observe)
-        .layer(AuthLayer::new(ca.clone(), authorizer))
+        .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
         .add_service(NodeManagementServer::new(NodeManagementService::new(
             cfg.logs.clone(),
             power_tx,
@@ -224,15 +235,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         stopped(stop_rx.clone()),
     ));
     let mut mgmt_srv = tokio::spawn(node_mgmt.serve_with_incoming_shutdown(
-        metropolis_rpc::server::tls_incoming(mgmt_listener, tls),
+        metropolis_rpc::server::tls_incoming(mgmt_listener, tls.clone()),
         stopped(stop_rx.clone()),
     ));
-    let metrics_addr = SocketAddr::new(cfg.address, crate::metrics::METRICS_PORT);
-    let metrics_state = cfg.cluster.clone().map(|c| (c, heartbeats.clone()));
-    let mut metrics_srv = tokio::spawn(crate::metrics::serve(
-        metrics_addr,
-        cfg.metrics.clone(),
-        metrics_state,
+    let metrics_service = Arc::new(crate::metrics::server::MetricsService {
+        metrics: cfg.metrics.clone(),
+        cluster: cfg.cluster.clone().map(|c| (c, heartbeats.clone())),
+        etcd_socket: cfg.etcd_socket.clone(),
+        ca_der: ca.clone(),
+        authorizer: authorizer.clone(),
+    });
+    let mut metrics_srv = tokio::spawn(crate::metrics::server::serve(
+        metrics_listener,
+        tls.clone(),
+        plain_metrics,
+        metrics_service,
         stopped(stop_rx),
     ));
     tracing::info!(node = %node_id, %addr, %mgmt_addr, %metrics_addr, "serving");
