@@ -132,6 +132,7 @@ function setLive(text, ok) {
 function watch(filter) {
   if (source) source.close();
   $('filter-error').textContent = '';
+  $('no-nodes').textContent = 'No node matches.';
   $('filter').removeAttribute('aria-invalid');
   setLive('Connecting…', false);
   source = stream('/api/nodes/watch', { filter });
@@ -168,6 +169,10 @@ function watch(filter) {
     source = null;
     const msg = JSON.parse(e.data).error;
     if (filter) {
+      // No valid view: show none rather than a stale one.
+      nodes = new Map();
+      renderNodes();
+      $('no-nodes').textContent = 'Nothing shown: the filter was refused.';
       $('filter-error').textContent = msg;
       $('filter').setAttribute('aria-invalid', 'true');
       setLive('Not watching: the filter was refused', false);
@@ -304,9 +309,12 @@ function dl(pairs) {
   return el('dl', { class: 'facts' }, ...pairs.flatMap(([k, v]) => [el('dt', {}, k), el('dd', {}, v)]));
 }
 
-function daysUntil(iso) {
+function expiry(iso) {
+  if (!iso) return '';
+  // 9999-12-31T23:59:59Z: RFC 5280's "no well-defined expiration date".
+  if (iso.startsWith('9999-')) return 'never expires';
   const d = (Date.parse(iso) - Date.now()) / 86400000;
-  return Number.isNaN(d) ? '' : ` (${Math.floor(d)} days left)`;
+  return Number.isNaN(d) ? iso : `${iso} (${Math.floor(d)} days left)`;
 }
 
 async function loadCluster() {
@@ -319,7 +327,7 @@ async function loadCluster() {
     const leader = c.leader || {};
     out.append(dl([
       ['CA fingerprint (SHA-256)', el('code', { class: 'wrap' }, c.ca.fingerprint_sha256 || c.ca.error || '')],
-      ['CA valid until', `${c.ca.not_after || ''}${daysUntil(c.ca.not_after)}`],
+      ['CA valid until', expiry(c.ca.not_after)],
       ['Curator leader', leader.leaderNodeId ? `${leader.leaderNodeId} at ${leader.leaderHost}:${leader.leaderPort}` : '(none known)'],
       ['Cluster domain', cfg.clusterDomain || ''],
       ['TPM mode', cfg.tpmMode || ''],
@@ -405,7 +413,7 @@ function followLogs(id) {
     logs = null;
     $('logs-error').textContent = JSON.parse(e.data).error;
   });
-  section.scrollIntoView({ behavior: 'smooth', block: 'nearest' });
+  section.scrollIntoView({ block: 'start' });
 }
 
 // ---- Wiring ----
