@@ -70,3 +70,11 @@ pub use metropolis::proto::storage as private;
 
 pub mod authorization;
 pub mod json;
+
+/// Limits of UpdateNode's project-owned fields: the node enforces them,
+/// metroctl checks them first to say so before anything is sent.
+pub mod update {
+    /// The largest node binary a node downloads (a release build is about
+    /// 30 MiB, a debug build about 70 MiB).
+    pub const MAX_BINARY_BYTES: u64 = 512 * 1024 * 1024;
+}

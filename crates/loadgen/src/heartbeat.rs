@@ -91,6 +91,7 @@ fn status(index: usize) -> NodeStatus {
                 patch: version(env!("CARGO_PKG_VERSION_PATCH")),
             }),
             git_information: None,
+            binary_sha256: String::new(),
         }),
         boot_id,
     }

@@ -128,6 +128,40 @@ enum NodeCommand {
         /// Ask for a kexec-style restart (same effect for a daemon).
         #[arg(long)]
         kexec: bool,
+        /// Boot the binary the node ran before its last update (tried like
+        /// an update: kept once HEALTHY), or give up an update on trial.
+        #[arg(long)]
+        rollback: bool,
+    },
+    /// Roll a new metropolis-node binary out to nodes: at most
+    /// --max-unavailable at a time, consensus members one at a time; each
+    /// node must come back HEALTHY on it (or rolls back by itself) before
+    /// the next one starts.
+    Update {
+        /// Only these nodes (default: every UP node --filter selects).
+        ids: Vec<String>,
+        /// The new metropolis-node binary; metroctl serves it to the nodes
+        /// over HTTP while the update runs.
+        #[arg(long, value_name = "FILE")]
+        image: PathBuf,
+        /// How many nodes without the ConsensusMember role may restart at once.
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: usize,
+        /// Leave these nodes alone.
+        #[arg(long, value_name = "ID", num_args = 1..)]
+        exclude: Vec<String>,
+        /// CEL expression over `node` selecting the nodes to update.
+        #[arg(long, default_value = "")]
+        filter: String,
+        #[arg(long, value_enum, default_value_t = cmd::update::Activation::Reboot)]
+        activation_mode: cmd::update::Activation,
+        /// The address of this machine that the nodes reach (default: the one
+        /// it sends from towards the first node).
+        #[arg(long, value_name = "IP")]
+        serve_address: Option<std::net::IpAddr>,
+        /// How long one node may take to come back HEALTHY on the new binary.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Stop a node's daemon; it stays down until started again (asks unless --yes).
     Poweroff { id: String },
@@ -362,9 +396,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Node(NodeCommand::Reboot { id, kexec }) => {
+        Command::Node(NodeCommand::Reboot {
+            id,
+            kexec,
+            rollback,
+        }) => {
             use metropolis_api::api::reboot_request::Type;
-            cmd::node::power(&ctx, &id, if kexec { Type::Kexec } else { Type::Firmware }).await
+            let kind = if kexec { Type::Kexec } else { Type::Firmware };
+            cmd::node::power(&ctx, &id, kind, rollback).await
+        }
+        Command::Node(NodeCommand::Update {
+            ids,
+            image,
+            max_unavailable,
+            exclude,
+            filter,
+            activation_mode,
+            serve_address,
+            timeout,
+        }) => {
+            cmd::update::run(
+                &ctx,
+                cmd::update::UpdateArgs {
+                    ids,
+                    image,
+                    max_unavailable,
+                    exclude,
+                    filter,
+                    activation: activation_mode,
+                    serve_address,
+                    timeout,
+                },
+            )
+            .await
         }
         Command::Node(NodeCommand::Metrics { id, exporter }) => {
             cmd::node::metrics(&ctx, &id, &exporter).await
@@ -374,6 +438,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &ctx,
                 &id,
                 metropolis_api::api::reboot_request::Type::PowerOff,
+                false,
             )
             .await
         }

@@ -7,6 +7,7 @@
 //!   cluster"; it is written last, atomically, so a crash during the first
 //!   start never leaves a directory that looks joined but is not.
 //! - `store/cluster.redb`: the embedded consensus store.
+//! - `update/`: the binary slots of a node that was updated (`update::slots`).
 //!
 //! "Sealed" means owner-only file permissions: this daemon has no TPM to seal
 //! against, and says so in ARCHITECTURE.md.

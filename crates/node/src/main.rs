@@ -14,6 +14,7 @@ mod metrics;
 mod node_mgmt;
 mod params;
 mod serve;
+mod update;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use crate::params::Params;
 #[derive(Parser, Debug)]
 #[command(
     name = "metropolis-node",
-    version,
+    version = update::VERSION,
     about = "The Metropolis node daemon"
 )]
 struct Args {
@@ -64,6 +65,10 @@ struct Args {
     /// Off by default: port 7840 serves them over TLS to cluster certificates.
     #[arg(long, value_name = "LOOPBACK_IP:PORT")]
     metrics_plain_http: Option<SocketAddr>,
+    /// How long a newly installed binary has to rejoin the cluster and
+    /// become HEALTHY before the node rolls back to the previous one.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    update_trial_timeout: Duration,
 }
 
 impl Args {
@@ -117,6 +122,14 @@ fn main() -> ExitCode {
             .with(logtree::LogTreeLayer::new(logs.clone()))
             .init();
     }
+    // A node with update slots: this process supervises the node's slot.
+    if let Some(code) = update::start(update::Start {
+        data_dir: &args.data_dir,
+        address: args.address,
+        trial_timeout: args.update_trial_timeout,
+    }) {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -163,17 +176,14 @@ fn raise_fd_limit() {
 /// Replaces this process with a fresh copy of itself (a Reboot): same
 /// arguments, except the Node Parameters, which only the first start uses.
 /// Listening sockets are close-on-exec, so the new process can bind them.
+/// A node run by its update supervisor exits instead, to be started again
+/// from whichever slot boots next.
 fn restart() -> ExitCode {
     use std::os::unix::process::CommandExt;
-    let mut args = std::env::args_os().skip(1).peekable();
-    let mut keep = Vec::new();
-    while let Some(a) = args.next() {
-        if a == "--params" {
-            args.next();
-        } else if !a.to_string_lossy().starts_with("--params=") {
-            keep.push(a);
-        }
+    if let Some(code) = update::restart_supervised() {
+        return code;
     }
+    let keep = update::forwarded_args();
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {

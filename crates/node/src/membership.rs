@@ -20,7 +20,6 @@ use metropolis_api::curator::{
     RegisterNodeRequest, UpdateNodeStatusRequest, WatchRequest, curator_client::CuratorClient,
     watch_request,
 };
-use metropolis_api::version::spec::{Version, version::Release};
 use metropolis_identity::ServerTrust;
 use rand::RngCore;
 use tokio::sync::{mpsc, watch};
@@ -175,21 +174,13 @@ pub async fn register(
 
 /// What the node tells the curator about itself.
 pub fn status(address: IpAddr, runs_curator: bool, boot_id: &[u8]) -> NodeStatus {
-    let release = |s: &str| s.parse::<i64>().unwrap_or(0);
     NodeStatus {
         external_address: address.to_string(),
         running_curator: runs_curator.then_some(RunningCurator {
             port: i32::from(CURATOR_PORT),
         }),
         timestamp: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-        version: Some(Version {
-            release: Some(Release {
-                major: release(env!("CARGO_PKG_VERSION_MAJOR")),
-                minor: release(env!("CARGO_PKG_VERSION_MINOR")),
-                patch: release(env!("CARGO_PKG_VERSION_PATCH")),
-            }),
-            git_information: None,
-        }),
+        version: Some(crate::update::running_version()),
         boot_id: boot_id.to_vec(),
     }
 }

@@ -1,5 +1,5 @@
 //! NodeManagement (port 7839): operations on this node — Logs, Reboot,
-//! UpdateNode.
+//! UpdateNode (the work is `update`'s; the gRPC codes are decided here).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use metropolis_api::api::{
-    ActivationMode, LogsRequest, LogsResponse, RebootRequest, RebootResponse, UpdateNodeRequest,
+    LogsRequest, LogsResponse, RebootRequest, RebootResponse, UpdateNodeRequest,
     UpdateNodeResponse,
     node_management_server::NodeManagement,
     reboot_request::{NextBoot, Type},
@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::logtree::LogTree;
+use crate::update::{Activation, UpdateError, Updater};
 
 /// What a Reboot asks of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +34,47 @@ const ACT_AFTER: Duration = Duration::from_millis(200);
 pub struct NodeManagementService {
     logs: Arc<LogTree>,
     power: mpsc::Sender<PowerAction>,
+    updater: Updater,
 }
 
 impl NodeManagementService {
-    pub fn new(logs: Arc<LogTree>, power: mpsc::Sender<PowerAction>) -> Self {
-        NodeManagementService { logs, power }
+    pub fn new(logs: Arc<LogTree>, power: mpsc::Sender<PowerAction>, updater: Updater) -> Self {
+        NodeManagementService {
+            logs,
+            power,
+            updater,
+        }
+    }
+
+    /// Acts on `action` shortly, after the caller got its answer.
+    fn act_soon(&self, action: PowerAction) {
+        let power = self.power.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ACT_AFTER).await;
+            let _ = power.send(action).await;
+        });
+    }
+}
+
+/// The one place update errors become gRPC codes: the caller's input is
+/// wrong (INVALID_ARGUMENT: bad request, digest mismatch, a file that is not
+/// a runnable node binary, too large), cannot apply here
+/// (FAILED_PRECONDITION), collides with another update (ABORTED, as
+/// upstream), or the file could not be fetched (UNAVAILABLE, as upstream
+/// answers install errors).
+fn update_status(e: UpdateError) -> Status {
+    let msg = e.to_string();
+    match e {
+        UpdateError::Invalid(_) | UpdateError::Digest { .. } => Status::invalid_argument(msg),
+        UpdateError::Check(crate::update::CheckError::Local(_)) | UpdateError::Local(_) => {
+            Status::internal(msg)
+        }
+        UpdateError::Check(_) => Status::invalid_argument(msg),
+        UpdateError::Fetch(f) if f.refused_content() => Status::invalid_argument(msg),
+        UpdateError::Fetch(f) if f.local() => Status::internal(msg),
+        UpdateError::Fetch(_) => Status::unavailable(msg),
+        UpdateError::OsImage | UpdateError::Refused(_) => Status::failed_precondition(msg),
+        UpdateError::Busy => Status::aborted(msg),
     }
 }
 
@@ -62,27 +99,14 @@ impl NodeManagement for NodeManagementService {
         request: Request<UpdateNodeRequest>,
     ) -> Result<Response<UpdateNodeResponse>, Status> {
         let req = request.into_inner();
-        let image = req
-            .os_image
-            .ok_or_else(|| Status::invalid_argument("os_image must be set"))?;
-        if image.repository.is_empty() || (image.tag.is_empty() && image.digest.is_empty()) {
-            return Err(Status::invalid_argument(
-                "os_image needs a repository and a tag or digest",
-            ));
-        }
-        match ActivationMode::try_from(req.activation_mode) {
-            Ok(ActivationMode::None | ActivationMode::Reboot | ActivationMode::Kexec) => {}
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "activation_mode {} is not valid; use ACTIVATION_MODE_NONE, _REBOOT or _KEXEC",
-                    req.activation_mode
-                )));
+        match self.updater.update(&req).await.map_err(update_status)? {
+            Activation::Now => {
+                tracing::warn!("restarting into the new binary");
+                self.act_soon(PowerAction::Restart);
             }
+            Activation::NextStart => {}
         }
-        Err(Status::failed_precondition(
-            "metropolis-node runs as a daemon, not from an OS image: there is no image to update. \
-             Upgrade the metropolis-node binary and restart the node (metroctl node reboot)",
-        ))
+        Ok(Response::new(UpdateNodeResponse {}))
     }
 
     async fn reboot(
@@ -102,9 +126,7 @@ impl NodeManagement for NodeManagementService {
         match NextBoot::try_from(req.next_boot) {
             Ok(NextBoot::StartNormal) => {}
             Ok(NextBoot::StartRollback) => {
-                return Err(Status::failed_precondition(
-                    "NEXT_BOOT_START_ROLLBACK does not apply: metropolis-node has no A/B OS slots to roll back to",
-                ));
+                self.updater.rollback().map_err(update_status)?;
             }
             Ok(NextBoot::StartFirmwareUi) => {
                 return Err(Status::failed_precondition(
@@ -118,12 +140,8 @@ impl NodeManagement for NodeManagementService {
                 )));
             }
         }
-        let power = self.power.clone();
         tracing::warn!(?action, "reboot requested");
-        tokio::spawn(async move {
-            tokio::time::sleep(ACT_AFTER).await;
-            let _ = power.send(action).await;
-        });
+        self.act_soon(action);
         Ok(Response::new(RebootResponse {}))
     }
 }

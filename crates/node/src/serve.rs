@@ -223,6 +223,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         .add_service(NodeManagementServer::new(NodeManagementService::new(
             cfg.logs.clone(),
             power_tx,
+            crate::update::Updater::new(&cfg.data_dir),
         )));
 
     // Both servers stop on one signal.

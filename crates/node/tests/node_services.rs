@@ -307,7 +307,8 @@ async fn logs_reboot_poweroff_update() {
         .expect_err("reader reboot");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 
-    // UpdateNode: validated, then refused with the reason.
+    // UpdateNode: validated; an OS image is refused with the reason (this
+    // node installs metropolis-node binaries: see tests/update.rs).
     let err = c
         .update_node(UpdateNodeRequest::default())
         .await
@@ -322,6 +323,7 @@ async fn logs_reboot_poweroff_update() {
         .update_node(UpdateNodeRequest {
             os_image: Some(img),
             activation_mode: 2,
+            ..Default::default()
         })
         .await
         .expect_err("no images");
@@ -341,7 +343,7 @@ async fn logs_reboot_poweroff_update() {
             next_boot: 1,
         })
         .await
-        .expect_err("rollback");
+        .expect_err("rollback of a node never updated");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 
     // Reboot: back UP with a new boot ID and the same node ID.

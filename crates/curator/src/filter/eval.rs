@@ -340,7 +340,7 @@ messages! {
     node_status::RunningCurator = "metropolis.proto.common.NodeStatus.RunningCurator" {
         port,
     }
-    version_spec::Version = "version.spec.Version" { release, git_information }
+    version_spec::Version = "version.spec.Version" { release, git_information, binary_sha256 }
     version::Release = "version.spec.Version.Release" { major, minor, patch }
     version::GitInformation = "version.spec.Version.GitInformation" {
         commit_hash, commits_since_release, build_tree_state,

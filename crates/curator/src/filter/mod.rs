@@ -392,6 +392,7 @@ mod tests {
                         commits_since_release: 5,
                         build_tree_state: 1,
                     }),
+                    binary_sha256: "0a1b2c3d".repeat(8),
                 }),
                 boot_id: vec![9; 16],
             }),
@@ -554,6 +555,7 @@ mod tests {
             "status.version.git_information.commit_hash",
             "status.version.git_information.commits_since_release",
             "status.version.git_information.build_tree_state",
+            "status.version.binary_sha256",
             "roles.consensus_member.ca_certificate",
             "roles.consensus_member.peers",
         ] {
@@ -562,6 +564,11 @@ mod tests {
             assert_eval(&src, &full, true);
         }
         assert_eval("has(node.status.version.release.major)", &full, false);
+        assert_eval(
+            r#"node.status.version.binary_sha256.startsWith("0a1b2c3d")"#,
+            &full,
+            true,
+        );
 
         // A set but empty sub-message is present; its fields are not.
         let mut empty_status = bare_node();

@@ -158,14 +158,29 @@ pub async fn configure_set(ctx: &Ctx, assignment: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who leads the curator, as the node behind `channel` knows it.
+pub async fn current_leader(
+    channel: tonic::transport::Channel,
+) -> anyhow::Result<metropolis_api::curator::GetCurrentLeaderResponse> {
+    use metropolis_api::curator::{
+        GetCurrentLeaderRequest, curator_local_client::CuratorLocalClient,
+    };
+    Ok(CuratorLocalClient::new(channel)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .map_err(|s| call_error("GetCurrentLeader", s))?
+        .into_inner()
+        .message()
+        .await
+        .map_err(|s| call_error("GetCurrentLeader", s))?
+        .unwrap_or_default())
+}
+
 /// `metroctl cluster status`: who leads the curator, and the consensus
 /// store's members with their health.
 pub async fn status(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     use metropolis_api::admin::ConsensusBackend as Backend;
-    use metropolis_api::curator::{
-        GetConsensusStatusRequest, GetCurrentLeaderRequest, curator_client::CuratorClient,
-        curator_local_client::CuratorLocalClient,
-    };
+    use metropolis_api::curator::{GetConsensusStatusRequest, curator_client::CuratorClient};
     let channel = ctx.owner_channel().await?;
     let consensus = CuratorClient::new(channel.clone())
         .get_consensus_status(GetConsensusStatusRequest {})
@@ -175,15 +190,7 @@ pub async fn status(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     if format != Format::Table {
         return output::print_structured(format, &[consensus], true);
     }
-    let leader = CuratorLocalClient::new(channel)
-        .get_current_leader(GetCurrentLeaderRequest {})
-        .await
-        .map_err(|s| call_error("GetCurrentLeader", s))?
-        .into_inner()
-        .message()
-        .await
-        .map_err(|s| call_error("GetCurrentLeader", s))?
-        .unwrap_or_default();
+    let leader = current_leader(channel).await?;
     let nodes = super::node::get_nodes(ctx, "", &[]).await?;
     let health_of = |id: &str| {
         nodes

@@ -6,6 +6,7 @@ pub mod install;
 pub mod launch;
 pub mod node;
 pub mod takeownership;
+pub mod update;
 pub mod user;
 pub mod watch;
 

@@ -1,4 +1,4 @@
-//! `metroctl node describe | list | approve`.
+//! `metroctl node describe | list | approve | label | add/remove role | decommission | delete | logs | reboot | poweroff | metrics`.
 
 use std::time::Duration;
 
@@ -170,13 +170,38 @@ pub fn roles(n: &Node) -> String {
     out.join(",")
 }
 
+/// The version a node reports: release, build commit, and the first 12
+/// digits of its binary's SHA-256 (which tells two builds of one commit
+/// apart), e.g. `0.1.0-g1a2b3c4d5e6f sha256:0a1b2c3d4e5f`.
 pub fn version(n: &Node) -> String {
-    n.status
+    use metropolis_api::version::spec::version::git_information::BuildTreeState;
+    let Some(v) = n.status.as_ref().and_then(|s| s.version.as_ref()) else {
+        return String::new();
+    };
+    let mut out = v
+        .release
         .as_ref()
-        .and_then(|s| s.version.as_ref())
-        .and_then(|v| v.release.as_ref())
         .map(|r| format!("{}.{}.{}", r.major, r.minor, r.patch))
-        .unwrap_or_default()
+        .unwrap_or_else(|| "0.0.0".into());
+    if let Some(g) = v
+        .git_information
+        .as_ref()
+        .filter(|g| !g.commit_hash.is_empty())
+    {
+        out.push_str(&format!("-g{}", g.commit_hash));
+        if g.build_tree_state == BuildTreeState::Dirty as i32 {
+            out.push_str("-dirty");
+        }
+    }
+    if !v.binary_sha256.is_empty() {
+        out.push_str(&format!(" sha256:{}", short_sha(&v.binary_sha256)));
+    }
+    out
+}
+
+/// The first 12 digits of a SHA-256, as versions show it.
+pub fn short_sha(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
 }
 
 /// `metroctl node label ID key=value... key-...`: upserts and deletes in one
@@ -322,6 +347,16 @@ pub(crate) async fn node_management(
     let node = nodes
         .first()
         .with_context(|| format!("node {id} not found"))?;
+    node_management_of(ctx, node).await
+}
+
+/// A channel to `node`'s NodeManagement port, at the address its record
+/// names, verified as that node.
+pub async fn node_management_of(
+    ctx: &Ctx,
+    node: &Node,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let id = &node.id;
     let host = node
         .status
         .as_ref()
@@ -468,18 +503,23 @@ fn print_entry(e: &metropolis_api::osbase::logtree::proto::LogEntry) {
 }
 
 /// `metroctl node reboot ID [--kexec]` and `node poweroff ID`.
+/// `--rollback`: the node boots its previous binary (or gives up the update
+/// on trial).
 pub async fn power(
     ctx: &Ctx,
     id: &str,
     kind: metropolis_api::api::reboot_request::Type,
+    rollback: bool,
 ) -> anyhow::Result<()> {
     use metropolis_api::api::{
-        RebootRequest, node_management_client::NodeManagementClient, reboot_request::Type,
+        RebootRequest,
+        node_management_client::NodeManagementClient,
+        reboot_request::{NextBoot, Type},
     };
-    let verb = if kind == Type::PowerOff {
-        "Power off"
-    } else {
-        "Reboot"
+    let verb = match (kind, rollback) {
+        (Type::PowerOff, _) => "Power off",
+        (_, true) => "Roll back and reboot",
+        _ => "Reboot",
     };
     if !super::confirm(ctx, &format!("{verb} node {id}?"))? {
         bail!("nothing was done");
@@ -488,12 +528,21 @@ pub async fn power(
     client
         .reboot(RebootRequest {
             r#type: kind as i32,
-            next_boot: 0,
+            next_boot: if rollback {
+                NextBoot::StartRollback
+            } else {
+                NextBoot::StartNormal
+            } as i32,
         })
         .await
         .map_err(|s| call_error("Reboot", s))?;
     if kind == Type::PowerOff {
         println!("Node {id} is powering off; it stays down until started again.");
+    } else if rollback {
+        println!(
+            "Node {id} is restarting into its previous binary; like an update, it is tried and kept once HEALTHY \
+             (watch it with `metroctl node describe {id}`)."
+        );
     } else {
         println!("Node {id} is restarting; it rejoins with a new boot ID.");
     }

@@ -83,6 +83,7 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        crate::update::register_metrics(&registry)?;
         Ok(Arc::new(Metrics {
             registry,
             rpc_calls,
