@@ -9,6 +9,8 @@
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
+pub mod codec;
+
 pub mod metropolis {
     pub mod proto {
         pub mod ext {
@@ -70,6 +72,10 @@ pub use metropolis::proto::storage as private;
 
 pub mod authorization;
 pub mod json;
+pub mod quote;
+pub use quote::quote;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// Limits of UpdateNode's project-owned fields: the node enforces them,
 /// metroctl checks them first to say so before anything is sent.

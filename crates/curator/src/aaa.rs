@@ -16,6 +16,7 @@
 //! 7. key is not that identity's key → PERMISSION_DENIED;
 //! 8. one response with the certificate (CN = the identity name).
 
+use metropolis_api::quote;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -84,9 +85,10 @@ impl Aaa for AaaService {
                 Some(identity) => Some(identity.public_key),
                 None => {
                     return Err(Status::unimplemented(format!(
-                        "escrow of identity {name:?} is not supported: it is neither {OWNER:?} \
+                        "escrow of identity {} is not supported: it is neither {OWNER:?} \
                          nor an identity this cluster knows (the owner adds identities with \
-                         `metroctl user add`)"
+                         `metroctl user add`)",
+                        quote(&name)
                     )));
                 }
             }
@@ -126,8 +128,9 @@ impl Aaa for AaaService {
             Some(expected) => {
                 if expected != public_key {
                     return Err(Status::permission_denied(format!(
-                        "this key is not the key registered for identity {name:?}; use the key \
-                         whose public half the owner registered (`metroctl user keygen` wrote it)"
+                        "this key is not the key registered for identity {}; use the key \
+                         whose public half the owner registered (`metroctl user keygen` wrote it)",
+                        quote(&name)
                     )));
                 }
             }
@@ -136,7 +139,9 @@ impl Aaa for AaaService {
             .cluster
             .ca()
             .issue_user_certificate(&name, &public_key)
-            .map_err(|e| Status::internal(format!("issuing certificate for {name:?}: {e}")))?;
+            .map_err(|e| {
+                Status::internal(format!("issuing certificate for {}: {e}", quote(&name)))
+            })?;
         tracing::info!(identity = %name, "issued user certificate through escrow");
         let resp = EscrowResponse {
             fulfilled: vec![proof(Kind::RefreshCertificate)],

@@ -13,6 +13,7 @@
 //! the identity's certificate stop working; certificates themselves never
 //! expire and are not revoked.
 
+use metropolis_api::quote;
 use std::time::SystemTime;
 
 use metropolis_api::admin::Role;
@@ -82,8 +83,9 @@ pub fn role_name(role: i32) -> &'static str {
 pub fn validate_name(name: &str) -> Result<(), CuratorError> {
     let bad = |why: &str| {
         Err(CuratorError::InvalidArgument(format!(
-            "identity name {name:?} {why}; names are 1 to {MAX_NAME_LEN} characters of \
-             a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+            "identity name {} {why}; names are 1 to {MAX_NAME_LEN} characters of \
+             a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+            quote(name)
         )))
     };
     let Some(first) = name.bytes().next() else {
@@ -205,7 +207,8 @@ pub async fn add(
         .and_then(Op::put(key, identity.encode_to_vec()));
     if !fence.commit(store, txn).await?.succeeded {
         return Err(CuratorError::AlreadyExists(format!(
-            "identity {name:?} already exists; remove it first to change its key or role"
+            "identity {} already exists; remove it first to change its key or role",
+            quote(name)
         )));
     }
     Ok(identity)
@@ -227,7 +230,8 @@ pub async fn remove(
     for _ in 0..CAS_ATTEMPTS {
         let Some(kv) = store.get(key.as_bytes()).await? else {
             return Err(CuratorError::NotFound(format!(
-                "identity {name:?} not found; `metroctl user list` shows the identities"
+                "identity {} not found; `metroctl user list` shows the identities",
+                quote(name)
             )));
         };
         let identity = decode(&key, &kv.value)?;
@@ -241,7 +245,8 @@ pub async fn remove(
         }
     }
     Err(CuratorError::Internal(format!(
-        "identity {name:?} kept changing; gave up after {CAS_ATTEMPTS} attempts"
+        "identity {} kept changing; gave up after {CAS_ATTEMPTS} attempts",
+        quote(name)
     )))
 }
 

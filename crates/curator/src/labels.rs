@@ -2,6 +2,7 @@
 //! to Kubernetes nodes unchanged.
 
 use metropolis_api::common::NodeLabels;
+use metropolis_api::quote;
 
 /// Most labels a node may carry.
 pub const MAX_LABELS: usize = 128;
@@ -15,9 +16,10 @@ pub fn validate_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        validate_dns_subdomain(prefix).map_err(|e| format!("label key {key:?}: prefix {e}"))?;
+        validate_dns_subdomain(prefix)
+            .map_err(|e| format!("label key {}: prefix {e}", quote(key)))?;
     }
-    validate_name(name).map_err(|e| format!("label key {key:?}: name {e}"))
+    validate_name(name).map_err(|e| format!("label key {}: name {e}", quote(key)))
 }
 
 /// Checks a label value: empty, or a name.
@@ -25,7 +27,7 @@ pub fn validate_value(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Ok(());
     }
-    validate_name(value).map_err(|e| format!("label value {value:?}: {e}"))
+    validate_name(value).map_err(|e| format!("label value {}: {e}", quote(value)))
 }
 
 fn validate_name(s: &str) -> Result<(), String> {
@@ -65,7 +67,8 @@ fn validate_dns_subdomain(s: &str) -> Result<(), String> {
             && !part.ends_with('-');
         if !ok {
             return Err(format!(
-                "{s:?} is not a DNS subdomain (lowercase letters, digits, '-' and '.')"
+                "{} is not a DNS subdomain (lowercase letters, digits, '-' and '.')",
+                quote(s)
             ));
         }
     }
@@ -83,11 +86,11 @@ pub fn sanitize_initial(labels: Option<NodeLabels>) -> (NodeLabels, Vec<String>)
         if let Err(e) = check {
             dropped.push(e);
         } else if kept.pairs.iter().any(|p| p.key == pair.key) {
-            dropped.push(format!("label key {:?}: duplicate", pair.key));
+            dropped.push(format!("label key {}: duplicate", quote(&pair.key)));
         } else if kept.pairs.len() >= MAX_LABELS {
             dropped.push(format!(
-                "label key {:?}: more than {MAX_LABELS} labels",
-                pair.key
+                "label key {}: more than {MAX_LABELS} labels",
+                quote(&pair.key)
             ));
         } else {
             kept.pairs.push(pair);
@@ -146,5 +149,50 @@ mod tests {
         }));
         assert_eq!(kept.pairs, vec![pair("zone", "a")]);
         assert_eq!(dropped.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use metropolis_api::testing::props;
+    use metropolis_api::testing::proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-zA-Z0-9._/-]{0,80}",
+            "([a-z0-9-]{1,10}\\.){0,4}[a-z0-9-]{0,10}/[a-zA-Z0-9._-]{0,70}",
+            "[a-z]{0,5}".prop_map(|s| s.repeat(60)),
+        ]
+    }
+
+    #[test]
+    fn props_label_keys_and_values() {
+        props("label keys and values", (text(), text()), |(key, value)| {
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= MAX_NAME
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            };
+            match validate_key(&key) {
+                Ok(()) => {
+                    let name = key.rsplit_once('/').map_or(key.as_str(), |(_, n)| n);
+                    prop_assert!(name_ok(name), "accepted key {key:?}");
+                    prop_assert!(key.len() <= MAX_PREFIX + 1 + MAX_NAME);
+                }
+                Err(e) => prop_assert!(e.len() < 512, "a {} byte message", e.len()),
+            }
+            match validate_value(&value) {
+                Ok(()) => prop_assert!(value.is_empty() || name_ok(&value), "{value:?}"),
+                Err(e) => prop_assert!(e.len() < 512, "a {} byte message", e.len()),
+            }
+            let pairs = vec![metropolis_api::common::node_labels::Pair { key, value }; 2];
+            let (kept, dropped) = sanitize_initial(Some(NodeLabels { pairs }));
+            prop_assert_eq!(kept.pairs.len() + dropped.len(), 2);
+            prop_assert!(kept.pairs.len() <= 1, "a duplicate was kept");
+            Ok(())
+        });
     }
 }

@@ -50,7 +50,9 @@ pub async fn wait_serving(node: &mut NodeProcess, limit: Duration) -> anyhow::Re
 }
 
 /// Trades the self-signed initial owner credentials for the owner
-/// certificate (AAA.Escrow), as metroctl does on first use.
+/// certificate (AAA.Escrow), as metroctl does on first use. The node serves
+/// before its curator has won its first election; until then the call is
+/// UNAVAILABLE, and is retried for up to [`LEADER_WAIT`].
 pub async fn escrow_owner(
     addr: SocketAddr,
     ca: &[u8],

@@ -2,12 +2,11 @@
 //! over its client socket, to put the registration throughput next to what
 //! that same etcd can do without the curator in front of it.
 //!
-//! The raw measurement writes only under [`RAW_PREFIX`], which the curator
-//! never reads, so cluster state stays as the registrations left it.
+//! The raw measurement (`crate::store`) writes only under
+//! `crate::store::RAW_PREFIX`, which the curator never reads, so cluster
+//! state stays as the registrations left it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -17,14 +16,10 @@ use metropolis_api::api::{
 use metropolis_api::osbase::logtree::proto::log_entry::Kind;
 use metropolis_identity::SigningKey;
 use metropolis_rpc::client::explain_status;
-use metropolis_store::{Compare, EtcdStore, Op, Store, Txn};
-use tokio::task::JoinSet;
+use metropolis_store::{EtcdStore, Store};
 
-use crate::progress::Progress;
-use crate::stats::{ErrorTally, Samples};
+use crate::stats::ErrorTally;
 
-/// Keys of the raw measurement; outside every prefix the curator uses.
-pub const RAW_PREFIX: &str = "/loadgen-raw/";
 /// Where the curator keeps node records (`metropolis_curator::state`; the
 /// loadgen talks to the store, not to the curator's code).
 const NODES_PREFIX: &str = "/nodes/";
@@ -54,142 +49,6 @@ pub async fn node_record(store: &EtcdStore, id: &str) -> anyhow::Result<Vec<u8>>
             format!("{key} is not in the node's etcd, though the node was admitted")
         })?;
     Ok(kv.value)
-}
-
-pub struct RawResults {
-    /// Transactions that committed.
-    pub committed: u64,
-    /// Transactions attempted, committed or not.
-    pub attempted: u64,
-    pub keys: usize,
-    pub wall: Duration,
-    pub latency: Samples,
-    pub errors: ErrorTally,
-}
-
-/// Runs `total` compare-and-swap transactions with `concurrency` tasks in
-/// flight, all on `store`'s one connection, each writing `value`.
-///
-/// Each task owns one key, creates it (`Compare::absent`) and then rewrites
-/// it on the revision its last write returned: the shape of the curator's
-/// node writes (a CAS on the record's mod revision), without conflicts, so
-/// that every transaction is one committed write, as every curator write
-/// transaction is.
-pub async fn raw_txns(
-    store: Arc<EtcdStore>,
-    total: u64,
-    concurrency: usize,
-    value: Vec<u8>,
-    progress: &Progress,
-) -> RawResults {
-    let value = Arc::new(value);
-    let next = Arc::new(AtomicU64::new(0));
-    let bar = progress.bar(total, "raw txns");
-    let tasks = concurrency.min(total as usize).max(1);
-    let start = Instant::now();
-    let mut set = JoinSet::new();
-    for task in 0..tasks {
-        set.spawn(writer(Writer {
-            store: store.clone(),
-            key: format!("{RAW_PREFIX}{task}").into_bytes(),
-            value: value.clone(),
-            next: next.clone(),
-            total,
-            bar: bar.clone(),
-        }));
-    }
-    let mut results = RawResults {
-        committed: 0,
-        attempted: 0,
-        keys: tasks,
-        wall: Duration::ZERO,
-        latency: Samples::default(),
-        errors: ErrorTally::default(),
-    };
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(w) => {
-                results.committed += w.committed;
-                results.attempted += w.attempted;
-                for d in w.latencies {
-                    results.latency.push(d);
-                }
-                for (what, message) in w.errors {
-                    results.errors.add(what, &message);
-                }
-            }
-            Err(e) => results.errors.add("raw txn task", &e.to_string()),
-        }
-    }
-    results.wall = start.elapsed();
-    bar.finish();
-    results
-}
-
-struct Writer {
-    store: Arc<EtcdStore>,
-    key: Vec<u8>,
-    value: Arc<Vec<u8>>,
-    next: Arc<AtomicU64>,
-    total: u64,
-    bar: indicatif::ProgressBar,
-}
-
-#[derive(Default)]
-struct Written {
-    committed: u64,
-    attempted: u64,
-    /// Of committed transactions only: a failed one says nothing about
-    /// the write path.
-    latencies: Vec<Duration>,
-    errors: Vec<(&'static str, String)>,
-}
-
-async fn writer(w: Writer) -> Written {
-    let mut out = Written::default();
-    // 0: the key does not exist yet.
-    let mut rev = 0i64;
-    while w.next.fetch_add(1, Ordering::Relaxed) < w.total {
-        out.attempted += 1;
-        let guard = if rev == 0 {
-            Compare::absent(w.key.clone())
-        } else {
-            Compare::mod_revision(w.key.clone(), rev)
-        };
-        let txn = Txn::new()
-            .when(guard)
-            .and_then(Op::put(w.key.clone(), w.value.as_slice()));
-        let t = Instant::now();
-        let result = w.store.txn(txn).await;
-        let took = t.elapsed();
-        w.bar.inc(1);
-        match result {
-            // The put is the transaction's only write, so the revision
-            // after it is the key's new mod revision.
-            Ok(resp) if resp.succeeded => {
-                out.committed += 1;
-                out.latencies.push(took);
-                rev = resp.revision;
-                continue;
-            }
-            Ok(_) => out.errors.push((
-                "raw txn",
-                "compare failed although this task is the key's only writer".into(),
-            )),
-            Err(e) => out.errors.push(("raw txn", e.to_string())),
-        }
-        // After a failure the key's revision is unknown (a lost reply may
-        // still have committed): read it back, and give up on this key if
-        // even that fails, rather than spin on a broken store.
-        match w.store.get(&w.key).await {
-            Ok(kv) => rev = kv.map_or(0, |kv| kv.mod_revision),
-            Err(e) => {
-                out.errors.push(("raw txn re-read", e.to_string()));
-                break;
-            }
-        }
-    }
-    out
 }
 
 /// The node's log tree DN for etcd's own output (zap JSON lines), which

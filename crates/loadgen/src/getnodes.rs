@@ -14,12 +14,22 @@ use crate::stats::Samples;
 
 pub const UP_FILTER: &str = "node.state == NODE_STATE_UP";
 
-/// One call: wall time from the call to the last message, the number of
-/// nodes returned and how many of them were not HEALTHY.
+/// One call, read to the end.
+struct Call {
+    /// From the call to the last message.
+    took: Duration,
+    nodes: usize,
+    /// Encoded size of the nodes (protobuf, without gRPC framing).
+    bytes: u64,
+    /// Of the simulated nodes, how many were HEALTHY.
+    simulated_healthy: usize,
+}
+
 async fn timed(
     owner: &mut ManagementClient<Channel>,
     filter: &str,
-) -> anyhow::Result<(Duration, usize, usize)> {
+    simulated: &HashSet<String>,
+) -> anyhow::Result<Call> {
     let start = Instant::now();
     let mut stream = owner
         .get_nodes(GetNodesRequest {
@@ -29,7 +39,8 @@ async fn timed(
         .map_err(|s| anyhow::anyhow!("GetNodes({filter:?}): {}", explain_status(&s)))?
         .into_inner();
     let mut n = 0;
-    let mut unhealthy = 0;
+    let mut bytes = 0u64;
+    let mut simulated_healthy = 0;
     while let Some(node) = stream.next().await {
         let node = node.map_err(|s| {
             anyhow::anyhow!(
@@ -38,11 +49,17 @@ async fn timed(
             )
         })?;
         n += 1;
-        if node.health != Health::Healthy as i32 {
-            unhealthy += 1;
+        bytes += prost::Message::encoded_len(&node) as u64;
+        if node.health == Health::Healthy as i32 && simulated.contains(&node.id) {
+            simulated_healthy += 1;
         }
     }
-    Ok((start.elapsed(), n, unhealthy))
+    Ok(Call {
+        took: start.elapsed(),
+        nodes: n,
+        bytes,
+        simulated_healthy,
+    })
 }
 
 #[derive(Default)]
@@ -51,8 +68,21 @@ pub struct Timings {
     pub filtered: Samples,
     pub unfiltered_count: usize,
     pub filtered_count: usize,
-    /// Nodes not HEALTHY in each unfiltered read.
+    /// Encoded size of the nodes of one unfiltered read.
+    pub unfiltered_bytes: u64,
+    /// Simulated nodes not HEALTHY in each read (unfiltered and filtered).
     pub unhealthy_per_read: Vec<usize>,
+}
+
+impl Timings {
+    /// Nodes/s and MB/s of the median unfiltered read.
+    pub fn unfiltered_throughput(&self) -> Option<(f64, f64)> {
+        let secs = self.unfiltered.clone().median()?.as_secs_f64().max(1e-9);
+        Some((
+            self.unfiltered_count as f64 / secs,
+            self.unfiltered_bytes as f64 / secs / 1e6,
+        ))
+    }
 }
 
 /// `repeats` calls of each kind, alternating so that both see the same
@@ -60,16 +90,22 @@ pub struct Timings {
 pub async fn measure(
     owner: &mut ManagementClient<Channel>,
     repeats: usize,
+    simulated: &HashSet<String>,
 ) -> anyhow::Result<Timings> {
     let mut t = Timings::default();
     for _ in 0..repeats {
-        let (d, n, unhealthy) = timed(owner, "").await?;
-        t.unfiltered.push(d);
-        t.unfiltered_count = n;
-        t.unhealthy_per_read.push(unhealthy);
-        let (d, n, _) = timed(owner, UP_FILTER).await?;
-        t.filtered.push(d);
-        t.filtered_count = n;
+        let c = timed(owner, "", simulated).await?;
+        t.unfiltered.push(c.took);
+        t.unfiltered_count = c.nodes;
+        t.unfiltered_bytes = c.bytes;
+        t.unhealthy_per_read
+            .push(simulated.len().saturating_sub(c.simulated_healthy));
+        // Every simulated node is UP, so the filter keeps them all.
+        let c = timed(owner, UP_FILTER, simulated).await?;
+        t.filtered.push(c.took);
+        t.filtered_count = c.nodes;
+        t.unhealthy_per_read
+            .push(simulated.len().saturating_sub(c.simulated_healthy));
     }
     Ok(t)
 }

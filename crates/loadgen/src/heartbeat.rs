@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use metropolis_api::common::NodeStatus;
 use metropolis_api::curator::{
@@ -49,7 +50,14 @@ struct Session {
     beats: mpsc::Sender<HeartbeatRequest>,
 }
 
+/// Retries of a connection that failed (timed out under load), with
+/// exponential backoff from [`CONNECT_RETRY_MIN`].
+const CONNECT_RETRIES: usize = 3;
+const CONNECT_RETRY_MIN: Duration = Duration::from_millis(500);
+
 struct SetupTimings {
+    /// Failed connection attempts before the one that worked.
+    retries: u64,
     total: Duration,
     connect: Duration,
     join: Duration,
@@ -104,7 +112,20 @@ async fn open_session(
     index: usize,
 ) -> Result<(Session, SetupTimings), Failed> {
     let start = Instant::now();
-    let ch = crate::cluster::channel(addr, &ca, (node.certificate, node.key))
+    // A real node retries a connection that timed out (membership's
+    // backoff); so does a simulated one, a few times, and says so.
+    let identity = (node.certificate, node.key);
+    let retries = AtomicU64::new(0);
+    let ch = (|| crate::cluster::channel(addr, &ca, identity.clone()))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(CONNECT_RETRY_MIN)
+                .with_max_times(CONNECT_RETRIES)
+                .with_jitter(),
+        )
+        .notify(|_, _| {
+            retries.fetch_add(1, Ordering::Relaxed);
+        })
         .await
         .map_err(|e| Failed {
             step: "TLS connect",
@@ -148,6 +169,7 @@ async fn open_session(
             beats,
         },
         SetupTimings {
+            retries: retries.into_inner(),
             total: start.elapsed(),
             connect,
             join,
@@ -256,6 +278,8 @@ pub struct Fleet {
 pub struct Connected {
     pub fleet: Fleet,
     pub errors: ErrorTally,
+    /// Connection attempts that failed and were retried.
+    pub connect_retries: u64,
     pub wall: Duration,
     pub total: Samples,
     pub connect: Samples,
@@ -283,6 +307,7 @@ pub async fn connect_all(
             counters: counters.clone(),
         },
         errors: ErrorTally::default(),
+        connect_retries: 0,
         wall: Duration::ZERO,
         total: Samples::default(),
         connect: Samples::default(),
@@ -298,6 +323,7 @@ pub async fn connect_all(
     while let Some(joined) = setups.next().await {
         match joined {
             Ok(Ok((session, t))) => {
+                out.connect_retries += t.retries;
                 out.total.push(t.total);
                 out.connect.push(t.connect);
                 out.join.push(t.join);

@@ -25,24 +25,20 @@
 //!
 //! With `--store etcd` the node bootstraps a high-availability cluster
 //! (`ClusterBootstrap.high_availability`): it runs etcd as a child process
-//! and keeps cluster state there. The loadgen then also connects to that
-//! etcd's client socket (`<node data dir>/etcd/client.sock:0`) and:
+//! and keeps cluster state there.
 //!
-//! - reads the store revision just before and just after the registration
-//!   phase (every write transaction is one revision), which gives the store
-//!   transactions one registration + approval costs; a second of watching
-//!   the revision idle beforehand shows whether anything else writes;
-//! - right after the registrations, runs as many compare-and-swap
-//!   transactions as they made (at least 2,000) with `--concurrency` tasks
-//!   on that one connection, each task creating one key under
-//!   `/loadgen-raw/` and rewriting it on its last revision, with a node
-//!   record's bytes as the value: etcd's own rate for the curator's kind of
-//!   write, on the same machine, disk and data;
-//! - reports, in an "etcd backend" section, the curator's store-write rate
-//!   while registering as a share of that raw rate (target: at least 50%),
-//!   and, at the end of the run, etcd's own log lines by level (they go to
-//!   the node's log tree, read through `NodeManagement.Logs`, not to the
-//!   node's stderr).
+//! On either store, a "Store" section (`store`) puts the registrations'
+//! store transactions next to the same store's raw rate: the revision just
+//! before and after the registrations (from the node's etcd, or from the
+//! node's plain-HTTP `/metrics/core` on the embedded store) gives the write transactions
+//! per registration; right after, as many compare-and-swap transactions as
+//! they made (at least 2,000) run with `--concurrency` writers, each on its
+//! own key with a node record's bytes, on the node's etcd or on an embedded
+//! store the loadgen opens in the run's directory (same code, same disk).
+//! The share of the raw rate the registrations reached is reported (target:
+//! at least 50%), and with etcd also etcd's CPU and its own log lines by
+//! level (they go to the node's log tree, read through
+//! `NodeManagement.Logs`, not to the node's stderr).
 //!
 //! The node's memory figures are then the node process alone; etcd's CPU
 //! and memory are reported separately.
@@ -70,7 +66,8 @@
 //! the temporary directory, whose path must stay under the 107 bytes a unix
 //! socket path may have.
 //!
-//! The node runs on `--address` (127.0.0.2 by default; its port 7835 must be
+//! The node runs on `--address` (127.0.0.2 by default; its ports 7835 and
+//! 7841, where it serves plain-HTTP metrics to the loadgen, must be
 //! free) and keeps its data in a temporary directory (`TMPDIR` decides
 //! where; the store fsyncs every commit, so the disk under it matters).
 //! Each simulated node holds one connection, so the loadgen raises its
@@ -82,7 +79,11 @@
 //! flight), `--heartbeat-timeout` (passed to the node), `--duration` (how long
 //! the heartbeats run once all streams are open), `--get-nodes-repeats`,
 //! `--node-log` (the node's `RUST_LOG`), `--keep` (keep the data directory
-//! and the node's log), `--store` (`embedded`, the default, or `etcd`).
+//! and the node's log), `--store` (`embedded`, the default, or `etcd`),
+//! `--summary-json FILE` (the key figures as JSON: `nodes`, `healthy_min`,
+//! `bytes_per_connected_node`, `bytes_per_node_state`, `registrations_per_s`,
+//! `store_txns_per_registration`, `raw_store_txns_per_s`, `store_ratio`,
+//! `heartbeats_per_s`, `heartbeat_rtt_p99_ms`, `get_nodes_ms`).
 //! `RUST_LOG` sets the loadgen's own log level.
 
 mod cluster;
@@ -94,6 +95,7 @@ mod progress;
 mod register;
 mod report;
 mod stats;
+mod store;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -106,7 +108,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use metropolis_api::api::management_client::ManagementClient;
-use metropolis_store::EtcdStore;
 
 use crate::node::NodeProcess;
 use crate::progress::Progress;
@@ -137,6 +138,14 @@ struct Args {
     /// Passed to the node: after how long without a heartbeat a node is reported as timed out.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    /// Passed to the node: its curator's leader lease. Longer than the
+    /// node's 3 s default because the node is the cluster's only curator
+    /// (nobody to fail over to) and, on a loaded machine with thousands of
+    /// handshakes queued, the lease's keep-alive task can wait in the
+    /// runtime longer than 2 s: the lease expires, the curator is elected
+    /// again at once, but every heartbeat stream is cut.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    leader_lease_ttl: Duration,
     /// How long the heartbeats run once every node's stream is open.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -153,10 +162,13 @@ struct Args {
     /// (high-availability bootstrap; `etcd` must be on PATH).
     #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
+    /// Also write the run's key figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    summary_json: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum StoreKind {
+pub enum StoreKind {
     Embedded,
     Etcd,
 }
@@ -207,12 +219,6 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Slack on top of the heartbeat timeout before health is read: the
 /// curator's clock starts a little after the process does.
 const HEALTH_SLACK: Duration = Duration::from_secs(1);
-/// With `--store etcd`: how long the store revision is watched with nothing
-/// in flight before the registrations, to see writes that are not theirs.
-const IDLE_WATCH: Duration = Duration::from_secs(1);
-/// Fewest raw etcd transactions: below this, start-up and the tail of the
-/// last ones in flight weigh on the rate.
-const MIN_RAW_TXNS: u64 = 2_000;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -239,9 +245,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let summary_json = args.summary_json.clone();
     match runtime.block_on(run(args, progress)) {
         Ok(report) => {
             print!("{}", report.render());
+            if let Some(path) = summary_json {
+                let text = format!("{:#}\n", report.summary());
+                if let Err(e) = std::fs::write(&path, text) {
+                    eprintln!(
+                        "metropolis-loadgen: cannot write the summary to {}: {e}",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
             if report.failed() {
                 // The report has the details; one line each is enough here.
                 let summary: Vec<&str> = report
@@ -281,6 +298,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
     let needed_fds = args.nodes as node::Rlim + FD_HEADROOM;
     node::check_nofile(needed_fds)?;
     node::check_port_free(args.address, node::CURATOR_PORT)?;
+    node::check_port_free(args.address, node::PLAIN_METRICS_PORT)?;
     if args.store == StoreKind::Etcd {
         node::check_port_free(args.address, node::ETCD_PEER_PORT)?;
     }
@@ -301,6 +319,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
         address: args.address,
         owner: &owner,
         heartbeat_timeout: args.heartbeat_timeout,
+        leader_lease_ttl: args.leader_lease_ttl,
         log_level: &args.node_log,
         high_availability: args.store == StoreKind::Etcd,
     })?;
@@ -310,7 +329,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
     tracing::info!(pid = node.pid, addr = %node.addr, dir = %dir.path().display(), "started the node");
 
     let outcome = tokio::select! {
-        r = phases(&args, &mut node, &owner, &mut report, &progress) => r,
+        r = phases(&args, dir.path(), &mut node, &owner, &mut report, &progress) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     let phases_failed = outcome.is_err();
@@ -364,6 +383,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
 
 async fn phases(
     args: &Args,
+    dir: &std::path::Path,
     node: &mut NodeProcess,
     owner_key: &metropolis_identity::SigningKey,
     r: &mut Report,
@@ -384,10 +404,7 @@ async fn phases(
         concurrency = args.concurrency,
         "registering"
     );
-    let etcd_before = match args.store {
-        StoreKind::Etcd => Some(etcd_before_registration(node).await?),
-        StoreKind::Embedded => None,
-    };
+    let store_before = store::before_registration(args.store, node).await?;
     let cpu = node.cpu_time()?;
     let mut reg = register::run(
         register::Setup {
@@ -430,10 +447,12 @@ async fn phases(
         commit: reg.commit,
         node_cpu,
     });
-    if let Some(before) = etcd_before {
-        let wall = r.registration.as_ref().map_or(Duration::ZERO, |g| g.wall);
-        etcd_after_registration(args, node, before, &admitted, wall, r, progress).await;
-    }
+    let wall = r.registration.as_ref().map_or(Duration::ZERO, |g| g.wall);
+    let raw = store::RawSetup {
+        concurrency: args.concurrency,
+        dir,
+    };
+    store::after_registration(raw, node, store_before, &admitted, wall, r, progress).await;
     if admitted.is_empty() {
         bail!("no simulated node was admitted; nothing left to heartbeat");
     }
@@ -478,6 +497,7 @@ async fn phases(
         attempted,
         opened,
         errors: connected.errors,
+        connect_retries: connected.connect_retries,
         wall: connected.wall,
         total: connected.total,
         connect: connected.connect,
@@ -520,7 +540,7 @@ async fn phases(
     r.node_threads = node.threads().ok();
 
     tracing::info!(repeats = args.get_nodes_repeats, "timing GetNodes");
-    match getnodes::measure(&mut owner, args.get_nodes_repeats).await {
+    match getnodes::measure(&mut owner, args.get_nodes_repeats, &simulated).await {
         Ok(t) => r.get_nodes = Some(t),
         Err(e) => r.failures.push(format!("{e:#}")),
     }
@@ -623,7 +643,7 @@ async fn phases(
     });
     drop(owner);
     node.check_alive()?;
-    if let Some(e) = r.etcd.as_mut() {
+    if let Some(e) = r.store_backend.as_mut().filter(|e| e.etcd_socket.is_some()) {
         let addr = SocketAddr::new(args.address, node::NODE_MGMT_PORT);
         match etcd::log(addr, &ca, (owner_cert, owner_key.clone())).await {
             Ok(log) => e.log = Some(log),
@@ -634,151 +654,6 @@ async fn phases(
         }
     }
     Ok(())
-}
-
-/// The node's etcd as the registrations find it.
-struct EtcdBefore {
-    store: Arc<EtcdStore>,
-    socket: PathBuf,
-    idle_drift: (i64, Duration),
-    revision: i64,
-    etcd_cpu: Option<Duration>,
-    own_cpu: Option<Duration>,
-}
-
-async fn etcd_before_registration(node: &NodeProcess) -> anyhow::Result<EtcdBefore> {
-    let socket = node.etcd_socket();
-    let store = etcd::connect(&socket).await?;
-    let idle_start = etcd::revision(&store).await?;
-    tokio::time::sleep(IDLE_WATCH).await;
-    let revision = etcd::revision(&store).await?;
-    Ok(EtcdBefore {
-        store,
-        socket,
-        idle_drift: (revision - idle_start, IDLE_WATCH),
-        revision,
-        etcd_cpu: etcd_cpu(node),
-        own_cpu: node::own_cpu_time().ok(),
-    })
-}
-
-/// Reads what the registrations cost the store, then measures the raw
-/// transaction rate of the same etcd. Problems are failures of the run, but
-/// the heartbeat phases still run: their figures do not depend on these.
-async fn etcd_after_registration(
-    args: &Args,
-    node: &NodeProcess,
-    before: EtcdBefore,
-    admitted: &[register::Admitted],
-    registration_wall: Duration,
-    r: &mut Report,
-    progress: &Progress,
-) {
-    // Read first, so nothing else lands between the phase and the reading.
-    let revision_after = etcd::revision(&before.store).await;
-    let etcd_cpu_registration = cpu_since(before.etcd_cpu, etcd_cpu(node));
-    let loadgen_cpu_registration = cpu_since(before.own_cpu, node::own_cpu_time().ok());
-    let mut backend = report::EtcdBackend {
-        socket: before.socket.display().to_string(),
-        idle_drift: Some(before.idle_drift),
-        revision_before: before.revision,
-        revision_after: None,
-        registrations: admitted.len(),
-        registration_wall,
-        etcd_cpu_registration,
-        loadgen_cpu_registration,
-        raw: None,
-        etcd_rss: None,
-        log: None,
-    };
-    let revision_after = match revision_after {
-        Ok(rev) => rev,
-        Err(e) => {
-            r.failures.push(format!("{e:#}"));
-            r.etcd = Some(backend);
-            return;
-        }
-    };
-    backend.revision_after = Some(revision_after);
-    match raw_phase(
-        args,
-        node,
-        &before.store,
-        admitted,
-        revision_after - before.revision,
-        progress,
-    )
-    .await
-    {
-        Ok(raw) => {
-            if raw.results.errors.total() > 0 {
-                r.failures.push(format!(
-                    "{} of {} raw etcd transactions failed",
-                    raw.results.errors.total(),
-                    raw.results.attempted
-                ));
-            }
-            backend.raw = Some(raw);
-        }
-        Err(e) => r.failures.push(format!("{e:#}")),
-    }
-    backend.etcd_rss = node.etcd_pid().and_then(node::pid_rss).ok();
-    r.etcd = Some(backend);
-}
-
-/// As many CAS transactions as the registrations made (at least
-/// [`MIN_RAW_TXNS`]), each putting one real node record's bytes.
-async fn raw_phase(
-    args: &Args,
-    node: &NodeProcess,
-    store: &Arc<EtcdStore>,
-    admitted: &[register::Admitted],
-    registration_txns: i64,
-    progress: &Progress,
-) -> anyhow::Result<report::RawTxns> {
-    let first = admitted
-        .first()
-        .context("no simulated node was admitted, so there is no node record to size the raw etcd transactions by")?;
-    let record = etcd::node_record(store, &first.id).await?;
-    let total = u64::try_from(registration_txns)
-        .unwrap_or(0)
-        .max(MIN_RAW_TXNS);
-    tracing::info!(
-        txns = total,
-        concurrency = args.concurrency,
-        value_bytes = record.len(),
-        "measuring raw etcd transactions"
-    );
-    let value_len = record.len();
-    let start_revision = etcd::revision(store).await?;
-    let cpu = etcd_cpu(node);
-    let own_cpu = node::own_cpu_time().ok();
-    let results = etcd::raw_txns(store.clone(), total, args.concurrency, record, progress).await;
-    let etcd_cpu = cpu_since(cpu, etcd_cpu(node));
-    let loadgen_cpu = cpu_since(own_cpu, node::own_cpu_time().ok());
-    let revision_delta = etcd::revision(store)
-        .await
-        .ok()
-        .map(|rev| rev - start_revision);
-    Ok(report::RawTxns {
-        value_len,
-        concurrency: args.concurrency,
-        results,
-        revision_delta,
-        etcd_cpu,
-        loadgen_cpu,
-    })
-}
-
-/// CPU time of the node's etcd so far. The PID is read each time: the node
-/// would restart a dead etcd under a new one, and a figure across two
-/// processes means nothing (`cpu_since` then gives none).
-fn etcd_cpu(node: &NodeProcess) -> Option<Duration> {
-    node.etcd_pid().and_then(node::pid_cpu_time).ok()
-}
-
-fn cpu_since(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
-    now?.checked_sub(before?)
 }
 
 fn human(d: Duration) -> String {

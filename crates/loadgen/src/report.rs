@@ -12,8 +12,10 @@ const FILTERED_TARGET: Duration = Duration::from_millis(100);
 const RATIO_TARGET: f64 = 1.5;
 /// Curator memory per node.
 const BYTES_PER_NODE_TARGET: f64 = 4096.0;
-/// On etcd, the curator's store-write rate while registering, as a share of
-/// what the same etcd commits for bare CAS transactions.
+/// Node memory per connected node: its state, TLS, HTTP/2 and heartbeat stream.
+const BYTES_PER_CONNECTED_NODE_TARGET: f64 = 16.0 * 1024.0;
+/// The curator's store-write rate while registering, as a share of what the
+/// same store commits for bare CAS transactions.
 const RAW_SHARE_TARGET: f64 = 50.0;
 
 #[derive(Default)]
@@ -35,8 +37,7 @@ pub struct Report {
     pub node_ready_after: Option<Duration>,
 
     pub registration: Option<Registration>,
-    /// With `--store etcd`.
-    pub etcd: Option<EtcdBackend>,
+    pub store_backend: Option<StoreBackend>,
     pub connections: Option<Connections>,
     pub heartbeats: Option<Heartbeats>,
     pub get_nodes: Option<Timings>,
@@ -69,10 +70,11 @@ pub struct Registration {
     pub node_cpu: Option<Duration>,
 }
 
-/// The store side of the registration phase on etcd, and the same etcd's
-/// raw transaction rate measured right after it.
-pub struct EtcdBackend {
-    pub socket: String,
+/// The store side of the registration phase, and the same store's raw
+/// transaction rate measured right after it.
+pub struct StoreBackend {
+    /// With `--store etcd`: the etcd client socket the loadgen used.
+    pub etcd_socket: Option<String>,
     /// Revision movement while nothing was asked of the node, just before
     /// the registrations: writes the delta below includes that are not
     /// theirs.
@@ -93,30 +95,32 @@ pub struct EtcdBackend {
 }
 
 pub struct RawTxns {
+    /// Which store the raw transactions went to.
+    pub target: String,
     /// Size of the value each transaction puts: one real node record.
     pub value_len: usize,
     pub concurrency: usize,
-    pub results: crate::etcd::RawResults,
+    pub results: crate::store::RawResults,
     /// How far the revision moved over the raw phase.
     pub revision_delta: Option<i64>,
     pub etcd_cpu: Option<Duration>,
     pub loadgen_cpu: Option<Duration>,
 }
 
-impl EtcdBackend {
+impl StoreBackend {
     /// Write transactions per admitted node.
-    fn txns_per_registration(&self) -> Option<f64> {
+    pub fn txns_per_registration(&self) -> Option<f64> {
         let delta = self.revision_after? - self.revision_before;
         (self.registrations > 0).then(|| delta as f64 / self.registrations as f64)
     }
 
-    fn registrations_per_sec(&self) -> f64 {
+    pub fn registrations_per_sec(&self) -> f64 {
         self.registrations as f64 / self.registration_wall.as_secs_f64().max(1e-9)
     }
 }
 
 impl RawTxns {
-    fn per_sec(&self) -> f64 {
+    pub fn per_sec(&self) -> f64 {
         self.results.committed as f64 / self.results.wall.as_secs_f64().max(1e-9)
     }
 }
@@ -125,6 +129,7 @@ pub struct Connections {
     pub attempted: usize,
     pub opened: usize,
     pub errors: ErrorTally,
+    pub connect_retries: u64,
     pub wall: Duration,
     pub total: Samples,
     pub connect: Samples,
@@ -178,6 +183,77 @@ pub struct Memory {
 impl Report {
     pub fn failed(&self) -> bool {
         !self.failures.is_empty()
+    }
+
+    fn admitted(&self) -> usize {
+        self.registration.as_ref().map_or(0, |r| r.admitted)
+    }
+
+    /// (figure - baseline) / admitted nodes, in bytes.
+    fn per_node(&self, figure: Option<u64>) -> Option<f64> {
+        let admitted = self.admitted();
+        (admitted > 0).then_some(())?;
+        Some((figure? as i64 - self.memory.baseline? as i64) as f64 / admitted as f64)
+    }
+
+    /// Fewest simulated nodes HEALTHY over every GetNodes read.
+    fn healthy_min(&self) -> Option<usize> {
+        let admitted = self.admitted();
+        let reads = self
+            .get_nodes
+            .iter()
+            .flat_map(|g| g.unhealthy_per_read.iter())
+            .map(|&unhealthy| admitted.saturating_sub(unhealthy));
+        let health = self.health.as_ref().map(|h| h.simulated.healthy);
+        reads.chain(health).min()
+    }
+
+    /// The figures of `--summary-json`, one key per goal of the scale issue.
+    pub fn summary(&self) -> serde_json::Value {
+        let store = self.store_backend.as_ref();
+        let per_reg = store.and_then(StoreBackend::txns_per_registration);
+        let raw_rate = store.and_then(|s| s.raw.as_ref()).map(RawTxns::per_sec);
+        let reg_rate = self
+            .registration
+            .as_ref()
+            .map(|r| r.admitted as f64 / r.wall.as_secs_f64().max(1e-9));
+        let ratio = match (reg_rate, per_reg, raw_rate) {
+            (Some(reg), Some(per), Some(raw)) if raw > 0.0 => Some(reg * per / raw),
+            _ => None,
+        };
+        let steady = self.heartbeats.as_ref().and_then(|h| h.steady.as_ref());
+        let rtt_p99 = self.heartbeats.as_ref().and_then(|h| {
+            let rt = &h.round_trips;
+            let mut s = if rt.steady.len() > 0 {
+                rt.steady.clone()
+            } else {
+                rt.all.clone()
+            };
+            s.percentile(99.0)
+        });
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        let get_nodes = self.get_nodes.as_ref();
+        let throughput = get_nodes.and_then(Timings::unfiltered_throughput);
+        serde_json::json!({
+            "nodes": self.nodes,
+            "store": self.store,
+            "healthy_min": self.healthy_min(),
+            "bytes_per_connected_node": self.per_node(self.memory.during_heartbeats),
+            "bytes_per_node_state": self.per_node(self.memory.after_registration),
+            "registrations_per_s": reg_rate,
+            "store_txns_per_registration": per_reg,
+            "raw_store_txns_per_s": raw_rate,
+            "store_ratio": ratio,
+            "heartbeats_per_s": steady.map(|s| s.acked as f64 / s.length.as_secs_f64().max(1e-9)),
+            "heartbeat_rtt_p99_ms": ms(rtt_p99),
+            "get_nodes_ms": {
+                "unfiltered": ms(get_nodes.and_then(|g| g.unfiltered.clone().median())),
+                "filtered": ms(get_nodes.and_then(|g| g.filtered.clone().median())),
+            },
+            "get_nodes_unfiltered_nodes_per_s": throughput.map(|t| t.0),
+            "get_nodes_unfiltered_mb_per_s": throughput.map(|t| t.1),
+            "failed": self.failed(),
+        })
     }
 
     pub fn render(&self) -> String {
@@ -250,8 +326,8 @@ impl Report {
             errors(o, &r.errors);
         }
 
-        if let Some(e) = &self.etcd {
-            render_etcd(o, e);
+        if let Some(e) = &self.store_backend {
+            render_store(o, e);
         }
 
         if let Some(c) = &self.connections {
@@ -268,6 +344,13 @@ impl Report {
                 fmt_duration(c.wall),
                 c.opened as f64 / c.wall.as_secs_f64().max(1e-9)
             );
+            if c.connect_retries > 0 {
+                let _ = writeln!(
+                    o,
+                    "  connection attempts that failed and were retried (as a node would): {}",
+                    c.connect_retries
+                );
+            }
             cpu_line(o, "  node CPU   ", c.node_cpu, c.wall);
             latency_header(o);
             latency_row(o, "whole setup", &mut c.total.clone());
@@ -363,10 +446,17 @@ impl Report {
                     verdict(ratio <= RATIO_TARGET)
                 );
             }
+            if let Some((nodes_s, mb_s)) = g.unfiltered_throughput() {
+                let _ = writeln!(
+                    o,
+                    "  unfiltered median streams {nodes_s:.0} nodes/s, {mb_s:.1} MB/s ({} of encoded nodes per read)",
+                    fmt_bytes(g.unfiltered_bytes)
+                );
+            }
             let reads = &g.unhealthy_per_read;
             let _ = writeln!(
                 o,
-                "  nodes not HEALTHY per unfiltered read: {} (reads with any: {} of {})",
+                "  simulated nodes not HEALTHY per read (unfiltered, filtered alternating): {} (reads with any: {} of {})",
                 reads
                     .iter()
                     .map(|n| n.to_string())
@@ -414,15 +504,16 @@ impl Report {
         let per_node = |v: Option<u64>| -> Option<f64> {
             Some((v? as i64 - m.baseline? as i64) as f64 / admitted as f64)
         };
-        let row = |o: &mut String, label: &str, v: Option<u64>, per: Option<f64>| {
+        let row = |o: &mut String, label: &str, v: Option<u64>, per: Option<(f64, f64)>| {
             // Exact bytes: the figure is compared with the target, and a
             // rounded "4.0 KiB" next to "met" would read as a contradiction.
-            let per = per.map_or(String::new(), |p| {
+            let per = per.map_or(String::new(), |(p, target)| {
                 format!(
-                    "  {:>7.0} B = {:>5.2} KiB/node  target < 4 KiB: {}",
+                    "  {:>7.0} B = {:>5.2} KiB/node  target < {:.0} KiB: {}",
                     p,
                     p / 1024.0,
-                    verdict(p < BYTES_PER_NODE_TARGET)
+                    target / 1024.0,
+                    verdict(p < target)
                 )
             });
             let _ = writeln!(
@@ -442,13 +533,13 @@ impl Report {
             o,
             "after all registrations (before heartbeat connections)",
             m.after_registration,
-            per_node(m.after_registration),
+            per_node(m.after_registration).map(|p| (p, BYTES_PER_NODE_TARGET)),
         );
         row(
             o,
             "during heartbeats, all connections open (incl. TLS/HTTP2)",
             m.during_heartbeats,
-            per_node(m.during_heartbeats),
+            per_node(m.during_heartbeats).map(|p| (p, BYTES_PER_CONNECTED_NODE_TARGET)),
         );
         row(
             o,
@@ -507,12 +598,21 @@ impl Report {
     }
 }
 
-fn render_etcd(o: &mut String, e: &EtcdBackend) {
-    let _ = writeln!(
-        o,
-        "\n-- etcd backend (the node's own etcd, read and written directly at {})",
-        e.socket
-    );
+fn render_store(o: &mut String, e: &StoreBackend) {
+    match &e.etcd_socket {
+        Some(socket) => {
+            let _ = writeln!(
+                o,
+                "\n-- Store: etcd (the node's own etcd, read and written directly at {socket})"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "\n-- Store: embedded (revision from the node's /metrics; raw txns on a store of the same code and disk)"
+            );
+        }
+    }
     if let Some((moved, over)) = e.idle_drift {
         let _ = writeln!(
             o,
@@ -567,7 +667,7 @@ fn render_etcd(o: &mut String, e: &EtcdBackend) {
     match &e.raw {
         Some(raw) => render_raw(o, raw, ours),
         None => {
-            let _ = writeln!(o, "  raw etcd txns               not measured");
+            let _ = writeln!(o, "  raw store txns              not measured");
         }
     }
     if let Some(rss) = e.etcd_rss {
@@ -600,13 +700,14 @@ fn render_raw(o: &mut String, raw: &RawTxns, ours: Option<f64>) {
     let res = &raw.results;
     let _ = writeln!(
         o,
-        "  raw etcd txns               {} CAS puts of {} B (one node record's size) on {} keys under {}, \
-         {} in flight on one connection: {} committed in {}",
+        "  raw store txns              {} CAS puts of {} B (one node record's size) on {} keys under {}, \
+         {} in flight, to {}: {} committed in {}",
         res.attempted,
         raw.value_len,
         res.keys,
-        crate::etcd::RAW_PREFIX,
+        crate::store::RAW_PREFIX,
         raw.concurrency,
+        raw.target,
         res.committed,
         fmt_duration(res.wall)
     );
@@ -620,7 +721,7 @@ fn render_raw(o: &mut String, raw: &RawTxns, ours: Option<f64>) {
         );
     }
     let raw_rate = raw.per_sec();
-    let _ = writeln!(o, "  raw etcd txn rate           {raw_rate:.1} txns/s");
+    let _ = writeln!(o, "  raw store txn rate          {raw_rate:.1} txns/s");
     cpu_line(o, "  etcd CPU, raw txns         ", raw.etcd_cpu, res.wall);
     cpu_line(
         o,
@@ -643,7 +744,7 @@ fn render_raw(o: &mut String, raw: &RawTxns, ours: Option<f64>) {
         let _ = writeln!(
             o,
             "    = registrations/s / (raw txns/s / txns per registration): the share of the \
-             registration rate this etcd could carry if a registration cost nothing but its \
+             registration rate this store could carry if a registration cost nothing but its \
              store transactions"
         );
     }
@@ -707,13 +808,13 @@ fn errors(o: &mut String, tally: &ErrorTally) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcd::RawResults;
+    use crate::store::RawResults;
 
     #[test]
     fn etcd_share_of_raw() {
         let s = Duration::from_secs;
-        let e = EtcdBackend {
-            socket: "/d/etcd/client.sock:0".into(),
+        let e = StoreBackend {
+            etcd_socket: Some("/d/etcd/client.sock:0".into()),
             idle_drift: Some((0, s(1))),
             revision_before: 10,
             revision_after: Some(4010),
@@ -722,6 +823,7 @@ mod tests {
             etcd_cpu_registration: None,
             loadgen_cpu_registration: None,
             raw: Some(RawTxns {
+                target: "the node's etcd".into(),
                 value_len: 53,
                 concurrency: 64,
                 results: RawResults {
@@ -740,7 +842,7 @@ mod tests {
             log: None,
         };
         let mut o = String::new();
-        render_etcd(&mut o, &e);
+        render_store(&mut o, &e);
         // 500 registrations/s at 4 txns each is 2000 txns/s, half of 4000.
         assert!(o.contains("store txns per registration 4.00 "), "{o}");
         assert!(
@@ -748,7 +850,7 @@ mod tests {
             "{o}"
         );
         assert!(
-            o.contains("raw etcd txn rate           4000.0 txns/s"),
+            o.contains("raw store txn rate          4000.0 txns/s"),
             "{o}"
         );
         assert!(

@@ -276,7 +276,10 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
     match s.parse::<IpAddr>() {
         Ok(ip) => Ok(SocketAddr::new(ip, CURATOR_PORT)),
         Err(_) => {
-            bail!("{s:?} is not an IP address (endpoints are IP or IP:PORT, comma-separated)")
+            bail!(
+                "{} is not an IP address (endpoints are IP or IP:PORT, comma-separated)",
+                metropolis_api::quote(s)
+            )
         }
     }
 }

@@ -83,7 +83,7 @@ pub const LOG_DN: &str = "root.consensus.etcd";
 const CONFIG_FILE: &str = "config.pb";
 const CA_FILE: &str = "ca.pem";
 const PEER_CERT_FILE: &str = "peer.pem";
-const PEER_KEY_FILE: &str = "peer-key.pem";
+pub(crate) const PEER_KEY_FILE: &str = "peer-key.pem";
 const DATA_DIR: &str = "data";
 const PID_FILE: &str = "etcd.pid";
 /// The URL etcd is told to listen on; see the module documentation.

@@ -6,7 +6,14 @@
 //!   CA certificate), mode 0600. Its presence means "this node belongs to a
 //!   cluster"; it is written last, atomically, so a crash during the first
 //!   start never leaves a directory that looks joined but is not.
-//! - `store/cluster.redb`: the embedded consensus store.
+//! - `store/cluster.redb`: the embedded consensus store (it holds the CA's
+//!   private key), mode 0600.
+//! - `pending-key`: a registering node's key until it is admitted, mode 0600.
+//! - `etcd/`: an etcd member's configuration, peer key (0600) and data.
+//!
+//! A node refuses to start while a file that holds a secret is readable by
+//! others, and before anything else checks that its credentials belong
+//! together (see [`DataDir::unseal`]).
 //! - `update/`: the binary slots of a node that was updated (`update::slots`).
 //!
 //! "Sealed" means owner-only file permissions: this daemon has no TPM to seal
@@ -99,9 +106,48 @@ impl DataDir {
         Ok(())
     }
 
-    /// Creates the store's directory; only consensus members have one.
-    pub fn create_store_dir(&self) -> anyhow::Result<()> {
-        self.create_dir(&self.root.join(STORE_DIR))
+    /// Creates the store's directory and its (empty) file, owner-only; only
+    /// consensus members have one. The store opens an empty file as a new
+    /// database, so it never exists with the default mode.
+    pub fn create_store(&self) -> anyhow::Result<()> {
+        self.create_dir(&self.root.join(STORE_DIR))?;
+        let path = self.store_path();
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Files that hold secrets (keys, or the store with the CA's key). etcd
+    /// keeps its own data directory owner-only.
+    fn secret_files(&self) -> [PathBuf; 4] {
+        [
+            self.credentials_path(),
+            self.store_path(),
+            self.root.join(PENDING_KEY),
+            self.etcd_dir().join(crate::consensus::PEER_KEY_FILE),
+        ]
+    }
+
+    /// Refuses to go on while a file holding a secret is readable by others.
+    pub fn check_private(&self) -> anyhow::Result<()> {
+        for path in self.secret_files() {
+            match fs::metadata(&path) {
+                Ok(meta) if meta.permissions().mode() & 0o077 != 0 => bail!(
+                    "{} holds secrets but is readable by others (mode {:o}); run chmod 600 on it \
+                     (and check who could have read it)",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            }
+        }
+        Ok(())
     }
 
     fn create_dir(&self, dir: &Path) -> anyhow::Result<()> {
@@ -173,16 +219,14 @@ impl DataDir {
         }
     }
 
+    /// Reads the credentials, after checking every secret file's mode, and
+    /// checks that they belong together: the CA is a CA signed by itself, it
+    /// signed the node certificate, and the certificate is for the node key.
+    /// A node with damaged credentials would otherwise serve, lead, and fail
+    /// every handshake.
     pub fn unseal(&self) -> anyhow::Result<Credentials> {
+        self.check_private()?;
         let path = self.credentials_path();
-        let meta = fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            bail!(
-                "{} is readable by others (mode {:o}); run chmod 600 on it",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            );
-        }
         let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let msg = SealedCredentials::decode(bytes.as_slice())
             .with_context(|| format!("{} is corrupt", path.display()))?;
@@ -190,13 +234,41 @@ impl DataDir {
             anyhow::anyhow!("{} is corrupt: node key is not 32 bytes", path.display())
         })?;
         let key = SigningKey::from_bytes(&seed);
-        let cert = metropolis_identity::parse_certificate(&msg.node_certificate)
-            .with_context(|| format!("{}: node certificate", path.display()))?;
-        if cert.public_key != key.verifying_key().to_bytes() {
-            bail!(
-                "{} is corrupt: the node certificate does not match the node key",
+        let damaged = |what: String| {
+            anyhow::anyhow!(
+                "{} is damaged: {what}; restore the data directory from a backup, or remove it \
+                 and register this node again",
                 path.display()
-            );
+            )
+        };
+        let ca = metropolis_identity::parse_certificate(&msg.ca_certificate)
+            .map_err(|e| damaged(format!("the CA certificate does not parse ({e})")))?;
+        if !ca.is_ca {
+            return Err(damaged("the CA certificate is not a CA".into()));
+        }
+        metropolis_identity::verify_self_signed(&ca)
+            .map_err(|e| damaged(format!("the CA certificate is not valid ({e})")))?;
+        let cert = metropolis_identity::parse_certificate(&msg.node_certificate)
+            .map_err(|e| damaged(format!("the node certificate does not parse ({e})")))?;
+        metropolis_identity::verify_signed_by(
+            &cert,
+            &msg.ca_certificate,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| {
+            damaged(format!(
+                "the node certificate is not valid for its CA ({e})"
+            ))
+        })?;
+        if !cert.is_node_certificate() {
+            return Err(damaged(
+                "the node certificate is not a node certificate".into(),
+            ));
+        }
+        if cert.public_key != key.verifying_key().to_bytes() {
+            return Err(damaged(
+                "the node certificate does not match the node key".into(),
+            ));
         }
         Ok(Credentials {
             key,

@@ -92,8 +92,12 @@ impl NodeFaults for Debug {
                 FAILPOINTS.join(", ")
             )));
         }
-        fail::cfg(&req.name, &req.actions)
-            .map_err(|e| Status::invalid_argument(format!("actions {:?}: {e}", req.actions)))?;
+        fail::cfg(&req.name, &req.actions).map_err(|e| {
+            Status::invalid_argument(format!(
+                "actions {}: {e}",
+                metropolis_api::quote(&req.actions)
+            ))
+        })?;
         tracing::warn!(name = %req.name, actions = %req.actions, "failpoint configured");
         Ok(Response::new(SetFailpointResponse {}))
     }
@@ -177,14 +181,17 @@ pub async fn start(address: IpAddr, logs: Arc<LogTree>, view: View) -> anyhow::R
     let addr = SocketAddr::new(address, DEBUG_PORT);
     let listener = metropolis_rpc::server::bind(addr).await?;
     let debug = Arc::new(Debug { logs, view });
-    let router = tonic::transport::Server::builder()
+    let limits = metropolis_rpc::server::Limits::default();
+    let router = metropolis_rpc::server::builder(&limits)
         .layer(AuthLayer::new(cert, Arc::new(Nobody)))
         .add_service(NodeDebugServiceServer::from_arc(debug.clone()))
         .add_service(NodeFaultsServer::from_arc(debug));
     tracing::warn!(%addr, "serving the debug service (debug build): unauthenticated, for development only");
     tokio::spawn(async move {
         if let Err(e) = router
-            .serve_with_incoming(metropolis_rpc::server::tls_incoming(listener, tls))
+            .serve_with_incoming(metropolis_rpc::server::tls_incoming(
+                listener, tls, &limits, None,
+            ))
             .await
         {
             tracing::error!(error = %e, "debug service stopped");

@@ -101,7 +101,7 @@ const TARGET_CACHE_MAX: usize = 4096;
 /// does).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogError {
-    #[error("invalid DN {dn:?}: {reason}")]
+    #[error("invalid DN {}: {reason}", metropolis_api::quote(dn))]
     InvalidDn { dn: String, reason: &'static str },
     #[error("{0}")]
     InvalidRequest(String),
@@ -1243,6 +1243,9 @@ where
         self.tree.push(&dn, kind);
     }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

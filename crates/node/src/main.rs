@@ -69,6 +69,21 @@ struct Args {
     /// become HEALTHY before the node rolls back to the previous one.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     update_trial_timeout: Duration,
+    /// Close gRPC connections that carry no stream for this long (tests
+    /// shorten it; the default is `metropolis_rpc::server::Limits`').
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    connection_idle_timeout: Option<Duration>,
+}
+
+impl Args {
+    /// The transport limits of every gRPC port.
+    fn limits(&self) -> metropolis_rpc::server::Limits {
+        let mut limits = metropolis_rpc::server::Limits::default();
+        if let Some(t) = self.connection_idle_timeout {
+            limits.idle_timeout = t;
+        }
+        limits
+    }
 }
 
 impl Args {
@@ -197,6 +212,14 @@ fn restart() -> ExitCode {
 }
 
 async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::Exit> {
+    // Damaged or exposed credentials stop the node before any port opens or
+    // anything is written.
+    let data = DataDir::new(args.data_dir.clone());
+    let sealed = if data.is_member() {
+        Some(data.unseal()?)
+    } else {
+        None
+    };
     #[cfg(feature = "debug")]
     let view: debug::View = {
         let view = Arc::new(std::sync::Mutex::new(serde_json::json!({
@@ -207,8 +230,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         debug::start(args.address, logs.clone(), view.clone()).await?;
         view
     };
-    let data = DataDir::new(args.data_dir.clone());
-    let (creds, held) = if data.is_member() {
+    let (creds, held) = if let Some(creds) = sealed {
         if let Some(p) = &args.params {
             bail!(
                 "data directory {} already belongs to a cluster; refusing to use node parameters {} again. \
@@ -217,7 +239,6 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 p.display()
             );
         }
-        let creds = data.unseal()?;
         tracing::info!(node = %creds.node_id(), "rejoining cluster from sealed credentials");
         let held = if data.has_store() {
             Held::Embedded(open_store(&data).await?)
@@ -349,6 +370,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             metrics: metrics.clone(),
             etcd_socket: etcd.as_ref().map(|e| e.client_socket()),
             metrics_plain_http: args.metrics_plain_http,
+            limits: args.limits(),
         })
         .await;
         match (exit, etcd) {
@@ -530,7 +552,7 @@ async fn bootstrap(
         let store = connect_etcd(etcd.client_socket()).await?;
         (store.clone() as Arc<dyn Store>, Held::Etcd { etcd, store })
     } else {
-        data.create_store_dir()?;
+        data.create_store()?;
         let store = open_store(data).await?;
         (store.clone(), Held::Embedded(store))
     };

@@ -26,10 +26,9 @@ use metropolis_curator::management::ManagementService;
 use metropolis_curator::node_watch::NodeWatchService;
 use metropolis_curator::nodes::{CuratorService, NodeCuratorService};
 use metropolis_rpc::observe::ObserveLayer;
-use metropolis_rpc::server::Redirect;
+use metropolis_rpc::server::{Limits, Redirect};
 use metropolis_rpc::{AuthLayer, Authorizer};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Server;
 
 use crate::datadir::Credentials;
 use crate::logtree::LogTree;
@@ -69,6 +68,8 @@ pub struct Config {
     pub etcd_socket: Option<std::path::PathBuf>,
     /// Plain-HTTP metrics on this loopback address as well (off: None).
     pub metrics_plain_http: Option<SocketAddr>,
+    /// Every transport limit of the node's gRPC ports.
+    pub limits: Limits,
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
@@ -117,13 +118,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         )));
         leadership = Some(rx);
     }
-    let local = CuratorLocalServer::new(CuratorLocalService::new(ca.clone(), leader_rx));
+    let local = CuratorLocalServer::new(CuratorLocalService::new(ca.clone(), leader_rx))
+        .max_decoding_message_size(cfg.limits.max_request_message);
 
     let authorizer: Arc<dyn Authorizer> = match &cfg.cluster {
         Some(cluster) => Arc::new(ClusterAuthorizer::new(cluster.clone())),
         None => Arc::new(CertificateAuthorizer),
     };
     let observe = ObserveLayer::new(cfg.metrics.rpc_observer());
+    let limits = &cfg.limits;
+    let max_request = limits.max_request_message;
     let router = match (&cfg.cluster, leadership) {
         (Some(cluster), Some(leadership)) => {
             let heartbeats = heartbeats.clone();
@@ -137,27 +141,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             // Layers added first are outermost: only the leader serves the
             // curator services; authentication runs before the audit layer,
             // which needs the established caller.
-            Server::builder()
+            metropolis_rpc::server::builder(limits)
                 .layer(observe.clone())
                 .layer(tower::util::option_layer(Some(LeaderGate::new(
                     leadership, &node_id,
                 ))))
                 .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
                 .layer(AuditLayer::new(cluster.store().clone()))
-                .add_service(AaaServer::new(AaaService::new(cluster.clone())))
-                .add_service(ManagementServer::from_arc(management))
-                .add_service(NodeWatchServer::new(node_watch))
-                .add_service(ClusterAdminServer::new(ClusterAdminService::new(
-                    cluster.clone(),
-                )))
-                .add_service(CuratorServer::new(CuratorService::new(
-                    cluster.clone(),
-                    heartbeats.clone(),
-                )))
-                .add_service(NodeCuratorServer::new(NodeCuratorService::new(
-                    cluster.clone(),
-                    heartbeats,
-                )))
+                .add_service(
+                    AaaServer::new(AaaService::new(cluster.clone()))
+                        .max_decoding_message_size(max_request),
+                )
+                .add_service(
+                    ManagementServer::from_arc(management).max_decoding_message_size(max_request),
+                )
+                .add_service(
+                    NodeWatchServer::new(node_watch).max_decoding_message_size(max_request),
+                )
+                .add_service(
+                    ClusterAdminServer::new(ClusterAdminService::new(cluster.clone()))
+                        .max_decoding_message_size(max_request),
+                )
+                .add_service(
+                    CuratorServer::new(CuratorService::new(cluster.clone(), heartbeats.clone()))
+                        .max_decoding_message_size(max_request),
+                )
+                .add_service(
+                    NodeCuratorServer::new(NodeCuratorService::new(cluster.clone(), heartbeats))
+                        .max_decoding_message_size(max_request),
+                )
                 .add_service(local)
         }
         _ => {
@@ -171,7 +183,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 format!("node {node_id} does not run the curator; connect to one of: {where_to}");
             // Nothing here mutates cluster state; the disabled audit layer
             // only gives both routers the same type.
-            Server::builder()
+            metropolis_rpc::server::builder(limits)
                 .layer(observe.clone())
                 .layer(tower::util::option_layer(None::<LeaderGate>))
                 .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
@@ -217,14 +229,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         None => None,
     };
     let (power_tx, mut power_rx) = mpsc::channel(1);
-    let node_mgmt = Server::builder()
+    let node_mgmt = metropolis_rpc::server::builder(limits)
         .layer(observe)
         .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
-        .add_service(NodeManagementServer::new(NodeManagementService::new(
-            cfg.logs.clone(),
-            power_tx,
-            crate::update::Updater::new(&cfg.data_dir),
-        )));
+        .add_service(
+            NodeManagementServer::new(NodeManagementService::new(
+                cfg.logs.clone(),
+                power_tx,
+                crate::update::Updater::new(&cfg.data_dir),
+            ))
+            .max_decoding_message_size(max_request),
+        );
 
     // Both servers stop on one signal.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -232,11 +247,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut curator_srv = tokio::spawn(router.serve_with_incoming_shutdown(
-        metropolis_rpc::server::tls_incoming(listener, tls.clone()),
+        metropolis_rpc::server::tls_incoming(listener, tls.clone(), limits, Some(ca.clone())),
         stopped(stop_rx.clone()),
     ));
     let mut mgmt_srv = tokio::spawn(node_mgmt.serve_with_incoming_shutdown(
-        metropolis_rpc::server::tls_incoming(mgmt_listener, tls.clone()),
+        metropolis_rpc::server::tls_incoming(mgmt_listener, tls.clone(), limits, Some(ca.clone())),
         stopped(stop_rx.clone()),
     ));
     let metrics_service = Arc::new(crate::metrics::server::MetricsService {
@@ -248,7 +263,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     });
     let mut metrics_srv = tokio::spawn(crate::metrics::server::serve(
         metrics_listener,
-        tls.clone(),
+        tls,
+        limits.clone(),
         plain_metrics,
         metrics_service,
         stopped(stop_rx),

@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use metropolis_api::authorization::{self, MethodAuthorization};
 use metropolis_api::ext::Permission;
+use metropolis_api::quote;
 use metropolis_identity::Certificate;
 use tonic::Status;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -235,7 +236,7 @@ where
 
 async fn check(shared: &Shared, path: &str, leaf: Option<&[u8]>) -> Result<Caller, Status> {
     let method = authorization::lookup(path)
-        .ok_or_else(|| Status::unimplemented(format!("unknown method {path}")))?;
+        .ok_or_else(|| Status::unimplemented(format!("unknown method {}", quote(path))))?;
     let now = time::OffsetDateTime::now_utc();
     let cached = leaf.and_then(|der| shared.verified.get(der, now));
     let (certificate, principal) = match (cached, leaf) {
@@ -291,8 +292,8 @@ fn authenticate_at(
 ) -> Result<Principal, Status> {
     metropolis_identity::verify_signed_by(cert, ca_der, now).map_err(|e| {
         Status::unauthenticated(format!(
-            "client certificate {:?} is not valid for this cluster: {e}",
-            cert.common_name
+            "client certificate {} is not valid for this cluster: {e}",
+            quote(&cert.common_name)
         ))
     })?;
     if cert.is_node_certificate() {
@@ -307,8 +308,8 @@ fn authenticate_at(
         })
     } else {
         Err(Status::unauthenticated(format!(
-            "client certificate {:?} is neither a node nor a user certificate",
-            cert.common_name
+            "client certificate {} is neither a node nor a user certificate",
+            quote(&cert.common_name)
         )))
     }
 }

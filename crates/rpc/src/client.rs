@@ -290,11 +290,17 @@ pub async fn fetch_ca_unverified(addr: SocketAddr) -> Result<Vec<u8>, CallError>
 
 /// Trades an owner key for the owner certificate (AAA.Escrow with a
 /// self-signed certificate), as metroctl's `takeownership` does.
+/// How often, and how many times, a first call waits for a curator that
+/// has not yet won its first election (about 30 s in all).
+const ELECTION_RETRY: Duration = Duration::from_millis(100);
+const ELECTION_RETRIES: usize = 300;
+
 pub async fn escrow_owner(
     addr: SocketAddr,
     ca: &[u8],
     owner: &metropolis_identity::SigningKey,
 ) -> Result<Vec<u8>, CallError> {
+    use backon::Retryable;
     use metropolis_api::api::{EscrowRequest, aaa_client::AaaClient, escrow_request::Parameters};
     let self_signed = metropolis_identity::self_signed_certificate(owner, "")
         .map_err(|e| CallError::Escrow(format!("creating the initial owner certificate: {e}")))?;
@@ -316,12 +322,24 @@ pub async fn escrow_owner(
         call: "Escrow",
         message: explain_status(&s),
     };
-    let reply = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([request]))
-        .await
-        .map_err(status)?
-        .into_inner()
-        .message()
+    // A node serves a moment before its curator has won its first election;
+    // meanwhile Escrow answers UNAVAILABLE. Every first step of an owner
+    // (metroctl, tests, load and fault tools) waits that out here.
+    let attempt = || async {
+        AaaClient::new(ch.clone())
+            .escrow(tokio_stream::iter([request.clone()]))
+            .await?
+            .into_inner()
+            .message()
+            .await
+    };
+    let reply = attempt
+        .retry(
+            backon::ConstantBuilder::default()
+                .with_delay(ELECTION_RETRY)
+                .with_max_times(ELECTION_RETRIES),
+        )
+        .when(|s: &tonic::Status| s.code() == tonic::Code::Unavailable)
         .await
         .map_err(status)?
         .ok_or_else(|| CallError::Escrow("the node closed the stream without an answer".into()))?;

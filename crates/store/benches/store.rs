@@ -3,7 +3,9 @@
 
 use std::hint::black_box;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use metropolis_store::{Compare, EmbeddedStore, Op, Store, Txn};
 
 fn store_benches(c: &mut Criterion) {
@@ -62,6 +64,41 @@ fn store_benches(c: &mut Criterion) {
         });
     });
 
+    group.finish();
+
+    // Group commit: node-sized compare-and-swap writes (each creates a key
+    // and rewrites it on its last revision, as the curator's writes do), by
+    // 1 and by 64 writers at once; the figure is transactions per second.
+    let record = vec![0x5au8; 1200];
+    let mut group = c.benchmark_group("embedded_store_writers");
+    for writers in [1usize, 64] {
+        group.throughput(Throughput::Elements(writers as u64));
+        // Each writer's key and the revision it last wrote it at (0: absent).
+        let mut last: Vec<i64> = vec![0; writers];
+        group.bench_function(format!("cas_{writers}_writers"), |b| {
+            b.iter(|| {
+                let tasks: Vec<_> = last
+                    .iter()
+                    .enumerate()
+                    .map(|(w, &rev)| {
+                        let store = Arc::clone(&store);
+                        let key = format!("writers{writers}/{w}");
+                        let txn = Txn::new()
+                            .when(Compare::mod_revision(key.as_str(), rev))
+                            .and_then(Op::put(key, record.clone()));
+                        rt.spawn(async move { store.txn(txn).await })
+                    })
+                    .collect();
+                rt.block_on(async {
+                    for (t, rev) in tasks.into_iter().zip(last.iter_mut()) {
+                        let resp = t.await.expect("writer").expect("txn");
+                        assert!(resp.succeeded, "a writer lost its own key");
+                        *rev = resp.revision;
+                    }
+                });
+            });
+        });
+    }
     group.finish();
 }
 

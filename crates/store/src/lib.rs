@@ -19,7 +19,7 @@ pub mod testing;
 mod types;
 
 pub use consensus::{Consensus, ConsensusStatus, Member};
-pub use embedded::{EmbeddedOptions, EmbeddedStore};
+pub use embedded::{CommitStats, EmbeddedOptions, EmbeddedStore};
 pub use etcd::EtcdStore;
 pub use types::*;
 

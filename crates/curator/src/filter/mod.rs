@@ -146,7 +146,7 @@ pub enum FilterError {
          conditionals); the limit is {limit}"
     )]
     TooDeep { depth: usize, limit: usize },
-    #[error("filter is not valid CEL: {message}")]
+    #[error("filter is not valid CEL: {}", metropolis_api::quote::cut(message))]
     Syntax { message: String },
     #[error("unknown identifier `{name}` in filter: {hint}")]
     UnknownIdentifier { name: String, hint: String },
@@ -175,7 +175,11 @@ pub enum FilterError {
          per request"
     )]
     DynamicPattern,
-    #[error("invalid matches() pattern {pattern:?}: {message}")]
+    #[error(
+        "invalid matches() pattern {}: {}",
+        metropolis_api::quote(pattern),
+        metropolis_api::quote::cut(message)
+    )]
     InvalidPattern { pattern: String, message: String },
     #[error(
         "filter is too expensive: an estimated {cost} evaluation steps per node; the limit \
@@ -347,6 +351,8 @@ fn regex_var(i: usize) -> String {
 
 mod check;
 mod eval;
+#[cfg(test)]
+mod props;
 mod scan;
 use check::*;
 use eval::*;
@@ -359,7 +365,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     /// A node as registered and never heard from: only identity and state.
-    fn bare_node() -> api::Node {
+    pub(super) fn bare_node() -> api::Node {
         api::Node {
             pubkey: vec![7; 32],
             id: "metropolis-0123abcd".to_owned(),
@@ -369,7 +375,7 @@ mod tests {
     }
 
     /// A node with every sub-message set.
-    fn full_node() -> api::Node {
+    pub(super) fn full_node() -> api::Node {
         api::Node {
             pubkey: vec![1; 32],
             id: "metropolis-fedc9876".to_owned(),

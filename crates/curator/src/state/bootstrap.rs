@@ -2,6 +2,7 @@
 //! new cluster starts with.
 
 use super::*;
+use metropolis_api::quote;
 
 /// What a node needs to bootstrap a new cluster.
 #[derive(Debug, Clone)]
@@ -88,7 +89,8 @@ fn validate_domain(d: &str) -> Result<(), CuratorError> {
         Ok(())
     } else {
         Err(CuratorError::InvalidArgument(format!(
-            "cluster_domain {d:?} is not a valid DNS name"
+            "cluster_domain {} is not a valid DNS name",
+            quote(d)
         )))
     }
 }

@@ -1,6 +1,7 @@
 //! Cluster configuration after bootstrap (ConfigureCluster).
 
 use super::*;
+use metropolis_api::quote;
 
 /// The one configuration path that may change after bootstrap.
 pub const PATH_LABELS_TO_SYNC: &str = "kubernetes.node_labels_to_synchronize";
@@ -22,14 +23,19 @@ impl Cluster {
         for p in paths {
             if p != PATH_LABELS_TO_SYNC {
                 return Err(CuratorError::InvalidArgument(format!(
-                    "field {p:?} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
+                    "field {} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}",
+                    quote(p)
                 )));
             }
         }
         let wanted = sync_regexps(&new);
         for r in &wanted {
             regex::Regex::new(r).map_err(|e| {
-                CuratorError::InvalidArgument(format!("regexp {r:?} does not compile: {e}"))
+                CuratorError::InvalidArgument(format!(
+                    "regexp {} does not compile: {}",
+                    quote(r),
+                    metropolis_api::quote::cut(&e.to_string())
+                ))
             })?;
         }
         for _ in 0..CAS_ATTEMPTS {
@@ -141,5 +147,42 @@ mod operate_tests {
             c.configure(None, sync(&[]), &[]).await,
             Err(CuratorError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn props_configure_cluster_masks() {
+        use metropolis_api::testing::props;
+        use metropolis_api::testing::proptest::prelude::*;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (_d, c, _) = rt.block_on(cluster());
+        let path = prop_oneof![
+            Just(PATH_LABELS_TO_SYNC.to_string()),
+            Just("cluster_domain".to_string()),
+            "[a-z_.]{0,40}",
+            any::<String>(),
+        ];
+        let regexp = prop_oneof!["[a-z^$.*()\\[\\]+?|{},0-9-]{0,20}", any::<String>()];
+        let masks = prop::collection::vec(path, 0..4);
+        let regexps = prop::collection::vec(regexp, 0..4);
+        props("ConfigureCluster masks", (masks, regexps), |(paths, rs)| {
+            let rs: Vec<&str> = rs.iter().map(String::as_str).collect();
+            let result = rt.block_on(c.configure(None, sync(&rs), &paths));
+            let mutable_only = !paths.is_empty() && paths.iter().all(|p| p == PATH_LABELS_TO_SYNC);
+            match result {
+                Ok(out) => {
+                    prop_assert!(mutable_only, "accepted mask {paths:?}");
+                    prop_assert_eq!(sync_regexps(&out), rs.clone());
+                    prop_assert_eq!(out.cluster_domain, "cluster.local");
+                }
+                Err(CuratorError::InvalidArgument(m)) => {
+                    prop_assert!(m.len() < 1024, "a {} byte message", m.len())
+                }
+                Err(other) => prop_assert!(false, "unexpected error {other}"),
+            }
+            Ok(())
+        });
     }
 }

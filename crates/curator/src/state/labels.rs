@@ -1,6 +1,7 @@
 //! Node labels.
 
 use super::*;
+use metropolis_api::quote;
 
 impl Cluster {
     /// Applies label upserts and deletes in one atomic change.
@@ -21,13 +22,15 @@ impl Cluster {
         for (k, _) in &upsert {
             if !seen.insert(k.as_str()) {
                 return Err(CuratorError::InvalidArgument(format!(
-                    "label key {k:?} is upserted twice"
+                    "label key {} is upserted twice",
+                    quote(k)
                 )));
             }
         }
         if let Some(k) = delete.iter().find(|k| seen.contains(k.as_str())) {
             return Err(CuratorError::InvalidArgument(format!(
-                "label key {k:?} is both upserted and deleted"
+                "label key {} is both upserted and deleted",
+                quote(k)
             )));
         }
         self.update_node(id, |node| {

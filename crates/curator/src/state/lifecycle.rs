@@ -1,6 +1,7 @@
 //! Decommissioning and deleting nodes, and their tombstones.
 
 use super::*;
+use metropolis_api::quote;
 
 impl Cluster {
     /// Asks a node to decommission itself. Only nodes without roles; nodes
@@ -57,7 +58,7 @@ impl Cluster {
         let entry = &self
             .node(id)
             .await?
-            .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+            .ok_or_else(|| CuratorError::NotFound(format!("node {} not found", quote(id))))?;
         if has_roles(&entry.node) && !bypass_roles {
             return Err(CuratorError::FailedPrecondition(format!(
                 "node {id} still has roles; remove them first or set safety_bypass_has_roles"
@@ -93,7 +94,11 @@ impl Cluster {
             .and_then(Op::put(tombstone_key(id), entry.node.public_key.clone()));
         let committed = self.commit(txn).await;
         self.recent_nodes().remove(id);
-        if !committed?.succeeded {
+        let committed = committed.inspect_err(|_| self.directory.invalidate())?;
+        if committed.succeeded {
+            self.node_written(id, committed.revision, None);
+        }
+        if !committed.succeeded {
             return Err(CuratorError::FailedPrecondition(format!(
                 "node {id} or the consensus members changed while deleting; retry"
             )));

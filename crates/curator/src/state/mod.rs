@@ -14,6 +14,7 @@
 //! concurrent curator calls (and, with etcd, several curators) never overwrite
 //! each other's writes.
 
+use metropolis_api::quote;
 use std::sync::Arc;
 
 use metropolis_api::common::{
@@ -34,6 +35,7 @@ use crate::error::CuratorError;
 mod bootstrap;
 pub mod clusternet;
 mod config;
+mod directory;
 mod labels;
 mod lifecycle;
 mod register;
@@ -45,6 +47,7 @@ pub use bootstrap::{
     BootstrapRequest, Bootstrapped, bootstrap, bootstrap_with_ca, initial_configuration,
 };
 pub use config::PATH_LABELS_TO_SYNC;
+pub use directory::DIRECTORY_NODES;
 pub use register::{recommended_storage_security, tpm_usage};
 pub use roles::RoleChange;
 
@@ -111,6 +114,8 @@ pub struct Cluster {
     ticket: std::sync::Mutex<Option<Vec<u8>>>,
     /// Node records as this curator last wrote them (see [`RecentNodes`]).
     recent: std::sync::Mutex<RecentNodes>,
+    /// The index GetClusterInfo answers from (see [`directory`]).
+    directory: directory::Directory,
 }
 
 /// Node records this curator wrote recently, with the revision each was
@@ -187,6 +192,7 @@ impl Cluster {
             owner_key: std::sync::OnceLock::new(),
             ticket: std::sync::Mutex::new(None),
             recent: std::sync::Mutex::new(RecentNodes::default()),
+            directory: directory::Directory::default(),
         }))
     }
 
@@ -220,6 +226,7 @@ impl Cluster {
         // Another leader may have written in between; remembered records
         // would only cost failed transactions.
         *self.recent_nodes() = RecentNodes::default();
+        self.directory.invalidate();
     }
 
     fn recent_nodes(&self) -> std::sync::MutexGuard<'_, RecentNodes> {
@@ -339,29 +346,6 @@ impl Cluster {
         let range = self.store.range(NODES_PREFIX.as_bytes()).await?;
         range.kvs.iter().map(NodeEntry::from_kv).collect()
     }
-
-    /// Every UP node with a known address, for clients to find the cluster.
-    pub async fn directory(&self) -> Result<ClusterDirectory, CuratorError> {
-        let nodes = self
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|e| e.node.state == NodeState::Up as i32)
-            .filter_map(|e| {
-                let addr = e
-                    .node
-                    .status
-                    .as_ref()
-                    .map(|s| s.external_address.clone())
-                    .filter(|a| !a.is_empty())?;
-                Some(cluster_directory::Node {
-                    id: e.id,
-                    addresses: vec![cluster_directory::node::Address { host: addr }],
-                })
-            })
-            .collect();
-        Ok(ClusterDirectory { nodes })
-    }
 }
 
 /// Outcome of a read-modify-write on a node record.
@@ -392,10 +376,9 @@ impl Cluster {
             let (mut node, mod_revision) = match remembered.take() {
                 Some(r) => r,
                 None => {
-                    let entry = self
-                        .node(id)
-                        .await?
-                        .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+                    let entry = self.node(id).await?.ok_or_else(|| {
+                        CuratorError::NotFound(format!("node {} not found", quote(id)))
+                    })?;
                     (entry.node, entry.mod_revision)
                 }
             };
@@ -413,12 +396,15 @@ impl Cluster {
                 .and_then(Op::put(key.clone(), node.encode_to_vec()));
             match self.commit(txn).await {
                 Ok(resp) if resp.succeeded => {
+                    self.node_written(id, resp.revision, Some(&node));
                     self.recent_nodes().insert(id, node, resp.revision);
                     return Ok(out);
                 }
                 Ok(_) => self.recent_nodes().remove(id),
                 Err(e) => {
                     self.recent_nodes().remove(id);
+                    // It may have committed.
+                    self.directory.invalidate();
                     return Err(e);
                 }
             }

@@ -68,6 +68,7 @@ impl Cluster {
             .or_else(Op::get(KEY_TICKET));
         let resp = self.commit(txn).await?;
         if resp.succeeded {
+            self.node_written(&id, resp.revision, Some(&node));
             self.recent_nodes().insert(&id, node, resp.revision);
             return Ok(id);
         }

@@ -1,6 +1,7 @@
 //! Node roles (UpdateNodeRoles).
 
 use super::*;
+use metropolis_api::quote;
 
 /// Requested role changes; `None` leaves a role as it is.
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,7 +42,7 @@ impl Cluster {
             let entry = &self
                 .node(id)
                 .await?
-                .ok_or_else(|| CuratorError::NotFound(format!("node {id} not found")))?;
+                .ok_or_else(|| CuratorError::NotFound(format!("node {} not found", quote(id))))?;
             let mut node = entry.node.clone();
             if change.adds_any() && node.state != NodeState::Up as i32 {
                 return Err(CuratorError::FailedPrecondition(format!(
@@ -111,8 +112,16 @@ impl Cluster {
             // stale now (it would only cost update_node a failed attempt).
             let committed = self.commit(txn).await;
             self.recent_nodes().remove(id);
-            if committed?.succeeded {
-                return Ok(());
+            match committed {
+                Ok(resp) if resp.succeeded => {
+                    self.node_written(id, resp.revision, Some(&node));
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.directory.invalidate();
+                    return Err(e);
+                }
             }
         }
         Err(CuratorError::Internal(format!(

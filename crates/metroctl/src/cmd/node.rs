@@ -222,7 +222,10 @@ pub async fn label(ctx: &Ctx, id: &str, changes: &[String]) -> anyhow::Result<()
         } else if let Some(k) = c.strip_suffix('-') {
             delete.push(k.to_string());
         } else {
-            bail!("{c:?} is neither key=value (set) nor key- (remove)");
+            bail!(
+                "{} is neither key=value (set) nor key- (remove)",
+                metropolis_api::quote(c)
+            );
         }
     }
     let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);

@@ -28,6 +28,7 @@ pub struct Metrics {
     store_seconds: HistogramVec,
     nodes: IntGaugeVec,
     leader: IntGauge,
+    store_revision: IntGauge,
     heartbeats: IntCounter,
     heartbeats_seen: Mutex<u64>,
 }
@@ -70,6 +71,10 @@ impl Metrics {
             "metropolis_curator_leader",
             "1 if this node's curator leads the cluster, else 0",
         )?;
+        let store_revision = IntGauge::new(
+            "metropolis_store_revision",
+            "The consensus store's revision (one per write transaction), on consensus members",
+        )?;
         let heartbeats = IntCounter::new(
             "metropolis_heartbeats_received_total",
             "Heartbeats received by this curator",
@@ -79,6 +84,7 @@ impl Metrics {
         registry.register(Box::new(store_seconds.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(store_revision.clone()))?;
         registry.register(Box::new(heartbeats.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -91,6 +97,7 @@ impl Metrics {
             store_seconds,
             nodes,
             leader,
+            store_revision,
             heartbeats,
             heartbeats_seen: Mutex::new(0),
         }))
@@ -122,6 +129,10 @@ impl Metrics {
         if let Some((cluster, heartbeats)) = cluster {
             let leading = heartbeats.is_leading();
             self.leader.set(i64::from(leading));
+            match cluster.store().revision().await {
+                Ok(revision) => self.store_revision.set(revision),
+                Err(e) => tracing::warn!(error = %e, "metrics: cannot read the store revision"),
+            }
             // Health is the leader's to judge: heartbeats go to the leader
             // only, so a follower's view would call every node timed out.
             self.nodes.reset();

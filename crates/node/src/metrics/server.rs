@@ -63,6 +63,7 @@ enum Peer {
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    limits: metropolis_rpc::server::Limits,
     plain: Option<TcpListener>,
     service: Arc<MetricsService>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -71,14 +72,16 @@ pub async fn serve(
     // configuration offers only h2 (gRPC).
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let app = router(service);
+    let app = router(service.clone());
     let plain_task = plain.map(|l| {
         let app = app.clone().layer(Extension(Peer::Loopback));
         tokio::spawn(async move { axum::serve(l, app).await })
     });
     let mut incoming = std::pin::pin!(metropolis_rpc::server::tls_incoming(
         listener,
-        Arc::new(tls)
+        Arc::new(tls),
+        &limits,
+        Some(service.ca_der.clone()),
     ));
     let mut stop = std::pin::pin!(stop);
     // Dropped on return: open connections end with the server.
@@ -89,19 +92,12 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             conn = incoming.next() => match conn {
                 Some(Ok(stream)) => {
-                    let leaf = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| Arc::new(c.to_vec()));
+                    let leaf = stream.peer_certificate().map(Arc::new);
                     let app = app.clone().layer(Extension(Peer::Tls(leaf)));
+                    let builder = connection_builder(&limits);
                     connections.spawn(async move {
                         let svc = hyper_util::service::TowerToHyperService::new(app);
                         let io = hyper_util::rt::TokioIo::new(stream);
-                        let builder = hyper_util::server::conn::auto::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        );
                         if let Err(e) = builder.serve_connection(io, svc).await {
                             tracing::debug!(error = %e, "metrics connection ended");
                         }
@@ -116,6 +112,35 @@ pub async fn serve(
         t.abort();
     }
     Ok(())
+}
+
+/// HTTP/1.1 and HTTP/2 for one connection, with the gRPC ports' HTTP/2
+/// settings (`Limits`): a scraper needs a stream or two, never more than a
+/// gRPC client, and a dead one is found by the same keepalive.
+fn connection_builder(
+    limits: &metropolis_rpc::server::Limits,
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // A request head that trickles in is dropped like a slow handshake.
+        .header_read_timeout(limits.handshake_timeout)
+        .max_buf_size(limits.max_header_list_size as usize);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_frame_size(limits.max_frame_size)
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout);
+    builder
 }
 
 fn router(service: Arc<MetricsService>) -> axum::Router {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use metropolis_api::api::{
     EscrowRequest, NodeParameters,
-    aaa_client::AaaClient,
     escrow_request::Parameters,
     node_parameters::{Cluster, ClusterBootstrap},
 };
@@ -201,6 +200,24 @@ impl TestNode {
         }
     }
 
+    /// The process ID while the node runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The node process's resident memory in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Whether the process has exited, and with what status.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child
@@ -298,28 +315,9 @@ pub fn escrow_request(name: &str, key: &[u8]) -> EscrowRequest {
 
 /// Runs the owner escrow flow over gRPC and returns the owner certificate.
 pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Vec<u8> {
-    let self_signed = metropolis_identity::self_signed_certificate(owner, "").expect("self-signed");
-    let ch = channel(addr, trust(ca), Some((self_signed, owner.clone())))
+    metropolis_rpc::client::escrow_owner(addr, ca, owner)
         .await
-        .expect("connect");
-    let mut s = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([escrow_request(
-            "owner",
-            owner.verifying_key().as_bytes(),
-        )]))
-        .await
-        .expect("escrow")
-        .into_inner();
-    let resp = s
-        .message()
-        .await
-        .expect("escrow response")
-        .expect("one response");
-    assert!(
-        !resp.emitted_certificate.is_empty(),
-        "no certificate emitted: {resp:?}"
-    );
-    resp.emitted_certificate
+        .expect("escrow the owner certificate")
 }
 
 /// A Management-capable channel authenticated as the owner.
