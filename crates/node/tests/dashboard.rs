@@ -314,6 +314,35 @@ async fn the_dashboard_shows_the_cluster_live_in_chromium() {
     })
     .await;
 
+    // The audit pane (reloaded after a page action) shows the page's calls,
+    // made with the operator's own credentials.
+    let audit = wait_page(&c, "the page's calls in the audit log", async |c| {
+        text_of(c, "#audit")
+            .await
+            .filter(|t| t.contains("UpdateNodeRoles") && t.contains("UpdateNodeLabels"))
+    })
+    .await;
+    assert!(audit.contains("owner"), "audit pane: {audit}");
+    // The cluster pane: CA expiry, configuration, the leader and the
+    // consensus members (the first node, which bootstrapped, is both).
+    let pane = text_of(&c, "#cluster").await.unwrap_or_default();
+    for want in [
+        "CA valid until",
+        "Cluster domain",
+        "Storage security",
+        "Curator leader",
+        "Consensus",
+    ] {
+        assert!(
+            pane.contains(want),
+            "no {want:?} in the cluster pane: {pane}"
+        );
+    }
+    assert!(
+        pane.matches(first.as_str()).count() >= 2,
+        "the first node as leader and member: {pane}"
+    );
+
     screenshot(&c, "dashboard-nodes.png").await;
 
     // A node's logs, followed.

@@ -317,6 +317,17 @@ function expiry(iso) {
   return Number.isNaN(d) ? iso : `${iso} (${Math.floor(d)} days left)`;
 }
 
+// A fingerprint may wrap only between bytes (<wbr> after each colon: it
+// breaks the line without adding a character to what is copied).
+function fingerprint(text) {
+  const code = el('code', {});
+  text.split(':').forEach((part, i) => {
+    if (i > 0) code.append(':', document.createElement('wbr'));
+    code.append(part);
+  });
+  return code;
+}
+
 async function loadCluster() {
   const out = $('cluster');
   try {
@@ -326,7 +337,7 @@ async function loadCluster() {
     const sync = ((cfg.kubernetes || {}).nodeLabelsToSynchronize || []).map((r) => r.regexp);
     const leader = c.leader || {};
     out.append(dl([
-      ['CA fingerprint (SHA-256)', el('code', { class: 'wrap' }, c.ca.fingerprint_sha256 || c.ca.error || '')],
+      ['CA fingerprint (SHA-256)', c.ca.fingerprint_sha256 ? fingerprint(c.ca.fingerprint_sha256) : (c.ca.error || '')],
       ['CA valid until', expiry(c.ca.not_after)],
       ['Curator leader', leader.leaderNodeId ? `${leader.leaderNodeId} at ${leader.leaderHost}:${leader.leaderPort}` : '(none known)'],
       ['Cluster domain', cfg.clusterDomain || ''],
