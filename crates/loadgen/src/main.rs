@@ -30,11 +30,12 @@
 //! On either store, a "Store" section (`store`) puts the registrations'
 //! store transactions next to the same store's raw rate: the revision just
 //! before and after the registrations (from the node's etcd, or from the
-//! node's plain-HTTP `/metrics/core` on the embedded store) gives the write transactions
-//! per registration; right after, as many compare-and-swap transactions as
-//! they made (at least 2,000) run with `--concurrency` writers, each on its
-//! own key with a node record's bytes, on the node's etcd or on an embedded
-//! store the loadgen opens in the run's directory (same code, same disk).
+//! node's `/metrics/core` over plain HTTP on the embedded store) gives the
+//! write transactions per registration; right after, as many
+//! compare-and-swap transactions as they made (at least 2,000) run with
+//! `--concurrency` writers, each on its own key with a node record's bytes,
+//! on the node's etcd or on an embedded store the loadgen opens in the run's
+//! directory (same code, same disk).
 //! The share of the raw rate the registrations reached is reported (target:
 //! at least 50%), and with etcd also etcd's CPU and its own log lines by
 //! level (they go to the node's log tree, read through
