@@ -194,7 +194,8 @@ pub fn new_boot_id() -> Vec<u8> {
 pub struct Maintain {
     pub creds: Arc<Credentials>,
     /// Where to look for the curator leader; refreshed from the cluster
-    /// directory after every join and saved for the next start.
+    /// directory after every join and now and then during a session, and
+    /// saved for the next start.
     pub endpoints: std::sync::Mutex<Vec<SocketAddr>>,
     pub address: IpAddr,
     pub runs_curator: bool,
@@ -327,7 +328,7 @@ async fn session(
             this_node_id: m.creds.node_id(),
         });
     }
-    refresh_directory(m, connected.channel.clone()).await;
+    refresh_directory(m, connected.channel.clone(), true).await;
     if let Some(ended) = consensus_change(m, joined.roles.as_ref()) {
         return Ok(ended);
     }
@@ -349,8 +350,16 @@ async fn session(
         .map_err(CallError::Status)?
         .into_inner();
     let mut roles = joined.roles;
+    // The directory read at the join may predate other members' addresses
+    // (nodes that joined together, or were given the ConsensusMember role
+    // since): read again now and then, so that a failover of the curator this
+    // session uses finds the others.
+    let every = directory_refresh_interval(m.heartbeat_interval);
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = refresh.tick() => refresh_directory(m, connected.channel.clone(), false).await,
             reply = replies.next() => match reply {
                 Some(r) => { r.map_err(CallError::Status)?; }
                 None => return Err(CallError::Status(tonic::Status::unavailable("the curator closed the heartbeat stream"))),
@@ -403,18 +412,30 @@ fn consensus_change(
     }
 }
 
+/// How often a session reads the cluster directory again: every ten beats,
+/// within 1 s..30 s (one cheap call per node, answered from the leader's
+/// directory index).
+fn directory_refresh_interval(heartbeat: Duration) -> Duration {
+    (heartbeat * 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
 /// Learns every node's address (GetClusterInfo), so that this node can find
 /// the curator through any of them when the one it knew is gone; remembered
-/// in the data directory for the next start.
-async fn refresh_directory(m: &Maintain, channel: Channel) {
+/// in the data directory for the next start (at a join always, later only
+/// when it changed).
+async fn refresh_directory(m: &Maintain, channel: Channel, at_join: bool) {
     use metropolis_api::api::{GetClusterInfoRequest, management_client::ManagementClient};
-    let info = match ManagementClient::new(channel)
-        .get_cluster_info(GetClusterInfoRequest {})
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
+    // Bounded: the session's heartbeat replies wait meanwhile.
+    let mut client = ManagementClient::new(channel);
+    let call = client.get_cluster_info(GetClusterInfoRequest {});
+    let info = match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "cannot read the cluster directory");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("the cluster directory was not read within 10s");
             return;
         }
     };
@@ -431,7 +452,16 @@ async fn refresh_directory(m: &Maintain, channel: Channel) {
     if endpoints.is_empty() {
         return;
     }
-    *m.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
+    {
+        let mut known = m.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if *known == endpoints && !at_join {
+            return;
+        }
+        if *known != endpoints {
+            tracing::debug!(?endpoints, "the cluster directory changed");
+        }
+        *known = endpoints;
+    }
     if let Err(e) = DataDir::new(m.data_dir.clone()).save_directory(&dir) {
         tracing::warn!(error = %e, "cannot save the cluster directory");
     }
