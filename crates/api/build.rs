@@ -19,6 +19,7 @@ const PROTOS: &[&str] = &[
     "metropolis/proto/admin/consensus.proto",
     "metropolis/proto/admin/faults.proto",
     "metropolis/proto/admin/node.proto",
+    "metropolis/proto/admin/watch.proto",
     "metropolis/proto/storage/storage.proto",
     "metropolis/node/core/curator/proto/api/api.proto",
     "osbase/logtree/proto/logtree.proto",

@@ -28,6 +28,8 @@ pub struct Heartbeats {
     /// refuses them before any stream opens.)
     removed: Mutex<HashSet<String>>,
     received: std::sync::atomic::AtomicU64,
+    /// Health transitions, for watchers (see [`HealthChange`]).
+    changes: tokio::sync::broadcast::Sender<HealthChange>,
 }
 
 impl Heartbeats {
@@ -39,6 +41,7 @@ impl Heartbeats {
             last: Mutex::new(HashMap::new()),
             removed: Mutex::new(HashSet::new()),
             received: std::sync::atomic::AtomicU64::new(0),
+            changes: tokio::sync::broadcast::channel(HEALTH_CHANGES_BUFFER).0,
         }
     }
 
@@ -49,6 +52,7 @@ impl Heartbeats {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.leading
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify(HealthChange::All);
     }
 
     /// This curator no longer leads.
@@ -82,11 +86,18 @@ impl Heartbeats {
 
     fn beat_at(&self, node_id: &str, now: Instant) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match last.get_mut(node_id) {
-            Some(t) => *t = now,
+        // Whether this beat ends a timeout (or is the first since this
+        // curator leads): then health may have turned HEALTHY.
+        let revived = match last.get_mut(node_id) {
+            Some(t) => now.saturating_duration_since(std::mem::replace(t, now)) >= self.timeout,
             None => {
                 last.insert(node_id.to_string(), now);
+                true
             }
+        };
+        drop(last);
+        if revived && self.changes.receiver_count() > 0 {
+            self.notify(HealthChange::Node(node_id.to_string()));
         }
     }
 
@@ -173,6 +184,83 @@ impl crate::consensus::Liveness for Heartbeats {
     }
 }
 
+/// How many health changes a slow watcher may have pending before it lags
+/// (and then re-reads every node's health, see [`HealthChange`]).
+const HEALTH_CHANGES_BUFFER: usize = 1024;
+
+/// A node's health as [`Heartbeats::health`] reports it may have changed.
+/// Heartbeats are in memory and timeouts happen by time passing, so nothing
+/// in the store shows these; watchers (`node_watch`) subscribe here and
+/// compute the health again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthChange {
+    /// This node beat after a timeout (or for the first time since this
+    /// curator leads), or its last beat just became a timeout ago.
+    Node(String),
+    /// Every node's: this curator started leading (health UNKNOWN), or its
+    /// first timeout as leader passed (health known).
+    All,
+}
+
+impl Heartbeats {
+    /// Health changes from now on. A receiver that lags has missed some:
+    /// treat that as [`HealthChange::All`].
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<HealthChange> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self, change: HealthChange) {
+        // No receivers is not an error: nobody watches.
+        let _ = self.changes.send(change);
+    }
+
+    /// How often [`Self::report_timeouts`] looks for new timeouts: late by
+    /// at most this much, and cheap (one pass over the beats, only while
+    /// someone watches).
+    pub fn timeout_resolution(&self) -> Duration {
+        (self.timeout / 50).clamp(Duration::from_millis(10), Duration::from_millis(100))
+    }
+
+    /// Reports nodes whose last beat becomes a timeout ago, and the end of
+    /// the first timeout as leader, as they happen; runs until dropped.
+    /// Beats that end a timeout are reported by the beat itself.
+    pub async fn report_timeouts(self: std::sync::Arc<Self>) {
+        let mut checked = Instant::now();
+        let mut tick = tokio::time::interval(self.timeout_resolution());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            if self.changes.receiver_count() > 0 && self.is_leading() {
+                for change in self.timeouts_between(checked, now) {
+                    self.notify(change);
+                }
+            }
+            checked = now;
+        }
+    }
+
+    /// The changes whose moment falls in `(after, until]`: a node whose
+    /// last beat was exactly one timeout before a moment in there timed out
+    /// then (a later beat would have moved its last beat).
+    fn timeouts_between(&self, after: Instant, until: Instant) -> Vec<HealthChange> {
+        let crossed = |t: Instant| {
+            let due = t + self.timeout;
+            after < due && due <= until
+        };
+        if crossed(self.leader_since()) {
+            return vec![HealthChange::All];
+        }
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| crossed(**t))
+            .map(|(id, _)| HealthChange::Node(id.clone()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +322,48 @@ mod tests {
         // A new leadership forgets it.
         hb.start_leading();
         assert_eq!(hb.is_live("a"), None);
+    }
+
+    #[test]
+    fn health_changes_are_reported_at_the_transitions() {
+        let hb = Heartbeats::new(Duration::from_secs(5));
+        let mut rx = hb.subscribe_changes();
+        let t0 = hb.leader_since();
+        let s = Duration::from_secs;
+        // The first beat since leading, then beats within the timeout: one
+        // change only.
+        hb.beat_at("a", t0);
+        hb.beat_at("a", t0 + s(1));
+        assert_eq!(rx.try_recv().ok(), Some(HealthChange::Node("a".into())));
+        assert!(
+            rx.try_recv().is_err(),
+            "a beat within the timeout changes nothing"
+        );
+        // The first timeout as leader passes: every node's health is known.
+        assert_eq!(
+            hb.timeouts_between(t0 + s(4), t0 + s(5)),
+            vec![HealthChange::All]
+        );
+        // a's last beat (t0+1s) becomes a timeout ago at t0+6s, not before
+        // and not twice.
+        assert_eq!(
+            hb.timeouts_between(t0 + s(5), t0 + s(5) + Duration::from_millis(999)),
+            vec![]
+        );
+        assert_eq!(
+            hb.timeouts_between(t0 + s(5), t0 + s(6)),
+            vec![HealthChange::Node("a".into())]
+        );
+        assert_eq!(hb.timeouts_between(t0 + s(6), t0 + s(7)), vec![]);
+        // A beat after the timeout: HEALTHY again, reported by the beat.
+        hb.beat_at("a", t0 + s(8));
+        assert_eq!(rx.try_recv().ok(), Some(HealthChange::Node("a".into())));
+        assert_eq!(
+            hb.health("a", NodeState::Up as i32, t0 + s(8)).0,
+            Health::Healthy
+        );
+        // Leading anew: every node's health is unknown again.
+        hb.start_leading();
+        assert_eq!(rx.try_recv().ok(), Some(HealthChange::All));
     }
 }

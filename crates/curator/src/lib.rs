@@ -20,6 +20,7 @@ pub mod labels;
 pub mod leader;
 pub mod local;
 pub mod management;
+pub mod node_watch;
 pub mod nodes;
 pub mod state;
 pub mod watch;

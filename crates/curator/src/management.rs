@@ -78,6 +78,40 @@ pub fn api_node(
     }
 }
 
+/// Nodes as Management.GetNodes shows them, and NodeWatch too: converted
+/// with [`api_node`], then kept if the request's CEL filter matches.
+pub struct NodeView {
+    filter: Option<Filter>,
+}
+
+impl NodeView {
+    /// Compiles a request's filter; empty or blank means every node.
+    pub fn new(filter: &str) -> Result<Self, Status> {
+        let filter = if filter.trim().is_empty() {
+            None
+        } else {
+            Some(Filter::compile(filter).map_err(|e| Status::invalid_argument(e.to_string()))?)
+        };
+        Ok(NodeView { filter })
+    }
+
+    /// The node as shown at `now`, or None if the filter does not match it.
+    pub fn show(
+        &self,
+        entry: NodeEntry,
+        heartbeats: &Heartbeats,
+        now: Instant,
+        consensus: Option<Progress>,
+    ) -> Result<Option<Node>, Status> {
+        let node = api_node(entry, heartbeats, now, consensus);
+        match self.filter.as_ref().map(|f| f.matches(&node)) {
+            None | Some(Ok(true)) => Ok(Some(node)),
+            Some(Ok(false)) => Ok(None),
+            Some(Err(e)) => Err(Status::invalid_argument(format!("invalid filter: {e}"))),
+        }
+    }
+}
+
 /// The node ID for a public key given in a request.
 pub fn node_id_of_pubkey(pubkey: &[u8]) -> Result<String, Status> {
     let key: [u8; 32] = pubkey.try_into().map_err(|_| {
@@ -116,12 +150,7 @@ impl Management for ManagementService {
         &self,
         request: Request<GetNodesRequest>,
     ) -> Result<Response<NodeStream>, Status> {
-        let src = request.into_inner().filter;
-        let filter = if src.trim().is_empty() {
-            None
-        } else {
-            Some(Filter::compile(&src).map_err(|e| Status::invalid_argument(e.to_string()))?)
-        };
+        let view = NodeView::new(&request.into_inner().filter)?;
         // As upstream: a record that does not decode is skipped (and logged),
         // not a failed call.
         let entries = self.cluster.nodes_readable().await?;
@@ -132,14 +161,7 @@ impl Management for ManagementService {
         // polled: only the store's read result is held, not a second copy.
         let nodes = entries.into_iter().filter_map(move |entry| {
             let p = progress.get(&entry.id).copied();
-            let node = api_node(entry, &heartbeats, now, p);
-            match filter.as_ref().map(|f| f.matches(&node)) {
-                None | Some(Ok(true)) => Some(Ok(node)),
-                Some(Ok(false)) => None,
-                Some(Err(e)) => Some(Err(Status::invalid_argument(format!(
-                    "invalid filter: {e}"
-                )))),
-            }
+            view.show(entry, &heartbeats, now, p).transpose()
         });
         // The first error ends the stream.
         let mut failed = false;

@@ -12,7 +12,7 @@ use metropolis_api::curator::{
     watch_event::{NodeTombstone, Progress},
     watch_request,
 };
-use metropolis_store::{EventKind, Store};
+use metropolis_store::{EventKind, RangeResponse, Store, WatchStream};
 use prost::Message;
 use tonic::Status;
 
@@ -23,7 +23,7 @@ use crate::state::{NODES_PREFIX, node_key};
 /// limit, so that clients with default settings read every event.
 pub const MAX_EVENT_BYTES: usize = 2 * 1024 * 1024;
 
-fn node_id_of_key(key: &[u8]) -> String {
+pub fn node_id_of_key(key: &[u8]) -> String {
     String::from_utf8_lossy(key)
         .trim_start_matches(NODES_PREFIX)
         .to_string()
@@ -54,26 +54,57 @@ pub fn backlog_events(nodes: Vec<Node>, limit: usize) -> Vec<WatchEvent> {
         progress: Progress::LastBacklogged as i32,
         ..Default::default()
     };
-    // The progress field of the last event; counted in every event so that
-    // whichever ends up last still fits.
-    let reserve = last.encoded_len();
-    let mut events = Vec::new();
-    let mut current = WatchEvent::default();
+    let mut events: Vec<WatchEvent> = split_under(nodes, limit, last.encoded_len())
+        .into_iter()
+        .map(|nodes| WatchEvent {
+            nodes,
+            ..Default::default()
+        })
+        .collect();
+    if let Some(e) = events.last_mut() {
+        e.progress = last.progress;
+    }
+    events
+}
+
+/// Splits `items`, in order, into groups that encode as one repeated field
+/// (number below 16) in at most `limit` bytes plus `reserve` for the rest of
+/// the message; an item larger than that on its own goes alone. Always at
+/// least one group, so that an empty snapshot is still sent.
+pub fn split_under<T: Message>(items: Vec<T>, limit: usize, reserve: usize) -> Vec<Vec<T>> {
+    let mut groups = Vec::new();
+    let mut current = Vec::new();
     let mut size = reserve;
-    for node in nodes {
-        // Field 1, length-delimited: tag, length, message.
-        let len = node.encoded_len();
+    for item in items {
+        // Length-delimited field: tag, length, message.
+        let len = item.encoded_len();
         let cost = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-        if !current.nodes.is_empty() && size + cost > limit {
-            events.push(std::mem::take(&mut current));
+        if !current.is_empty() && size + cost > limit {
+            groups.push(std::mem::take(&mut current));
             size = reserve;
         }
         size += cost;
-        current.nodes.push(node);
+        current.push(item);
     }
-    current.progress = last.progress;
-    events.push(current);
-    events
+    groups.push(current);
+    groups
+}
+
+/// The records under `prefix` as of one store revision, and a stream of
+/// every change after it: nothing is missed or seen twice in between.
+pub async fn records_and_changes(
+    store: &std::sync::Arc<dyn Store>,
+    prefix: &str,
+) -> Result<(RangeResponse, WatchStream), Status> {
+    let range = store
+        .range(prefix.as_bytes())
+        .await
+        .map_err(CuratorError::from)?;
+    let changes = store
+        .watch(prefix.as_bytes(), range.revision + 1)
+        .await
+        .map_err(CuratorError::from)?;
+    Ok((range, changes))
 }
 
 /// What one watcher asked for: one node's key or every node.
@@ -100,12 +131,7 @@ pub async fn watch(
         Some(id) => node_key(id),
         None => NODES_PREFIX.to_string(),
     };
-    // The backlog and the changes after it come from one revision, so
-    // nothing is missed or seen twice in between.
-    let range = store
-        .range(prefix.as_bytes())
-        .await
-        .map_err(CuratorError::from)?;
+    let (range, changes) = records_and_changes(store, &prefix).await?;
     let wanted = only.map(|id| node_key(&id).into_bytes());
     let matches = move |key: &[u8]| wanted.as_deref().is_none_or(|w| key == w);
     let backlog: Vec<Node> = range
@@ -115,10 +141,6 @@ pub async fn watch(
         .map(|kv| watch_node(&kv.key, &kv.value))
         .collect::<Result<_, _>>()?;
     let backlog = backlog_events(backlog, MAX_EVENT_BYTES);
-    let changes = store
-        .watch(prefix.as_bytes(), range.revision + 1)
-        .await
-        .map_err(CuratorError::from)?;
     // Changes go out one record per event: a record is far below the limit.
     let changes = changes.filter_map(move |ev| {
         let out = match ev {

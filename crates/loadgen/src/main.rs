@@ -30,11 +30,12 @@
 //! On either store, a "Store" section (`store`) puts the registrations'
 //! store transactions next to the same store's raw rate: the revision just
 //! before and after the registrations (from the node's etcd, or from the
-//! node's `/metrics` on the embedded store) gives the write transactions
-//! per registration; right after, as many compare-and-swap transactions as
-//! they made (at least 2,000) run with `--concurrency` writers, each on its
-//! own key with a node record's bytes, on the node's etcd or on an embedded
-//! store the loadgen opens in the run's directory (same code, same disk).
+//! node's `/metrics/core` over plain HTTP on the embedded store) gives the
+//! write transactions per registration; right after, as many
+//! compare-and-swap transactions as they made (at least 2,000) run with
+//! `--concurrency` writers, each on its own key with a node record's bytes,
+//! on the node's etcd or on an embedded store the loadgen opens in the run's
+//! directory (same code, same disk).
 //! The share of the raw rate the registrations reached is reported (target:
 //! at least 50%), and with etcd also etcd's CPU and its own log lines by
 //! level (they go to the node's log tree, read through
@@ -66,7 +67,8 @@
 //! the temporary directory, whose path must stay under the 107 bytes a unix
 //! socket path may have.
 //!
-//! The node runs on `--address` (127.0.0.2 by default; its port 7835 must be
+//! The node runs on `--address` (127.0.0.2 by default; its ports 7835 and
+//! 7841, where it serves plain-HTTP metrics to the loadgen, must be
 //! free) and keeps its data in a temporary directory (`TMPDIR` decides
 //! where; the store fsyncs every commit, so the disk under it matters).
 //! Each simulated node holds one connection, so the loadgen raises its
@@ -297,6 +299,7 @@ async fn run(args: Args, progress: Progress) -> anyhow::Result<Report> {
     let needed_fds = args.nodes as node::Rlim + FD_HEADROOM;
     node::check_nofile(needed_fds)?;
     node::check_port_free(args.address, node::CURATOR_PORT)?;
+    node::check_port_free(args.address, node::PLAIN_METRICS_PORT)?;
     if args.store == StoreKind::Etcd {
         node::check_port_free(args.address, node::ETCD_PEER_PORT)?;
     }

@@ -22,8 +22,10 @@ pub const NODE_MGMT_PORT: u16 = 7839;
 /// Port etcd's peers talk to each other on, on the node's address; a
 /// high-availability node binds it at bootstrap.
 pub const ETCD_PEER_PORT: u16 = 7834;
-/// The node's Prometheus metrics (HTTP).
-pub const METRICS_PORT: u16 = 7840;
+/// The node's Prometheus metrics over plain HTTP, which the loadgen asks
+/// its node for (`--metrics-plain-http`, loopback only): port 7840 itself
+/// is TLS for cluster certificates, and the loadgen reads one gauge.
+pub const PLAIN_METRICS_PORT: u16 = 7841;
 /// The node keeps its etcd here, under its data directory.
 const ETCD_DIR: &str = "etcd";
 /// etcd can listen on a unix socket only as `unix://client.sock:0`, which
@@ -128,6 +130,8 @@ impl NodeProcess {
             .arg(humantime::format_duration(s.heartbeat_timeout).to_string())
             .arg("--leader-lease-ttl")
             .arg(humantime::format_duration(s.leader_lease_ttl).to_string())
+            .arg("--metrics-plain-http")
+            .arg(SocketAddr::new(s.address, PLAIN_METRICS_PORT).to_string())
             .env("RUST_LOG", s.log_level)
             .stdin(Stdio::null())
             .stdout(out)

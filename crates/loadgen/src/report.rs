@@ -609,7 +609,7 @@ fn render_store(o: &mut String, e: &StoreBackend) {
         None => {
             let _ = writeln!(
                 o,
-                "\n-- Store: embedded (revision from the node's /metrics; raw txns on a store of the same code and disk)"
+                "\n-- Store: embedded (revision from the node's /metrics/core; raw txns on a store of the same code and disk)"
             );
         }
     }

@@ -79,7 +79,7 @@ pub async fn before_registration(kind: StoreKind, node: &NodeProcess) -> anyhow:
             (RevisionSource::Etcd(store), Some(socket))
         }
         StoreKind::Embedded => (
-            RevisionSource::Metrics(SocketAddr::new(node.addr.ip(), node::METRICS_PORT)),
+            RevisionSource::Metrics(SocketAddr::new(node.addr.ip(), node::PLAIN_METRICS_PORT)),
             None,
         ),
     };
@@ -256,7 +256,7 @@ fn node_record_like(node: &Admitted) -> Vec<u8> {
 /// `metropolis_store_revision` from the node's `/metrics`.
 async fn metrics_revision(addr: SocketAddr) -> anyhow::Result<i64> {
     use http_body_util::BodyExt;
-    let url: hyper::Uri = format!("http://{addr}/metrics").parse()?;
+    let url: hyper::Uri = format!("http://{addr}/metrics/core").parse()?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
     let resp = client

@@ -220,3 +220,51 @@ pub fn call_error(what: &str, status: tonic::Status) -> anyhow::Error {
     };
     anyhow::anyhow!("{what} failed: {detail}{hint}")
 }
+
+/// GET `path` over HTTPS from node `node_id` at `addr` (its metrics port),
+/// as the operator, verifying the node by the pinned CA and its ID.
+pub async fn https_get(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    node_id: &str,
+    path: &str,
+) -> anyhow::Result<(hyper::StatusCode, hyper::body::Bytes)> {
+    use http_body_util::BodyExt;
+    let (cert, key) = ctx.client_identity()?;
+    let tls = metropolis_identity::client_config(
+        ServerTrust::ClusterCa {
+            ca_der: ctx.cluster_ca().await?,
+            node_id: Some(node_id.to_string()),
+        },
+        Some((cert, key)),
+    )
+    .context("building TLS configuration")?;
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let fetch = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with {addr} failed"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .with_context(|| format!("GET https://{addr}{path} failed"))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), fetch)
+        .await
+        .with_context(|| format!("https://{addr}{path} did not answer within 20s"))?
+}

@@ -4,6 +4,7 @@ mod cmd;
 mod config;
 mod conn;
 mod output;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,22 @@ enum Command {
     /// Node commands.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Serve a web page over the cluster on this machine, acting with your
+    /// credentials: nodes live, cluster, audit log, node logs; approve, label,
+    /// roles.
+    Dashboard {
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Allow a --listen address other than loopback (anyone who reaches it
+        /// acts with your credentials).
+        #[arg(long)]
+        insecure_listen: bool,
+    },
+    /// Write the pinned CA, your client certificate and its key (PKCS#8) into
+    /// DIR, for curl, Prometheus and other TLS clients of the metrics port.
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
     /// Print a shell completion script (e.g. `source <(metroctl completion bash)`).
     Completion {
         #[arg(value_enum)]
@@ -83,6 +100,10 @@ enum NodeCommand {
         columns: Vec<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Keep watching: the table redraws on every change (state, roles,
+        /// labels, status, health); json/yaml print one document per change.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Print node IDs, one a line.
     List {
@@ -167,8 +188,13 @@ enum NodeCommand {
     },
     /// Stop a node's daemon; it stays down until started again (asks unless --yes).
     Poweroff { id: String },
-    /// Print a node's metrics (Prometheus text format).
-    Metrics { id: String },
+    /// Print a node's metrics (Prometheus text format) from one exporter:
+    /// core (the node's own, default) or etcd (consensus members of HA clusters).
+    Metrics {
+        id: String,
+        #[arg(default_value = "core")]
+        exporter: String,
+    },
     /// Ask a node (without roles) to wipe its credentials and data and leave for good.
     Decommission { id: String },
     /// Remove a node from the cluster state; its certificate stops working at once.
@@ -187,6 +213,12 @@ enum NodeCommand {
         #[arg(required = true, value_name = "key=value|key-")]
         changes: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CredentialsCommand {
+    /// Write ca.pem, client.pem and client-key.pem into DIR (mode 0600).
+    Export { dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -368,6 +400,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             filter,
             columns,
             format,
+            watch: true,
+        }) => cmd::watch::describe_watch(&ctx, &ids, &filter, &columns, format).await,
+        Command::Node(NodeCommand::Describe {
+            ids,
+            filter,
+            columns,
+            format,
+            watch: false,
         }) => cmd::node::describe(&ctx, &ids, &filter, &columns, format).await,
         Command::Node(NodeCommand::List { ids, filter }) => {
             cmd::node::list(&ctx, &ids, &filter).await
@@ -447,7 +487,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Node(NodeCommand::Metrics { id }) => cmd::node::metrics(&ctx, &id).await,
+        Command::Node(NodeCommand::Metrics { id, exporter }) => {
+            cmd::node::metrics(&ctx, &id, &exporter).await
+        }
         Command::Node(NodeCommand::Poweroff { id }) => {
             cmd::node::power(
                 &ctx,
@@ -462,6 +504,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bypass_has_roles,
             bypass_not_decommissioned,
         }) => cmd::node::delete(&ctx, &id, bypass_has_roles, bypass_not_decommissioned).await,
+        Command::Dashboard {
+            listen,
+            insecure_listen,
+        } => cmd::dashboard::run(ctx, listen, insecure_listen).await,
+        Command::Credentials(CredentialsCommand::Export { dir }) => {
+            cmd::credentials::export(&ctx, &dir).await
+        }
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "metroctl", &mut std::io::stdout());

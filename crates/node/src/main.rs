@@ -61,6 +61,11 @@ struct Args {
     /// cluster run (default: `etcd` on PATH).
     #[arg(long)]
     etcd_binary: Option<PathBuf>,
+    /// Also serve the metrics port's paths over plain HTTP, without client
+    /// certificates, on this loopback address and port (e.g. 127.0.0.1:7841).
+    /// Off by default: port 7840 serves them over TLS to cluster certificates.
+    #[arg(long, value_name = "LOOPBACK_IP:PORT")]
+    metrics_plain_http: Option<SocketAddr>,
     /// How long a newly installed binary has to rejoin the cluster and
     /// become HEALTHY before the node rolls back to the previous one.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -89,6 +94,14 @@ impl Args {
             return Err(
                 "--heartbeat-interval and --heartbeat-timeout must be longer than zero".into(),
             );
+        }
+        if let Some(a) = self.metrics_plain_http
+            && !a.ip().is_loopback()
+        {
+            return Err(format!(
+                "--metrics-plain-http {a}: plain HTTP has no authentication, so it is only \
+                 served on loopback addresses (127.0.0.0/8, ::1)"
+            ));
         }
         // etcd leases are whole seconds; a shorter TTL would be rounded up
         // and the leader would renew it in a busy loop.
@@ -376,6 +389,8 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             data_dir: args.data_dir.clone(),
             logs: logs.clone(),
             metrics: metrics.clone(),
+            etcd_socket: etcd.as_ref().map(|e| e.client_socket()),
+            metrics_plain_http: args.metrics_plain_http,
             limits: args.limits(),
         })
         .await;

@@ -194,7 +194,8 @@ pub fn new_boot_id() -> Vec<u8> {
 pub struct Maintain {
     pub creds: Arc<Credentials>,
     /// Where to look for the curator leader; refreshed from the cluster
-    /// directory after every join and saved for the next start.
+    /// directory after every join and now and then during a session, and
+    /// saved for the next start.
     pub endpoints: std::sync::Mutex<Vec<SocketAddr>>,
     pub address: IpAddr,
     pub runs_curator: bool,
@@ -331,7 +332,7 @@ async fn session(
             this_node_id: m.creds.node_id(),
         });
     }
-    refresh_directory(m, connected.channel.clone()).await;
+    refresh_directory(m, connected.channel.clone(), true).await;
     if let Some(ended) = consensus_change(m, joined.roles.as_ref()) {
         return Ok(ended);
     }
@@ -364,7 +365,7 @@ async fn session(
                     if digest != 0 {
                         if directory_digest.is_some_and(|d| d != digest) {
                             tracing::info!("the cluster's consensus members changed; reading the cluster directory again");
-                            refresh_directory(m, connected.channel.clone()).await;
+                            refresh_directory(m, connected.channel.clone(), false).await;
                         }
                         directory_digest = Some(digest);
                     }
@@ -447,16 +448,21 @@ fn readmitted(running: Option<&[u8]>, role: &node_roles::ConsensusMember) -> boo
 
 /// Learns every node's address (GetClusterInfo), so that this node can find
 /// the curator through any of them when the one it knew is gone; remembered
-/// in the data directory for the next start.
-async fn refresh_directory(m: &Maintain, channel: Channel) {
+/// in the data directory for the next start (at a join always, later only
+/// when it changed).
+async fn refresh_directory(m: &Maintain, channel: Channel, at_join: bool) {
     use metropolis_api::api::{GetClusterInfoRequest, management_client::ManagementClient};
-    let info = match ManagementClient::new(channel)
-        .get_cluster_info(GetClusterInfoRequest {})
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
+    // Bounded: the session's heartbeat replies wait meanwhile.
+    let mut client = ManagementClient::new(channel);
+    let call = client.get_cluster_info(GetClusterInfoRequest {});
+    let info = match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "cannot read the cluster directory");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("the cluster directory was not read within 10s");
             return;
         }
     };
@@ -473,7 +479,16 @@ async fn refresh_directory(m: &Maintain, channel: Channel) {
     if endpoints.is_empty() {
         return;
     }
-    *m.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
+    {
+        let mut known = m.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if *known == endpoints && !at_join {
+            return;
+        }
+        if *known != endpoints {
+            tracing::debug!(?endpoints, "the cluster directory changed");
+        }
+        *known = endpoints;
+    }
     if let Err(e) = DataDir::new(m.data_dir.clone()).save_directory(&dir) {
         tracing::warn!(error = %e, "cannot save the cluster directory");
     }

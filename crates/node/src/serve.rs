@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metropolis_api::admin::cluster_admin_server::ClusterAdminServer;
 use metropolis_api::admin::node_curator_server::NodeCuratorServer;
+use metropolis_api::admin::node_watch_server::NodeWatchServer;
 use metropolis_api::api::{aaa_server::AaaServer, management_server::ManagementServer};
 use metropolis_api::common::node_roles;
 use metropolis_api::curator::{
@@ -22,6 +23,7 @@ use metropolis_curator::heartbeat::Heartbeats;
 use metropolis_curator::leader::{self, LeaderGate, LeaderInfo, Leadership};
 use metropolis_curator::local::CuratorLocalService;
 use metropolis_curator::management::ManagementService;
+use metropolis_curator::node_watch::NodeWatchService;
 use metropolis_curator::nodes::{CuratorService, NodeCuratorService};
 use metropolis_rpc::observe::ObserveLayer;
 use metropolis_rpc::server::{Limits, Redirect};
@@ -67,6 +69,10 @@ pub struct Config {
     pub data_dir: std::path::PathBuf,
     pub logs: Arc<LogTree>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// etcd's client socket on nodes that run etcd (its metrics).
+    pub etcd_socket: Option<std::path::PathBuf>,
+    /// Plain-HTTP metrics on this loopback address as well (off: None).
+    pub metrics_plain_http: Option<SocketAddr>,
     /// Every transport limit of the node's gRPC ports.
     pub limits: Limits,
 }
@@ -106,6 +112,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             cluster.step_down().clone(),
         );
         background.push(election);
+        // Health timeouts for NodeWatch (idle while nobody watches).
+        background.push(tokio::spawn(heartbeats.clone().report_timeouts()));
         background.push(tokio::spawn(follow_leadership(
             rx.clone(),
             me,
@@ -129,6 +137,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         (Some(cluster), Some(leadership)) => {
             let heartbeats = heartbeats.clone();
             let management = Arc::new(ManagementService::new(cluster.clone(), heartbeats.clone()));
+            let node_watch = NodeWatchService::new(
+                cluster.clone(),
+                heartbeats.clone(),
+                leadership.clone(),
+                node_id.clone(),
+            );
             // Layers added first are outermost: only the leader serves the
             // curator services; authentication runs before the audit layer,
             // which needs the established caller.
@@ -145,6 +159,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 )
                 .add_service(
                     ManagementServer::from_arc(management).max_decoding_message_size(max_request),
+                )
+                .add_service(
+                    NodeWatchServer::new(node_watch).max_decoding_message_size(max_request),
                 )
                 .add_service(
                     ClusterAdminServer::new(ClusterAdminService::new(cluster.clone()))
@@ -178,6 +195,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 .layer(AuditLayer::disabled())
                 .add_service(Redirect::<AaaServer<AaaService>>::new(msg.clone()))
                 .add_service(Redirect::<ManagementServer<ManagementService>>::new(
+                    msg.clone(),
+                ))
+                .add_service(Redirect::<NodeWatchServer<NodeWatchService>>::new(
                     msg.clone(),
                 ))
                 .add_service(Redirect::<ClusterAdminServer<ClusterAdminService>>::new(
@@ -214,10 +234,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     // NodeManagement: this node's own operations, same TLS and auth layer.
     let mgmt_addr = SocketAddr::new(cfg.address, NODE_MANAGEMENT_PORT);
     let mgmt_listener = metropolis_rpc::server::bind(mgmt_addr).await?;
+    // Metrics: TLS as upstream; plain HTTP only on loopback, if asked for.
+    let metrics_addr = SocketAddr::new(cfg.address, crate::metrics::METRICS_PORT);
+    let metrics_listener = metropolis_rpc::server::bind(metrics_addr).await?;
+    let plain_metrics = match cfg.metrics_plain_http {
+        Some(a) => Some(metropolis_rpc::server::bind(a).await?),
+        None => None,
+    };
     let (power_tx, mut power_rx) = mpsc::channel(1);
     let node_mgmt = metropolis_rpc::server::builder(limits)
         .layer(observe)
-        .layer(AuthLayer::new(ca.clone(), authorizer))
+        .layer(AuthLayer::new(ca.clone(), authorizer.clone()))
         .add_service(
             NodeManagementServer::new(NodeManagementService::new(
                 cfg.logs.clone(),
@@ -237,15 +264,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         stopped(stop_rx.clone()),
     ));
     let mut mgmt_srv = tokio::spawn(node_mgmt.serve_with_incoming_shutdown(
-        metropolis_rpc::server::tls_incoming(mgmt_listener, tls, limits, Some(ca.clone())),
+        metropolis_rpc::server::tls_incoming(mgmt_listener, tls.clone(), limits, Some(ca.clone())),
         stopped(stop_rx.clone()),
     ));
-    let metrics_addr = SocketAddr::new(cfg.address, crate::metrics::METRICS_PORT);
-    let metrics_state = cfg.cluster.clone().map(|c| (c, heartbeats.clone()));
-    let mut metrics_srv = tokio::spawn(crate::metrics::serve(
-        metrics_addr,
-        cfg.metrics.clone(),
-        metrics_state,
+    let metrics_service = Arc::new(crate::metrics::server::MetricsService {
+        metrics: cfg.metrics.clone(),
+        cluster: cfg.cluster.clone().map(|c| (c, heartbeats.clone())),
+        etcd_socket: cfg.etcd_socket.clone(),
+        ca_der: ca.clone(),
+        authorizer: authorizer.clone(),
+    });
+    let mut metrics_srv = tokio::spawn(crate::metrics::server::serve(
+        metrics_listener,
+        tls,
+        limits.clone(),
+        plain_metrics,
+        metrics_service,
         stopped(stop_rx),
     ));
     tracing::info!(node = %node_id, %addr, %mgmt_addr, %metrics_addr, "serving");

@@ -220,6 +220,16 @@ fn launch_ha_makes_three_consensus_members() {
     let upstream = v["etcdMember"].as_array().cloned().unwrap_or_default();
     assert_eq!(upstream.len(), 3, "{v}");
     assert!(upstream.iter().all(|m| m["status"] == "STATUS_FULL"), "{v}");
+    // etcd's own metrics through a member's metrics port (upstream's `etcd`
+    // exporter), as the owner.
+    let member = v["members"][0]["name"].as_str().expect("member name");
+    let m = metroctl(&cfg, &["node", "metrics", member, "etcd"]);
+    assert!(m.status.success(), "metrics etcd: {}", stderr(&m));
+    assert!(
+        stdout(&m).contains("etcd_server_has_leader 1"),
+        "{}",
+        stdout(&m)
+    );
 
     // A member that starts while its etcd cluster has no quorum serves as a
     // plain node (reachable, its logs readable) and starts its curator once

@@ -116,6 +116,8 @@ fn handler_code(path: &str, who: Who) -> Code {
             "/metropolis.proto.admin.ClusterAdmin",
             "RegenerateRegisterTicket" | "ListIdentities" | "GetAuditLog",
         ) => Code::Ok,
+        // The snapshot of every node (empty filter) comes first.
+        ("/metropolis.proto.admin.NodeWatch", "WatchNodes") => Code::Ok,
         ("/metropolis.proto.admin.ClusterAdmin", "AddIdentity" | "RemoveIdentity") => {
             Code::InvalidArgument
         }

@@ -130,16 +130,11 @@ fn slot_state(data_dir: &Path) -> Option<serde_json::Value> {
     Some(serde_json::from_str(&text).expect("state.json is JSON"))
 }
 
-async fn node_metrics(addr: std::net::IpAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect((addr, 7840))
-        .await
-        .expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("response");
-    out
+/// A node's own metrics, as the owner reads them (TLS, the node verified).
+fn node_metrics(cfg: &Path, id: &str) -> String {
+    let out = metroctl(cfg, &["node", "metrics", id]);
+    assert!(out.status.success(), "metrics of {id}: {}", stderr(&out));
+    stdout(&out)
 }
 
 /// Serves `response` (raw HTTP) to every connection, on loopback.
@@ -358,9 +353,7 @@ async fn metroctl_rolls_a_new_binary_through_three_nodes() {
         assert_eq!(state["b"]["sha256"], new_sha.as_str());
         assert_eq!(state["a"]["sha256"], original.as_str());
         assert!(
-            node_metrics(t.address)
-                .await
-                .contains(&format!("sha256=\"{new_sha}\",slot=\"b\"")),
+            node_metrics(&c.cfg, &n.id).contains(&format!("sha256=\"{new_sha}\",slot=\"b\"")),
             "{}: the metric names the running slot",
             n.id
         );
@@ -416,8 +409,7 @@ async fn metroctl_rolls_a_new_binary_through_three_nodes() {
             "only {failed_id} restarted (twice: into the broken binary and back)"
         );
     }
-    let failed = c.node_by_address(list.iter().find(|n| n.id == failed_id).expect("failed"));
-    let m = node_metrics(failed.address).await;
+    let m = node_metrics(&c.cfg, &failed_id);
     assert!(
         m.contains("metropolis_node_update_rollbacks_total 1")
             && m.contains("metropolis_node_update_last_failed 1"),
@@ -689,7 +681,7 @@ async fn bad_input_changes_nothing_and_a_node_updates_itself_without_help() {
     assert_eq!(state["rollbacks"], 1, "{state}");
     let reason = state["last_failure"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("did not rejoin"), "{state}");
-    let m = node_metrics(address).await;
+    let m = node_metrics(&c.cfg, &back[0].id);
     assert!(
         m.contains("metropolis_node_update_rollbacks_total 1"),
         "{m}"

@@ -78,6 +78,18 @@ pub struct NodeEntry {
     pub mod_revision: i64,
 }
 
+impl NodeEntry {
+    /// The record a key/value under [`NODES_PREFIX`] holds.
+    pub fn from_kv(kv: &metropolis_store::KeyValue) -> Result<NodeEntry, CuratorError> {
+        let key = String::from_utf8_lossy(&kv.key);
+        Ok(NodeEntry {
+            id: key.trim_start_matches(NODES_PREFIX).to_string(),
+            node: decode(&key, &kv.value)?,
+            mod_revision: kv.mod_revision,
+        })
+    }
+}
+
 /// The cluster as seen by a curator: typed access to the store.
 pub struct Cluster {
     store: Arc<dyn Store>,
@@ -390,19 +402,7 @@ impl Cluster {
 
     pub async fn nodes(&self) -> Result<Vec<NodeEntry>, CuratorError> {
         let range = self.store.range(NODES_PREFIX.as_bytes()).await?;
-        range
-            .kvs
-            .into_iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key).into_owned();
-                let id = key.trim_start_matches(NODES_PREFIX).to_string();
-                Ok(NodeEntry {
-                    id,
-                    node: decode(&key, &kv.value)?,
-                    mod_revision: kv.mod_revision,
-                })
-            })
-            .collect()
+        range.kvs.iter().map(NodeEntry::from_kv).collect()
     }
 
     /// Every node record that decodes; the others are logged and left out.

@@ -1,11 +1,14 @@
 pub mod audit;
 pub mod cluster;
+pub mod credentials;
+pub mod dashboard;
 pub mod install;
 pub mod launch;
 pub mod node;
 pub mod takeownership;
 pub mod update;
 pub mod user;
+pub mod watch;
 
 use std::io::{BufRead, IsTerminal, Write};
 

@@ -68,19 +68,28 @@ pub async fn describe(
     if format != Format::Table {
         return output::print_structured(format, &nodes, false);
     }
+    println!("{}", nodes_table(&nodes, &shown));
+    Ok(())
+}
+
+/// The table `describe` prints (and `describe --watch` redraws), with the
+/// columns `shown` (indices into [`COLUMNS`], from [`table_columns`]).
+pub fn nodes_table<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    shown: &[usize],
+) -> comfy_table::Table {
     let mut t = output::table();
     t.set_header(shown.iter().map(|&c| COLUMNS[c].to_uppercase()));
-    for n in &nodes {
+    for n in nodes {
         let row = row(n);
         t.add_row(shown.iter().map(|&c| row[c].clone()));
     }
-    println!("{t}");
-    Ok(())
+    t
 }
 
 /// Indices into [`COLUMNS`] of the columns asked for (names in any case):
 /// all of them when none are.
-fn table_columns(asked: &[String]) -> anyhow::Result<Vec<usize>> {
+pub fn table_columns(asked: &[String]) -> anyhow::Result<Vec<usize>> {
     let asked: Vec<String> = asked
         .iter()
         .map(|c| c.trim().to_lowercase())
@@ -215,7 +224,7 @@ pub fn health_name(h: i32) -> String {
         .unwrap_or_else(|_| h.to_string())
 }
 
-fn roles(n: &Node) -> String {
+pub fn roles(n: &Node) -> String {
     let Some(r) = &n.roles else {
         return String::new();
     };
@@ -510,7 +519,10 @@ pub async fn delete(
 }
 
 /// A channel to one node's NodeManagement port, verified as that node.
-async fn node_management(ctx: &Ctx, id: &str) -> anyhow::Result<tonic::transport::Channel> {
+pub(crate) async fn node_management(
+    ctx: &Ctx,
+    id: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
     let nodes = get_nodes(ctx, "", &[id.to_string()]).await?;
     let node = nodes
         .first()
@@ -788,9 +800,13 @@ pub async fn power(
     Ok(())
 }
 
-/// `metroctl node metrics ID`: the node's Prometheus metrics.
-pub async fn metrics(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
-    use http_body_util::BodyExt;
+/// Port of the metrics service on every node.
+const METRICS_PORT: u16 = 7840;
+
+/// `metroctl node metrics ID [EXPORTER]`: one exporter's Prometheus
+/// metrics (default `core`), over TLS as the operator, the node verified as
+/// itself.
+pub async fn metrics(ctx: &Ctx, id: &str, exporter: &str) -> anyhow::Result<()> {
     let nodes = get_nodes(ctx, "", &[id.to_string()]).await?;
     let host = nodes
         .first()
@@ -801,23 +817,15 @@ pub async fn metrics(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let ip: std::net::IpAddr = host
         .parse()
         .with_context(|| format!("node {id} reports a bad address {host:?}"))?;
-    let url: hyper::Uri =
-        format!("http://{}/metrics", std::net::SocketAddr::new(ip, 7840)).parse()?;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
-    let resp = client
-        .get(url.clone())
-        .await
-        .with_context(|| format!("cannot fetch {url}"))?;
-    if !resp.status().is_success() {
-        bail!("{url} answered {}", resp.status());
+    let addr = std::net::SocketAddr::new(ip, METRICS_PORT);
+    let path = format!("/metrics/{exporter}");
+    let (status, body) = crate::conn::https_get(ctx, addr, id, &path).await?;
+    if !status.is_success() {
+        bail!(
+            "https://{addr}{path} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
     }
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .with_context(|| format!("reading {url}"))?
-        .to_bytes();
     print!("{}", String::from_utf8_lossy(&body));
     Ok(())
 }

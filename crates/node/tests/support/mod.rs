@@ -534,3 +534,113 @@ pub async fn ask_peer_port(
         Ok(Ok(out)) => PeerAnswer::Replied(String::from_utf8_lossy(&out).into_owned()),
     }
 }
+
+/// A cluster made the operator's way: metroctl's bootstrap parameters and
+/// takeownership, then nodes registered with metroctl's register parameters
+/// and approved with `metroctl node approve`. Nodes are killed when dropped.
+pub struct OperatorCluster {
+    /// metroctl's configuration directory (owner credentials, pinned CA,
+    /// endpoints).
+    pub cfg: PathBuf,
+    pub nodes: Vec<TestNode>,
+    /// Node IDs, in the order of `nodes`.
+    pub ids: Vec<String>,
+}
+
+impl OperatorCluster {
+    /// Bootstraps on one node and adds `n - 1` more, each started with
+    /// `flags`; returns once every node is UP and HEALTHY.
+    pub async fn start(dir: &Path, n: usize, flags: &[&str]) -> OperatorCluster {
+        let cfg = dir.join("metroctl");
+        let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+        let params = dir.join("bootstrap.pb");
+        let out = metroctl(
+            &cfg,
+            &["install", "params", "--bootstrap", "-o", &path(&params)],
+        );
+        assert!(out.status.success(), "install params: {}", stderr(&out));
+        let first = TestNode::spawn_with(fresh_address(), &dir.join("n1"), Some(&params), flags);
+        first.wait_leading().await;
+        let ep = first.address.to_string();
+        let out = metroctl(&cfg, &["takeownership", "--endpoints", &ep, "--yes"]);
+        assert!(out.status.success(), "takeownership: {}", stderr(&out));
+        let mut nodes = vec![first];
+        let register = dir.join("register.pb");
+        let out = metroctl(
+            &cfg,
+            &["install", "params", "--register", "-o", &path(&register)],
+        );
+        assert!(out.status.success(), "register params: {}", stderr(&out));
+        for i in 2..=n {
+            let node = TestNode::spawn_with(
+                fresh_address(),
+                &dir.join(format!("n{i}")),
+                Some(&register),
+                flags,
+            );
+            nodes.push(node);
+        }
+        let mut c = OperatorCluster {
+            cfg,
+            nodes,
+            ids: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let new = c.list("node.state == NODE_STATE_NEW");
+            for id in &new {
+                let out = metroctl(&c.cfg, &["node", "approve", id]);
+                assert!(out.status.success(), "approve: {}", stderr(&out));
+            }
+            let up = c.list("node.state == NODE_STATE_UP && node.health == HEALTH_HEALTHY");
+            if up.len() == n {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} nodes UP and HEALTHY after 60 s",
+                up.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // IDs in the order of the nodes, by address.
+        let out = metroctl(&c.cfg, &["node", "describe", "-o", "json"]);
+        let all: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("describe JSON");
+        for node in &c.nodes {
+            let addr = node.address.to_string();
+            let id = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["status"]["externalAddress"] == addr.as_str())
+                .and_then(|n| n["id"].as_str())
+                .expect("every node in describe");
+            c.ids.push(id.to_string());
+        }
+        c
+    }
+
+    /// `metroctl node list --filter FILTER`.
+    pub fn list(&self, filter: &str) -> Vec<String> {
+        let out = metroctl(&self.cfg, &["node", "list", "--filter", filter]);
+        assert!(out.status.success(), "node list: {}", stderr(&out));
+        stdout(&out).lines().map(str::to_string).collect()
+    }
+
+    /// The owner's key, certificate and the CA, from metroctl's files.
+    pub fn owner(&self) -> (SigningKey, Vec<u8>, Vec<u8>) {
+        let read = |f: &str| std::fs::read_to_string(self.cfg.join(f)).expect(f);
+        let key = metropolis_identity::decode_owner_key_pem(&read("owner-key.pem")).expect("key");
+        let cert = metropolis_identity::pem_to_cert_der(&read("owner.pem")).expect("owner.pem");
+        let ca = metropolis_identity::pem_to_cert_der(&read("ca.pem")).expect("ca.pem");
+        (key, cert, ca)
+    }
+
+    /// A channel to the first node as the owner.
+    pub async fn owner_channel(&self) -> Channel {
+        let (key, cert, ca) = self.owner();
+        channel(self.nodes[0].endpoint(), trust(&ca), Some((cert, key)))
+            .await
+            .expect("connect as owner")
+    }
+}

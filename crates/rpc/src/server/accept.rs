@@ -300,6 +300,15 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// The client's leaf certificate (DER), if it presented one: for a
+    /// server other than tonic's (the metrics port) that checks it itself.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let certs = self.tls.get_ref().1.peer_certificates()?;
+        certs.first().map(|c| c.to_vec())
+    }
+}
+
 impl Connected for Conn {
     type ConnectInfo = ConnInfo;
 

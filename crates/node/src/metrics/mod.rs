@@ -1,8 +1,10 @@
-//! Metrics on port 7840, Prometheus text format over HTTP: whether this
-//! curator leads, nodes by state and health (from the leader only), RPCs by method and code with latency histograms, heartbeats
-//! received, store operation latency, process memory.
+//! The node's own metrics (upstream's `core` exporter): whether this curator
+//! leads, nodes by state and health (from the leader only), RPCs by method
+//! and code with latency histograms, heartbeats received, store operation
+//! latency, process memory. [`server`] serves them on port 7840.
 
-use std::net::SocketAddr;
+pub mod server;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,7 +125,7 @@ impl Metrics {
     }
 
     /// Renders every metric, refreshing the ones computed from cluster state.
-    async fn render(&self, cluster: Option<&(Arc<Cluster>, Arc<Heartbeats>)>) -> String {
+    pub async fn render(&self, cluster: Option<&(Arc<Cluster>, Arc<Heartbeats>)>) -> String {
         if let Some((cluster, heartbeats)) = cluster {
             let leading = heartbeats.is_leading();
             self.leader.set(i64::from(leading));
@@ -166,37 +168,6 @@ impl Metrics {
         }
         String::from_utf8_lossy(&out).into_owned()
     }
-}
-
-/// Serves `/metrics` until `stop` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    cluster: Option<(Arc<Cluster>, Arc<Heartbeats>)>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = metropolis_rpc::server::bind(addr).await?;
-    let state = Arc::new((metrics, cluster));
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let state = state.clone();
-            async move {
-                let body = state.0.render(state.1.as_ref()).await;
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    body,
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
-    Ok(())
 }
 
 struct InstrumentedStore {
