@@ -38,6 +38,7 @@ mod config;
 mod directory;
 mod labels;
 mod lifecycle;
+pub mod lifetimes;
 mod register;
 mod roles;
 #[cfg(test)]
@@ -48,6 +49,7 @@ pub use bootstrap::{
 };
 pub use config::PATH_LABELS_TO_SYNC;
 pub use directory::DIRECTORY_NODES;
+pub use lifetimes::{Lifetimes, PATH_NODE_CERTIFICATE_LIFETIME, PATH_USER_CERTIFICATE_LIFETIME};
 pub use register::{recommended_storage_security, tpm_usage};
 pub use roles::RoleChange;
 
