@@ -164,7 +164,11 @@ async fn management_requires_a_cluster_certificate_with_the_permission() {
     // A certificate named "owner" from a foreign CA, over the real owner key.
     let foreign = CertificateAuthority::generate().expect("ca");
     let forged = foreign
-        .issue_user_certificate("owner", owner.verifying_key().as_bytes())
+        .issue_user_certificate(
+            "owner",
+            owner.verifying_key().as_bytes(),
+            std::time::Duration::from_secs(86_400),
+        )
         .expect("forged");
     let ch = channel(addr, trust(&ca), Some((forged, owner.clone())))
         .await
