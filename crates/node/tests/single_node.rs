@@ -309,7 +309,8 @@ async fn restart_keeps_identity_and_refuses_a_second_bootstrap() {
 
     // Without params it comes back with the same CA, node ID and owner.
     let restarted = TestNode::spawn(node.address, &node.data_dir, None);
-    restarted.wait_serving().await;
+    // Management answers only once the restarted curator leads again.
+    restarted.wait_leading().await;
     assert_eq!(fetch_ca(restarted.endpoint()).await.expect("ca"), ca);
     let ch = channel(
         restarted.endpoint(),
