@@ -188,7 +188,7 @@ impl EtcdStore {
         self.client.clone()
     }
 
-    fn kv(&self) -> etcd_client::KvClient {
+    pub(crate) fn kv(&self) -> etcd_client::KvClient {
         self.client.kv_client()
     }
 }
@@ -404,6 +404,12 @@ impl Consensus for EtcdStore {
                     ))
                 })
             }
+            // Seen right after a learner that etcd had been asked to promote
+            // was removed: etcd is still settling that change; the same call
+            // succeeds a moment later.
+            Err(e) if is_member_not_found(&e) => Err(StoreError::Unavailable(format!(
+                "etcd is still applying an earlier membership change ({e}); retry shortly"
+            ))),
             Err(e) => Err(match map_member_err(e) {
                 StoreError::Invalid(msg) => {
                     StoreError::Invalid(format!("cannot add etcd learner {peer_url:?}: {msg}"))
@@ -453,6 +459,14 @@ impl Consensus for EtcdStore {
             revision: header.revision(),
             db_size_bytes: resp.db_size(),
         })
+    }
+
+    async fn move_leader(&self, to: u64) -> Result<(), StoreError> {
+        self.client()
+            .move_leader(to)
+            .await
+            .map(|_| ())
+            .map_err(map_member_err)
     }
 }
 
@@ -625,7 +639,7 @@ impl Watcher {
 }
 
 /// `[key, range_end)` covering every key that starts with `prefix`.
-fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     if prefix.is_empty() {
         // etcd: key "\0" with range_end "\0" is every key.
         return (vec![0], vec![0]);
@@ -641,7 +655,7 @@ fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (prefix.to_vec(), vec![0])
 }
 
-fn convert_kv(kv: PbKeyValue) -> KeyValue {
+pub(crate) fn convert_kv(kv: PbKeyValue) -> KeyValue {
     KeyValue {
         key: kv.key,
         value: kv.value,
@@ -706,7 +720,7 @@ fn validate_txn(txn: &Txn) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn header_revision(
+pub(crate) fn header_revision(
     header: Option<&etcd_client::proto::PbResponseHeader>,
 ) -> Result<i64, StoreError> {
     header
@@ -723,7 +737,7 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 /// Connection problems become [`StoreError::Unavailable`], requests etcd
 /// rejects as malformed [`StoreError::Invalid`], everything else
 /// [`StoreError::Backend`].
-fn map_err(e: etcd_client::Error) -> StoreError {
+pub(crate) fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error;
     match e {
         Error::TransportError(e) => {

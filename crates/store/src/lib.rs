@@ -16,6 +16,7 @@ mod embedded;
 mod etcd;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod transfer;
 mod types;
 
 pub use consensus::{Consensus, ConsensusStatus, Member};
