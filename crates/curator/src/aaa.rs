@@ -135,10 +135,11 @@ impl Aaa for AaaService {
                 }
             }
         }
+        let lifetime = self.cluster.lifetimes().await?.user;
         let emitted = self
             .cluster
             .ca()
-            .issue_user_certificate(&name, &public_key)
+            .issue_user_certificate(&name, &public_key, lifetime)
             .map_err(|e| {
                 Status::internal(format!("issuing certificate for {}: {e}", quote(&name)))
             })?;

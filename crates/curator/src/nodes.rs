@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use metropolis_api::admin::{
-    ReportDecommissionedRequest, ReportDecommissionedResponse, node_curator_server::NodeCurator,
+    RenewNodeCertificateRequest, RenewNodeCertificateResponse, ReportDecommissionedRequest,
+    ReportDecommissionedResponse, node_curator_server::NodeCurator,
 };
 use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
@@ -236,6 +237,22 @@ impl NodeCurator for NodeCuratorService {
         self.heartbeats.forget(&node_id);
         tracing::info!(node = %node_id, "node decommissioned itself");
         Ok(Response::new(ReportDecommissionedResponse {}))
+    }
+
+    async fn renew_node_certificate(
+        &self,
+        request: Request<RenewNodeCertificateRequest>,
+    ) -> Result<Response<RenewNodeCertificateResponse>, Status> {
+        // Any certificate over the node key proves possession (the TLS
+        // handshake checked it): the current one, an expired one, or a
+        // self-signed one.
+        let key = presented_key(Caller::of(&request)?)?;
+        let node_id = request.into_inner().node_id;
+        let node_certificate = self.cluster.renew_node_certificate(key, &node_id).await?;
+        tracing::info!(node = %node_id, "renewed node certificate");
+        Ok(Response::new(RenewNodeCertificateResponse {
+            node_certificate,
+        }))
     }
 }
 

@@ -19,18 +19,32 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{IdentityError, fingerprint_sha256, generate_key, node_id, parse_certificate};
 
-/// End of validity of everything this crate issues: 9999-12-31T23:59:59Z, the RFC 5280
-/// (4.1.2.5) value for "no well-defined expiration date". Upstream Metropolis does the same
-/// (`pki.UnknownNotAfter`): certificates are revoked by the cluster, not by the calendar.
+/// RFC 5280's (4.1.2.5) "no well-defined expiration date", 9999-12-31T23:59:59Z: the end of
+/// validity of the self-signed initial owner credentials (whose worth is the key alone), and of
+/// every certificate issued before certificates had lifetimes. [`Certificate::renew_at`] treats
+/// such a certificate as due for renewal at once.
+///
+/// [`Certificate::renew_at`]: crate::Certificate::renew_at
 pub const NO_EXPIRY: OffsetDateTime = match OffsetDateTime::from_unix_timestamp(253_402_300_799) {
     Ok(t) => t,
     Err(_) => panic!("9999-12-31T23:59:59Z is representable"),
 };
 
-/// Start of validity of what this crate issues: an hour ago, to tolerate clocks running a
-/// little behind the issuer's.
+/// How long a new cluster CA is valid: ten years. The CA cannot be replaced yet (see
+/// ARCHITECTURE.md, "CA rotation"), so this is the cluster's lifetime; what it issues never
+/// outlives it.
+pub const CA_LIFETIME: Duration = Duration::days(3653);
+
+/// How far clocks may disagree: certificates start this long before they are issued, and a
+/// certificate whose start is at most this far in the future is accepted
+/// ([`Certificate::validity_at`]).
+///
+/// [`Certificate::validity_at`]: crate::Certificate::validity_at
+pub const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+/// Start of validity of what this crate issues now.
 fn default_not_before() -> OffsetDateTime {
-    OffsetDateTime::now_utc() - Duration::HOUR
+    OffsetDateTime::now_utc() - CLOCK_SKEW
 }
 
 /// Subject common name of the cluster CA.
@@ -171,6 +185,8 @@ fn node_params(
 pub struct CertificateAuthority {
     cert_der: Vec<u8>,
     key: SigningKey,
+    /// End of the CA certificate's validity: nothing it issues lasts longer.
+    not_after: OffsetDateTime,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -184,7 +200,7 @@ impl fmt::Debug for CertificateAuthority {
 
 impl CertificateAuthority {
     /// A new CA with a fresh key: self-signed, CN `Metropolis Cluster CA`, key usage cert sign
-    /// and CRL sign, basic constraints CA, valid from an hour ago until [`NO_EXPIRY`].
+    /// and CRL sign, basic constraints CA, valid for [`CA_LIFETIME`].
     pub fn generate() -> Result<Self, IdentityError> {
         Self::generate_named(CA_COMMON_NAME)
     }
@@ -198,7 +214,9 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = common_name(name);
         params.not_before = default_not_before();
-        params.not_after = NO_EXPIRY;
+        // Whole seconds, as the certificate encodes it.
+        let end = OffsetDateTime::now_utc() + CA_LIFETIME;
+        params.not_after = end.replace_nanosecond(0).unwrap_or(end);
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -206,6 +224,7 @@ impl CertificateAuthority {
         Ok(Self {
             cert_der: cert.der().to_vec(),
             key,
+            not_after: params.not_after,
         })
     }
 
@@ -220,7 +239,11 @@ impl CertificateAuthority {
         if key.verifying_key().to_bytes() != cert.public_key {
             return Err(IdentityError::CaKeyMismatch);
         }
-        let ca = Self { cert_der, key };
+        let ca = Self {
+            cert_der,
+            key,
+            not_after: cert.not_after,
+        };
         // Fail now rather than at the first issuance if rcgen cannot read it as an issuer.
         ca.issuer()?;
         Ok(ca)
@@ -241,6 +264,34 @@ impl CertificateAuthority {
         self.key.verifying_key().to_bytes()
     }
 
+    /// End of the CA's validity ([`NO_EXPIRY`] for CAs made before CAs had a lifetime).
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
+    /// How long the CA is valid from `now` on (zero once it expired): the longest lifetime a
+    /// certificate issued now can have.
+    pub fn remaining(&self, now: OffsetDateTime) -> std::time::Duration {
+        std::time::Duration::try_from(self.not_after - now).unwrap_or_default()
+    }
+
+    /// The validity of a certificate issued now for `lifetime`: from [`CLOCK_SKEW`] ago until
+    /// `lifetime` from now, cut at the CA's own end. Fails once the CA expired.
+    fn validity(
+        &self,
+        lifetime: std::time::Duration,
+    ) -> Result<(OffsetDateTime, OffsetDateTime), IdentityError> {
+        let now = OffsetDateTime::now_utc();
+        if now >= self.not_after {
+            return Err(IdentityError::CaExpired(self.not_after));
+        }
+        let end = Duration::try_from(lifetime)
+            .ok()
+            .and_then(|l| now.checked_add(l))
+            .map_or(self.not_after, |end| end.min(self.not_after));
+        Ok((now - CLOCK_SKEW, end))
+    }
+
     /// The issuer as rcgen wants it. Built from the stored certificate so that the issuer
     /// name and authority key identifier are exactly the CA certificate's.
     pub(crate) fn issuer(&self) -> Result<Issuer<'static, Ed25519Signer<'_>>, IdentityError> {
@@ -259,9 +310,15 @@ impl CertificateAuthority {
         Ok(params.signed_by(&subject, &self.issuer()?)?.der().to_vec())
     }
 
-    /// A node certificate for `node_pubkey`, valid from an hour ago until [`NO_EXPIRY`].
-    pub fn issue_node_certificate(&self, node_pubkey: &[u8; 32]) -> Result<Vec<u8>, IdentityError> {
-        self.issue_node_certificate_with_validity(node_pubkey, default_not_before(), NO_EXPIRY)
+    /// A node certificate for `node_pubkey`, valid for `lifetime` from now (see
+    /// [`Self::validity`]).
+    pub fn issue_node_certificate(
+        &self,
+        node_pubkey: &[u8; 32],
+        lifetime: std::time::Duration,
+    ) -> Result<Vec<u8>, IdentityError> {
+        let (not_before, not_after) = self.validity(lifetime)?;
+        self.issue_node_certificate_with_validity(node_pubkey, not_before, not_after)
     }
 
     /// A node certificate with an explicit validity (for tests of expiry handling).
@@ -311,14 +368,16 @@ impl CertificateAuthority {
         self.issue(&params, node_pubkey)
     }
 
-    /// A user certificate (the owner or another named identity) for `pubkey`, valid from an
-    /// hour ago until [`NO_EXPIRY`].
+    /// A user certificate (the owner or another named identity) for `pubkey`, valid for
+    /// `lifetime` from now (see [`Self::validity`]).
     pub fn issue_user_certificate(
         &self,
         name: &str,
         pubkey: &[u8; 32],
+        lifetime: std::time::Duration,
     ) -> Result<Vec<u8>, IdentityError> {
-        self.issue_user_certificate_with_validity(name, pubkey, default_not_before(), NO_EXPIRY)
+        let (not_before, not_after) = self.validity(lifetime)?;
+        self.issue_user_certificate_with_validity(name, pubkey, not_before, not_after)
     }
 
     /// A user certificate with an explicit validity (for tests of expiry handling).
@@ -342,7 +401,8 @@ impl CertificateAuthority {
 /// presents only to Escrow to trade them for a CA-issued owner certificate.
 ///
 /// CN is `common_name`, or no subject at all if it is empty (as upstream's ephemeral
-/// credentials); extended key usage client auth; valid from an hour ago until [`NO_EXPIRY`].
+/// credentials); extended key usage client auth; valid until [`NO_EXPIRY`] (the key is what
+/// counts, and Escrow does not look at the validity).
 pub fn self_signed_certificate(
     key: &SigningKey,
     common_name: &str,
@@ -366,6 +426,8 @@ mod tests {
     use super::*;
     use crate::{VerifyError, verify_self_signed, verify_signed_by};
 
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
     fn now() -> OffsetDateTime {
         OffsetDateTime::now_utc()
     }
@@ -377,7 +439,12 @@ mod tests {
         assert!(cert.is_ca);
         assert_eq!(cert.common_name, CA_COMMON_NAME);
         assert_eq!(cert.public_key, ca.public_key());
-        assert_eq!(cert.not_after, NO_EXPIRY);
+        let life = cert.not_after - now();
+        assert!(
+            life > CA_LIFETIME - Duration::minutes(1) && life <= CA_LIFETIME,
+            "{life}"
+        );
+        assert_eq!(ca.not_after(), cert.not_after);
         verify_self_signed(&cert).unwrap();
         verify_signed_by(&cert, ca.cert_der(), now()).unwrap();
 
@@ -395,7 +462,7 @@ mod tests {
         assert_eq!(restored.cert_der(), ca.cert_der());
         let node = generate_key();
         let der = restored
-            .issue_node_certificate(node.verifying_key().as_bytes())
+            .issue_node_certificate(node.verifying_key().as_bytes(), DAY)
             .unwrap();
         verify_signed_by(&parse_certificate(&der).unwrap(), ca.cert_der(), now()).unwrap();
 
@@ -427,7 +494,7 @@ mod tests {
         let ca = CertificateAuthority::generate().unwrap();
         let node = generate_key();
         let pubkey = node.verifying_key().to_bytes();
-        let der = ca.issue_node_certificate(&pubkey).unwrap();
+        let der = ca.issue_node_certificate(&pubkey, DAY).unwrap();
         let cert = parse_certificate(&der).unwrap();
         let id = node_id(&pubkey);
         assert_eq!(cert.common_name, id);
@@ -438,7 +505,9 @@ mod tests {
         assert!(!cert.is_ca);
         assert!(cert.is_node_certificate());
         assert!(!cert.is_user_certificate());
-        assert!(cert.not_before < now() && cert.not_after == NO_EXPIRY);
+        assert!(cert.not_before < now() && cert.not_after <= now() + DAY);
+        assert!(cert.not_after > now() + DAY - Duration::minutes(1));
+        assert_eq!(cert.lifetime(), DAY);
         verify_signed_by(&cert, ca.cert_der(), now()).unwrap();
         assert!(matches!(
             verify_self_signed(&cert),
@@ -493,8 +562,8 @@ mod tests {
     fn serials_are_random() {
         let ca = CertificateAuthority::generate().unwrap();
         let pubkey = generate_key().verifying_key().to_bytes();
-        let a = ca.issue_node_certificate(&pubkey).unwrap();
-        let b = ca.issue_node_certificate(&pubkey).unwrap();
+        let a = ca.issue_node_certificate(&pubkey, DAY).unwrap();
+        let b = ca.issue_node_certificate(&pubkey, DAY).unwrap();
         let (_, a) = x509_parser::parse_x509_certificate(&a).unwrap();
         let (_, b) = x509_parser::parse_x509_certificate(&b).unwrap();
         assert_ne!(a.raw_serial(), b.raw_serial());
@@ -506,7 +575,7 @@ mod tests {
         let ca = CertificateAuthority::generate().unwrap();
         let owner = generate_key();
         let pubkey = owner.verifying_key().to_bytes();
-        let der = ca.issue_user_certificate("owner", &pubkey).unwrap();
+        let der = ca.issue_user_certificate("owner", &pubkey, DAY).unwrap();
         let cert = parse_certificate(&der).unwrap();
         assert_eq!(cert.common_name, "owner");
         assert!(cert.dns_names.is_empty());
@@ -521,13 +590,13 @@ mod tests {
         let ca = CertificateAuthority::generate().unwrap();
         let pubkey = generate_key().verifying_key().to_bytes();
         for name in ["", "a\nb", &"x".repeat(65)] {
-            let err = ca.issue_user_certificate(name, &pubkey).unwrap_err();
+            let err = ca.issue_user_certificate(name, &pubkey, DAY).unwrap_err();
             assert!(matches!(err, IdentityError::InvalidName(..)), "{err}");
         }
         // The identity point is of small order.
         let mut identity = [0u8; 32];
         identity[0] = 1;
-        let err = ca.issue_node_certificate(&identity).unwrap_err();
+        let err = ca.issue_node_certificate(&identity, DAY).unwrap_err();
         assert!(matches!(err, IdentityError::InvalidPublicKey(_)), "{err}");
         let err = ca
             .issue_user_certificate_with_validity("owner", &pubkey, now(), now() - Duration::DAY)
@@ -543,12 +612,12 @@ mod tests {
         let ca = CertificateAuthority::generate().unwrap();
         let foreign = CertificateAuthority::generate().unwrap();
         let pubkey = generate_key().verifying_key().to_bytes();
-        let cert = parse_certificate(&ca.issue_node_certificate(&pubkey).unwrap()).unwrap();
+        let cert = parse_certificate(&ca.issue_node_certificate(&pubkey, DAY).unwrap()).unwrap();
         // Both CAs share the subject name, so this gets as far as the signature.
         let err = verify_signed_by(&cert, foreign.cert_der(), now()).unwrap_err();
         assert!(matches!(err, VerifyError::BadSignature(_)), "{err}");
         // A leaf is not a CA.
-        let leaf = ca.issue_node_certificate(&pubkey).unwrap();
+        let leaf = ca.issue_node_certificate(&pubkey, DAY).unwrap();
         let err = verify_signed_by(&cert, &leaf, now()).unwrap_err();
         assert!(matches!(err, VerifyError::InvalidCa(_)), "{err}");
     }
@@ -645,5 +714,49 @@ mod tests {
         *corrupted.last_mut().unwrap() ^= 1;
         let err = verify_self_signed(&parse_certificate(&corrupted).unwrap()).unwrap_err();
         assert!(matches!(err, VerifyError::NotSelfSigned(_)), "{err}");
+    }
+
+    #[test]
+    fn lifetimes_are_cut_at_the_ca_end_and_renewal_is_at_a_third_left() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let pubkey = generate_key().verifying_key().to_bytes();
+        // Longer than the CA: ends with it.
+        let long = std::time::Duration::from_secs(20 * 365 * 86_400);
+        let cert = parse_certificate(&ca.issue_node_certificate(&pubkey, long).unwrap()).unwrap();
+        assert_eq!(cert.not_after, ca.not_after());
+        assert!(ca.remaining(now()) <= std::time::Duration::try_from(CA_LIFETIME).unwrap());
+
+        let minute = std::time::Duration::from_secs(60);
+        let cert = parse_certificate(&ca.issue_user_certificate("owner", &pubkey, minute).unwrap())
+            .unwrap();
+        assert_eq!(cert.lifetime(), minute);
+        assert_eq!(cert.renew_at(), cert.not_after - Duration::seconds(20));
+        assert!(!cert.renewal_due(now()));
+        assert!(cert.renewal_due(now() + Duration::seconds(41)));
+        // Not-before skew: a clock up to CLOCK_SKEW behind still accepts it.
+        cert.validity_at(now() - CLOCK_SKEW - CLOCK_SKEW + Duration::seconds(5))
+            .unwrap();
+        let err = cert.validity_at(now() + Duration::seconds(61)).unwrap_err();
+        assert!(err.to_string().contains("expired at"), "{err}");
+
+        // Certificates without an end (issued before lifetimes) are due at once.
+        let forever = ca
+            .issue_node_certificate_with_validity(&pubkey, now() - Duration::HOUR, NO_EXPIRY)
+            .unwrap();
+        assert!(parse_certificate(&forever).unwrap().renewal_due(now()));
+
+        // An expired CA issues nothing.
+        let key = generate_key();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(CA_COMMON_NAME);
+        params.not_before = now() - Duration::days(2);
+        params.not_after = now() - Duration::DAY;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let old = params.self_signed(&Ed25519Signer::new(&key)).unwrap();
+        let old = CertificateAuthority::from_parts(old.der().to_vec(), key.to_bytes()).unwrap();
+        let err = old.issue_node_certificate(&pubkey, minute).unwrap_err();
+        assert!(matches!(err, IdentityError::CaExpired(_)), "{err}");
+        assert_eq!(old.remaining(now()), std::time::Duration::ZERO);
     }
 }

@@ -12,7 +12,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::oid_registry::OID_SIG_ED25519;
 use x509_parser::prelude::FromDer;
 
-use crate::{IdentityError, VerifyError, node_id};
+use crate::{CLOCK_SKEW, IdentityError, NO_EXPIRY, VerifyError, node_id};
 
 /// The parts of a certificate the control plane cares about.
 ///
@@ -72,6 +72,47 @@ impl Certificate {
         } else {
             None
         }
+    }
+
+    /// Whether the certificate is valid at `now`: not expired, and started, allowing
+    /// [`CLOCK_SKEW`] for a clock running behind the issuer's. Says nothing about who issued it.
+    pub fn validity_at(&self, now: OffsetDateTime) -> Result<(), VerifyError> {
+        if now + CLOCK_SKEW < self.not_before {
+            return Err(VerifyError::NotYetValid {
+                not_before: self.not_before,
+                now,
+            });
+        }
+        if now > self.not_after {
+            return Err(VerifyError::Expired {
+                not_after: self.not_after,
+                now,
+            });
+        }
+        Ok(())
+    }
+
+    /// How long the certificate was issued for: its validity without the [`CLOCK_SKEW`] it
+    /// starts early by.
+    pub fn lifetime(&self) -> std::time::Duration {
+        std::time::Duration::try_from(self.not_after - self.not_before - CLOCK_SKEW)
+            .unwrap_or_default()
+    }
+
+    /// When its holder should get a new one: once a third of its [`Self::lifetime`] is left.
+    /// A certificate without an end ([`NO_EXPIRY`], issued before certificates had lifetimes)
+    /// is due at once, so that it is replaced by a bounded one.
+    pub fn renew_at(&self) -> OffsetDateTime {
+        if self.not_after >= NO_EXPIRY {
+            return self.not_before;
+        }
+        let third = self.lifetime() / 3;
+        self.not_after - time::Duration::try_from(third).unwrap_or(time::Duration::ZERO)
+    }
+
+    /// Whether the certificate is due for renewal at `now` ([`Self::renew_at`]).
+    pub fn renewal_due(&self, now: OffsetDateTime) -> bool {
+        now >= self.renew_at()
     }
 
     /// Whether this has the shape of a user certificate (owner and other named identities):
@@ -204,22 +245,6 @@ pub(crate) fn check_ed25519_signature(
         .map_err(|_| VerifyError::BadSignature("signature does not verify"))
 }
 
-fn check_validity(cert: &Certificate, now: OffsetDateTime) -> Result<(), VerifyError> {
-    if now < cert.not_before {
-        return Err(VerifyError::NotYetValid {
-            not_before: cert.not_before,
-            now,
-        });
-    }
-    if now > cert.not_after {
-        return Err(VerifyError::Expired {
-            not_after: cert.not_after,
-            now,
-        });
-    }
-    Ok(())
-}
-
 /// Verifies that `cert` was issued by the CA certificate `ca_der` and is valid at `now`.
 ///
 /// Checks that the CA is an Ed25519 CA certificate, that the issuer name of `cert` is the CA's
@@ -245,7 +270,7 @@ pub fn verify_signed_by(
         });
     }
     check_signature(&x509, &ca.public_key)?;
-    check_validity(cert, now)
+    cert.validity_at(now)
 }
 
 /// Verifies that `cert` is self-signed: its issuer is its subject and its own key signed it.

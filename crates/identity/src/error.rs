@@ -54,6 +54,12 @@ pub enum IdentityError {
         /// Requested end.
         not_after: OffsetDateTime,
     },
+    /// The CA's own validity ended, so it cannot issue anything.
+    #[error(
+        "the cluster CA expired at {}; it cannot issue certificates (see \"CA rotation\" in ARCHITECTURE.md)",
+        crate::rfc3339(*.0)
+    )]
+    CaExpired(OffsetDateTime),
     /// rcgen refused to build the certificate.
     #[error("certificate generation failed: {0}")]
     Generation(String),
@@ -93,7 +99,11 @@ pub enum VerifyError {
     #[error("certificate signature is invalid: {0}")]
     BadSignature(&'static str),
     /// The certificate's validity ended.
-    #[error("certificate expired at {not_after} (now {now})")]
+    #[error(
+        "certificate expired at {} (now {})",
+        crate::rfc3339(*not_after),
+        crate::rfc3339(*now)
+    )]
     Expired {
         /// End of validity.
         not_after: OffsetDateTime,
@@ -101,7 +111,11 @@ pub enum VerifyError {
         now: OffsetDateTime,
     },
     /// The certificate's validity has not started.
-    #[error("certificate is not valid before {not_before} (now {now})")]
+    #[error(
+        "certificate is not valid before {} (now {}; is a clock wrong?)",
+        crate::rfc3339(*not_before),
+        crate::rfc3339(*now)
+    )]
     NotYetValid {
         /// Start of validity.
         not_before: OffsetDateTime,

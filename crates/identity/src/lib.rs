@@ -10,7 +10,8 @@
 //!   consensus CA's revocation lists ([`CertificateAuthority::issue_crl`], [`parse_crl`]),
 //!   and the self-signed initial owner credentials ([`self_signed_certificate`]);
 //! - parsing and verification of certificates ([`parse_certificate`], [`verify_signed_by`]);
-//! - TLS configurations for nodes and clients ([`server_config`], [`client_config`]).
+//! - TLS configurations for nodes and clients ([`server_config`], [`client_config`]), also
+//!   over a certificate that is renewed while they are in use ([`LiveCertificate`]).
 //!
 //! All keys are Ed25519; certificates with any other key type are rejected when parsed.
 
@@ -21,7 +22,7 @@ mod encoding;
 mod error;
 mod tls;
 
-pub use ca::{CertificateAuthority, NO_EXPIRY, self_signed_certificate};
+pub use ca::{CA_LIFETIME, CLOCK_SKEW, CertificateAuthority, NO_EXPIRY, self_signed_certificate};
 pub use cert::{Certificate, parse_certificate, verify_self_signed, verify_signed_by};
 pub use crl::{Revoked, parse_crl};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -31,7 +32,10 @@ pub use encoding::{
     pem_to_cert_der,
 };
 pub use error::{IdentityError, VerifyError};
-pub use tls::{ServerTrust, client_config, server_config, verify_error};
+pub use tls::{
+    LiveCertificate, ServerTrust, client_config, client_config_live, server_config,
+    server_config_live, verify_error,
+};
 
 /// Prefix of every node ID.
 pub const NODE_ID_PREFIX: &str = "metropolis-";
@@ -43,6 +47,21 @@ pub const NODE_ID_PREFIX: &str = "metropolis-";
 /// clients recognise a node independently of its address.
 pub fn node_id(pubkey: &[u8; 32]) -> String {
     format!("{NODE_ID_PREFIX}{}", hex::encode(&pubkey[..16]))
+}
+
+/// `t` as RFC 3339 in UTC to the second (`2031-05-04T10:00:00Z`): how every message of the
+/// control plane writes a point in time.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// A fresh Ed25519 key from the operating system's random number generator.

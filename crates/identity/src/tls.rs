@@ -15,21 +15,23 @@
 //! should word such errors as "certificate rejected by the server".
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use ed25519_dalek::SigningKey;
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 
-use crate::{IdentityError, VerifyError, parse_certificate};
+use crate::{Certificate, IdentityError, VerifyError, parse_certificate};
 
 /// The only application protocol spoken: gRPC over HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
@@ -50,17 +52,104 @@ fn private_key_der(key: &SigningKey) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
 }
 
-/// The certificate chain and key for rustls, after checking that the certificate is an
-/// Ed25519 certificate for `key` (rustls checks too, but says less).
-fn credentials(
-    cert_der: Vec<u8>,
-    key: &SigningKey,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), IdentityError> {
-    let cert = parse_certificate(&cert_der)?;
-    if cert.public_key != key.verifying_key().to_bytes() {
-        return Err(IdentityError::CertificateKeyMismatch);
+/// A key and its current certificate, which can be replaced (a renewed certificate) while
+/// the TLS configurations built on it are in use: every handshake presents the certificate
+/// held when it starts, as a server ([`server_config_live`]) and as a client
+/// ([`client_config_live`]); connections already established keep the one they began with.
+pub struct LiveCertificate {
+    key: SigningKey,
+    signer: Arc<dyn rustls::sign::SigningKey>,
+    current: RwLock<Current>,
+}
+
+#[derive(Clone)]
+struct Current {
+    cert: Arc<Certificate>,
+    certified: Arc<CertifiedKey>,
+}
+
+impl fmt::Debug for LiveCertificate {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cert = self.certificate();
+        f.debug_struct("LiveCertificate")
+            .field("subject", &cert.common_name)
+            .field("not_after", &crate::rfc3339(cert.not_after))
+            .finish_non_exhaustive()
     }
-    Ok((vec![CertificateDer::from(cert_der)], private_key_der(key)))
+}
+
+impl LiveCertificate {
+    /// Holds `cert_der`, which must be an Ed25519 certificate for `key` (rustls would check
+    /// too, but say less).
+    pub fn new(cert_der: Vec<u8>, key: SigningKey) -> Result<Arc<Self>, IdentityError> {
+        let signer = provider()
+            .key_provider
+            .load_private_key(private_key_der(&key))?;
+        let current = Self::prepare(&key, &signer, cert_der)?;
+        Ok(Arc::new(Self {
+            key,
+            signer,
+            current: RwLock::new(current),
+        }))
+    }
+
+    fn prepare(
+        key: &SigningKey,
+        signer: &Arc<dyn rustls::sign::SigningKey>,
+        cert_der: Vec<u8>,
+    ) -> Result<Current, IdentityError> {
+        let cert = parse_certificate(&cert_der)?;
+        if cert.public_key != key.verifying_key().to_bytes() {
+            return Err(IdentityError::CertificateKeyMismatch);
+        }
+        let certified = CertifiedKey::new(vec![CertificateDer::from(cert_der)], signer.clone());
+        Ok(Current {
+            cert: Arc::new(cert),
+            certified: Arc::new(certified),
+        })
+    }
+
+    /// The certificate held now.
+    pub fn certificate(&self) -> Arc<Certificate> {
+        self.read().cert
+    }
+
+    /// The key the certificates are for.
+    pub fn key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// Holds `cert_der` from now on; the next handshakes present it. It must be for the same
+    /// key (a renewal, not another identity).
+    pub fn replace(&self, cert_der: Vec<u8>) -> Result<(), IdentityError> {
+        let next = Self::prepare(&self.key, &self.signer, cert_der)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(())
+    }
+
+    fn read(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for LiveCertificate {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.read().certified)
+    }
+}
+
+impl ResolvesClientCert for LiveCertificate {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.read().certified)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// A [`VerifyError`] as rustls carries it: rustls prints the `Debug` form of the errors of
@@ -109,7 +198,11 @@ pub fn server_config(
     cert_der: Vec<u8>,
     key: &SigningKey,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
-    let (chain, key) = credentials(cert_der, key)?;
+    server_config_live(LiveCertificate::new(cert_der, key.clone())?)
+}
+
+/// [`server_config`] presenting whatever certificate `live` holds when a handshake starts.
+pub fn server_config_live(live: Arc<LiveCertificate>) -> Result<Arc<ServerConfig>, IdentityError> {
     let provider = provider();
     let verifier = Arc::new(AnyClientCertificate {
         algorithms: provider.signature_verification_algorithms,
@@ -117,7 +210,12 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(live);
+    // No resumption: a resumed session carries the certificates of the handshake it resumes,
+    // so a renewed certificate (either side's) would not be seen until the session ends.
+    // Every handshake is full, which costs one signature per side.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -154,6 +252,18 @@ pub fn client_config(
     trust: ServerTrust,
     client_identity: Option<(Vec<u8>, SigningKey)>,
 ) -> Result<Arc<ClientConfig>, IdentityError> {
+    let live = match client_identity {
+        Some((cert_der, key)) => Some(LiveCertificate::new(cert_der, key)?),
+        None => None,
+    };
+    client_config_live(trust, live)
+}
+
+/// [`client_config`] presenting whatever certificate `live` holds when a handshake starts.
+pub fn client_config_live(
+    trust: ServerTrust,
+    live: Option<Arc<LiveCertificate>>,
+) -> Result<Arc<ClientConfig>, IdentityError> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
@@ -176,11 +286,8 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let mut config = match client_identity {
-        Some((cert_der, key)) => {
-            let (chain, key) = credentials(cert_der, &key)?;
-            builder.with_client_auth_cert(chain, key)?
-        }
+    let mut config = match live {
+        Some(live) => builder.with_client_cert_resolver(live),
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -386,6 +493,8 @@ mod tests {
         CertificateAuthority, fingerprint_sha256, generate_key, node_id, self_signed_certificate,
         verify_self_signed, verify_signed_by,
     };
+
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
     use time::{Duration, OffsetDateTime};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -400,7 +509,7 @@ mod tests {
         let key = generate_key();
         let pubkey = key.verifying_key().to_bytes();
         Node {
-            cert: ca.issue_node_certificate(&pubkey).unwrap(),
+            cert: ca.issue_node_certificate(&pubkey, DAY).unwrap(),
             id: node_id(&pubkey),
             key,
         }
@@ -473,6 +582,53 @@ mod tests {
         verify_signed_by(&seen, ca.cert_der(), OffsetDateTime::now_utc()).unwrap();
         let server_seen = c.get_ref().1.peer_certificates().unwrap()[0].to_vec();
         assert_eq!(server_seen, a.cert);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_certificate_is_served_to_new_connections_only() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let a = node(&ca);
+        let b = node(&ca);
+        let live = LiveCertificate::new(a.cert.clone(), a.key.clone()).unwrap();
+        let server = server_config_live(live.clone()).unwrap();
+        let client_live = LiveCertificate::new(b.cert.clone(), b.key.clone()).unwrap();
+        let client =
+            client_config_live(trust(&ca, Some(&a.id)), Some(client_live.clone())).unwrap();
+        let (s1, c1) = handshake(server.clone(), client.clone()).await;
+        let (mut s1, mut c1) = (s1.unwrap(), c1.unwrap());
+
+        let renewed = ca
+            .issue_node_certificate(a.key.verifying_key().as_bytes(), DAY)
+            .unwrap();
+        live.replace(renewed.clone()).unwrap();
+        let b_renewed = ca
+            .issue_node_certificate(b.key.verifying_key().as_bytes(), DAY)
+            .unwrap();
+        client_live.replace(b_renewed.clone()).unwrap();
+        assert_eq!(live.certificate().der, renewed);
+        // Another key's certificate is not a renewal.
+        assert!(matches!(
+            live.replace(b.cert.clone()),
+            Err(IdentityError::CertificateKeyMismatch)
+        ));
+
+        let (s2, c2) = handshake(server, client).await;
+        let (s2, c2) = (s2.unwrap(), c2.unwrap());
+        assert_eq!(
+            c2.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+            renewed
+        );
+        assert_eq!(peer_certificate(&s2).unwrap(), b_renewed);
+        // The first connection still works, on the certificates it began with.
+        assert_eq!(
+            c1.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+            a.cert
+        );
+        c1.write_all(b"more").await.unwrap();
+        c1.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        s1.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"more");
     }
 
     #[tokio::test]
@@ -558,7 +714,7 @@ mod tests {
         let ca = CertificateAuthority::generate().unwrap();
         let key = generate_key();
         let user_cert = ca
-            .issue_user_certificate("owner", key.verifying_key().as_bytes())
+            .issue_user_certificate("owner", key.verifying_key().as_bytes(), DAY)
             .unwrap();
         let server = server_config(user_cert, &key).unwrap();
         let client = client_config(trust(&ca, None), None).unwrap();

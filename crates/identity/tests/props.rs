@@ -67,7 +67,10 @@ fn props_damaged_node_certificates_do_not_verify() {
     let ca = CertificateAuthority::generate().expect("ca");
     let key = generate_key();
     let der = ca
-        .issue_node_certificate(key.verifying_key().as_bytes())
+        .issue_node_certificate(
+            key.verifying_key().as_bytes(),
+            std::time::Duration::from_secs(86_400),
+        )
         .expect("node certificate");
     props("damaged node certificates", damaged(der), |(good, bad)| {
         if let Ok(cert) = parse_certificate(&bad)

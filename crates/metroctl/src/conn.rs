@@ -103,7 +103,7 @@ impl Ctx {
     /// pinned CA.
     pub async fn owner_channel(&self) -> anyhow::Result<Channel> {
         let ca = self.cluster_ca().await?;
-        let (cert, key) = self.client_identity()?;
+        let (cert, key) = self.renewed_client_identity(&ca).await?;
         self.channel(
             ServerTrust::ClusterCa {
                 ca_der: ca,
@@ -117,8 +117,62 @@ impl Ctx {
     /// The certificate and key metroctl authenticates with: a named
     /// identity's after `login`, else the owner's.
     pub fn client_identity(&self) -> anyhow::Result<(Vec<u8>, SigningKey)> {
+        self.client_identity_file()
+            .map(|(_, cert, key)| (cert, key))
+    }
+
+    /// [`Self::client_identity`], renewed through Escrow first once a third
+    /// of its lifetime is left (or it expired: the key is what Escrow
+    /// checks). Says so on stderr when it did. A failed renewal of a
+    /// certificate that is still valid is a warning: the command goes on.
+    async fn renewed_client_identity(&self, ca: &[u8]) -> anyhow::Result<(Vec<u8>, SigningKey)> {
+        let (file, cert, key) = self.client_identity_file()?;
+        // A certificate that does not parse is left to the server to refuse,
+        // with its reason.
+        let Ok(parsed) = metropolis_identity::parse_certificate(&cert) else {
+            return Ok((cert, key));
+        };
+        let now = time::OffsetDateTime::now_utc();
+        if !parsed.renewal_due(now) {
+            return Ok((cert, key));
+        }
+        let name = parsed.common_name.clone();
+        match crate::cmd::takeownership::escrow(self, ca, &name, &key).await {
+            Ok(renewed) => {
+                self.config
+                    .write(file, metropolis_identity::cert_to_pem(&renewed).as_bytes())?;
+                let until = metropolis_identity::parse_certificate(&renewed)
+                    .map(|c| metropolis_identity::rfc3339(c.not_after))
+                    .unwrap_or_default();
+                eprintln!(
+                    "Renewed the certificate of {name} ({}); valid until {until}.",
+                    self.config.path(file).display()
+                );
+                Ok((renewed, key))
+            }
+            Err(e) if now < parsed.not_after => {
+                eprintln!(
+                    "warning: could not renew the certificate of {name}, which expires at {}: {e:#}",
+                    metropolis_identity::rfc3339(parsed.not_after)
+                );
+                Ok((cert, key))
+            }
+            Err(e) => Err(e.context(format!(
+                "the certificate of {name} expired at {} and could not be renewed; run \
+                 `metroctl takeownership` (the owner) or `metroctl login` (a named identity)",
+                metropolis_identity::rfc3339(parsed.not_after)
+            ))),
+        }
+    }
+
+    /// The file the client certificate is in, the certificate and its key.
+    fn client_identity_file(&self) -> anyhow::Result<(&'static str, Vec<u8>, SigningKey)> {
         Ok(match self.config.identity_cert()? {
-            Some(cert) => (cert, self.config.require_identity_key()?),
+            Some(cert) => (
+                crate::config::IDENTITY_CERT,
+                cert,
+                self.config.require_identity_key()?,
+            ),
             None => {
                 let cert = self.config.owner_cert()?.with_context(|| {
                     format!(
@@ -127,7 +181,11 @@ impl Ctx {
                         self.config.root().display()
                     )
                 })?;
-                (cert, self.config.require_owner_key()?)
+                (
+                    crate::config::OWNER_CERT,
+                    cert,
+                    self.config.require_owner_key()?,
+                )
             }
         })
     }

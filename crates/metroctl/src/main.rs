@@ -268,6 +268,16 @@ struct ParamsArgs {
     /// Without it the cluster stays on the single node's embedded store.
     #[arg(long, requires = "bootstrap")]
     ha: bool,
+    /// With --bootstrap: how long node certificates are valid (default 30
+    /// days); nodes renew theirs when a third is left. A humantime duration
+    /// such as `30days` or `1h`, at least 60s. Changeable later with
+    /// `metroctl cluster configure set node_certificate_lifetime=D`.
+    #[arg(long, requires = "bootstrap", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    node_certificate_lifetime: Option<std::time::Duration>,
+    /// With --bootstrap: how long user certificates (owner, named identities)
+    /// are valid (default 7 days); metroctl renews them when a third is left.
+    #[arg(long, requires = "bootstrap", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    user_certificate_lifetime: Option<std::time::Duration>,
     /// Output file.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: PathBuf,
@@ -369,7 +379,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Install(InstallCommand::Params(p)) => {
             if p.bootstrap {
-                cmd::install::bootstrap_params(&ctx, &p.output, p.ha)
+                let lifetimes = cmd::install::Lifetimes {
+                    node: p.node_certificate_lifetime,
+                    user: p.user_certificate_lifetime,
+                };
+                cmd::install::bootstrap_params(&ctx, &p.output, p.ha, lifetimes)
             } else {
                 cmd::install::register_params(&ctx, &p.output).await
             }

@@ -333,16 +333,16 @@ impl DataDir {
             .map_err(|e| damaged(format!("the CA certificate is not valid ({e})")))?;
         let cert = metropolis_identity::parse_certificate(&msg.node_certificate)
             .map_err(|e| damaged(format!("the node certificate does not parse ({e})")))?;
-        metropolis_identity::verify_signed_by(
-            &cert,
-            &msg.ca_certificate,
-            time::OffsetDateTime::now_utc(),
-        )
-        .map_err(|e| {
-            damaged(format!(
-                "the node certificate is not valid for its CA ({e})"
-            ))
-        })?;
+        // An expired certificate is still this node's (renewal replaces it
+        // with the node key), so it is checked as of its own end at the
+        // latest.
+        let now = time::OffsetDateTime::now_utc();
+        metropolis_identity::verify_signed_by(&cert, &msg.ca_certificate, now.min(cert.not_after))
+            .map_err(|e| {
+                damaged(format!(
+                    "the node certificate is not valid for its CA ({e})"
+                ))
+            })?;
         if !cert.is_node_certificate() {
             return Err(damaged(
                 "the node certificate is not a node certificate".into(),
@@ -398,7 +398,10 @@ mod tests {
         let ca = metropolis_identity::CertificateAuthority::generate().expect("ca");
         let key = metropolis_identity::generate_key();
         let cert = ca
-            .issue_node_certificate(key.verifying_key().as_bytes())
+            .issue_node_certificate(
+                key.verifying_key().as_bytes(),
+                std::time::Duration::from_secs(86_400),
+            )
             .expect("cert");
         assert!(!dd.is_member());
         dd.seal(&Credentials {

@@ -13,6 +13,7 @@ mod membership;
 mod metrics;
 mod node_mgmt;
 mod params;
+mod renewal;
 mod serve;
 mod update;
 
@@ -306,6 +307,13 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         v["ca_fingerprint"] = metropolis_identity::fingerprint_sha256(&creds.ca_certificate).into();
     }
     let metrics = metrics::Metrics::new()?;
+    let live = metropolis_identity::LiveCertificate::new(
+        creds.node_certificate.clone(),
+        creds.key.clone(),
+    )
+    .context("loading the node certificate")?;
+    metrics.watch_certificate(live.clone());
+    warn_about_expiry(&live, &creds.ca_certificate);
     let creds = Arc::new(creds);
     let mut held = held;
     loop {
@@ -378,6 +386,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         let exit = serve::run(serve::Config {
             address: args.address,
             creds: creds.clone(),
+            live: live.clone(),
             cluster,
             runs_etcd: etcd.is_some(),
             until_curator,
@@ -430,6 +439,29 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 };
             }
         }
+    }
+}
+
+/// Says in the log when the node certificate expired (it is renewed with the
+/// node key once the node reaches its cluster) and when the cluster CA has
+/// less than a year left (it cannot be replaced yet: ARCHITECTURE.md, "CA
+/// rotation").
+fn warn_about_expiry(live: &metropolis_identity::LiveCertificate, ca_der: &[u8]) {
+    let now = time::OffsetDateTime::now_utc();
+    let cert = live.certificate();
+    if cert.not_after < now {
+        tracing::warn!(
+            expired_at = %metropolis_identity::rfc3339(cert.not_after),
+            "the node certificate expired while the node was down; renewing it with the node key"
+        );
+    }
+    if let Ok(ca) = metropolis_identity::parse_certificate(ca_der)
+        && ca.not_after - now < time::Duration::days(365)
+    {
+        tracing::warn!(
+            ca_expires_at = %metropolis_identity::rfc3339(ca.not_after),
+            "the cluster CA expires in less than a year; nothing it issued is valid after that"
+        );
     }
 }
 

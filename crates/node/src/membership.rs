@@ -193,6 +193,8 @@ pub fn new_boot_id() -> Vec<u8> {
 
 pub struct Maintain {
     pub creds: Arc<Credentials>,
+    /// The node certificate as renewed; every new connection presents it.
+    pub live: Arc<metropolis_identity::LiveCertificate>,
     /// Where to look for the curator leader; refreshed from the cluster
     /// directory after every join and now and then during a session, and
     /// saved for the next start.
@@ -233,12 +235,12 @@ pub enum Ended {
 /// reconnects with backoff whenever the curator goes away. Returns only when
 /// membership ended.
 pub async fn maintain(m: Maintain) {
-    let tls = match metropolis_identity::client_config(
+    let tls = match metropolis_identity::client_config_live(
         ServerTrust::ClusterCa {
             ca_der: m.creds.ca_certificate.clone(),
             node_id: None,
         },
-        Some((m.creds.node_certificate.clone(), m.creds.key.clone())),
+        Some(m.live.clone()),
     ) {
         Ok(t) => t,
         Err(e) => {

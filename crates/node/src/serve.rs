@@ -49,6 +49,9 @@ const MOVED_GRACE: Duration = Duration::from_millis(100);
 pub struct Config {
     pub address: IpAddr,
     pub creds: Arc<Credentials>,
+    /// The node certificate as renewed (`renewal`): what every handshake
+    /// presents, as server and as client.
+    pub live: Arc<metropolis_identity::LiveCertificate>,
     /// Set on nodes that hold the consensus store and so run the curator.
     pub cluster: Option<Arc<Cluster>>,
     /// Whether this node runs etcd (then `cluster` is etcd-backed, or None
@@ -79,9 +82,8 @@ pub struct Config {
 
 pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let node_id = cfg.creds.node_id();
-    let tls =
-        metropolis_identity::server_config(cfg.creds.node_certificate.clone(), &cfg.creds.key)
-            .context("building the TLS server configuration")?;
+    let tls = metropolis_identity::server_config_live(cfg.live.clone())
+        .context("building the TLS server configuration")?;
     let addr = SocketAddr::new(cfg.address, CURATOR_PORT);
     let listener = metropolis_rpc::server::bind(addr).await?;
     let ca = cfg.creds.ca_certificate.clone();
@@ -209,9 +211,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         }
     };
 
+    background.push(tokio::spawn(crate::renewal::run(crate::renewal::Renewal {
+        live: cfg.live.clone(),
+        ca_der: ca.clone(),
+        data: crate::datadir::DataDir::new(cfg.data_dir.clone()),
+        cluster: cfg.cluster.clone(),
+        curators: cfg.curators.clone(),
+    })));
     let (ended_tx, mut ended_rx) = mpsc::channel(1);
     let membership = tokio::spawn(membership::maintain(membership::Maintain {
         creds: cfg.creds.clone(),
+        live: cfg.live.clone(),
         endpoints: std::sync::Mutex::new(cfg.curators.clone()),
         address: cfg.address,
         runs_curator: cfg.cluster.is_some(),

@@ -109,7 +109,11 @@ async fn metrics_and_discovery_need_a_cluster_certificate() {
     let other = metropolis_identity::CertificateAuthority::generate().expect("ca");
     let k = metropolis_identity::generate_key();
     let foreign = other
-        .issue_user_certificate("owner", &k.verifying_key().to_bytes())
+        .issue_user_certificate(
+            "owner",
+            &k.verifying_key().to_bytes(),
+            std::time::Duration::from_secs(86_400),
+        )
         .expect("cert");
     let (fc, fk) = (
         tmp.path().join("foreign.pem"),

@@ -438,6 +438,7 @@ async fn point_2_upstream_install_defaults(c: &Cluster) {
                     storage_security_policy: StorageSecurityPolicy::NeedsEncryptionAndAuthentication
                         as i32,
                     kubernetes: None,
+                    ..Default::default()
                 }),
                 ..Default::default()
             },

@@ -9,6 +9,9 @@ mod support;
 
 use std::time::Duration;
 
+/// Lifetime of the certificates this test issues itself.
+const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 use futures::TryStreamExt;
 use metropolis_api::admin::{AddIdentityRequest, Role, cluster_admin_client::ClusterAdminClient};
 use metropolis_api::api::{
@@ -87,6 +90,14 @@ fn handler_code(path: &str, who: Who) -> Code {
             Code::FailedPrecondition
         }
         ("/metropolis.proto.admin.NodeCurator", "ReportDecommissioned") => Code::PermissionDenied,
+        // Open to any key holder; the empty request names no node, so
+        // nobody's key is the named node's.
+        ("/metropolis.proto.admin.NodeCurator", "RenewNodeCertificate")
+            if !who.presents_certificate() =>
+        {
+            Code::Unauthenticated
+        }
+        ("/metropolis.proto.admin.NodeCurator", "RenewNodeCertificate") => Code::PermissionDenied,
         ("/metropolis.node.core.curator.proto.api.Curator", m) => match m {
             "RegisterNode" if !who.presents_certificate() => Code::Unauthenticated,
             // Wrong (empty) ticket, or a deleted node's key.
@@ -342,7 +353,7 @@ async fn every_method_refuses_every_caller_that_may_not_use_it() {
             Who::ForeignCa,
             Some((
                 foreign
-                    .issue_user_certificate("owner", stranger.verifying_key().as_bytes())
+                    .issue_user_certificate("owner", stranger.verifying_key().as_bytes(), DAY)
                     .expect("f"),
                 stranger.clone(),
             )),

@@ -164,7 +164,11 @@ async fn management_requires_a_cluster_certificate_with_the_permission() {
     // A certificate named "owner" from a foreign CA, over the real owner key.
     let foreign = CertificateAuthority::generate().expect("ca");
     let forged = foreign
-        .issue_user_certificate("owner", owner.verifying_key().as_bytes())
+        .issue_user_certificate(
+            "owner",
+            owner.verifying_key().as_bytes(),
+            std::time::Duration::from_secs(86_400),
+        )
         .expect("forged");
     let ch = channel(addr, trust(&ca), Some((forged, owner.clone())))
         .await
@@ -301,7 +305,8 @@ async fn restart_keeps_identity_and_refuses_a_second_bootstrap() {
 
     // Without params it comes back with the same CA, node ID and owner.
     let restarted = TestNode::spawn(node.address, &node.data_dir, None);
-    restarted.wait_serving().await;
+    // Management answers only once the restarted curator leads again.
+    restarted.wait_leading().await;
     assert_eq!(fetch_ca(restarted.endpoint()).await.expect("ca"), ca);
     let ch = channel(
         restarted.endpoint(),

@@ -143,7 +143,9 @@ impl Verified {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let (cert, principal) = entries.iter().find(|(c, _)| c.der == der)?;
         // Outside its validity the slow path refuses it with the reason.
-        (cert.not_before <= now && now <= cert.not_after).then(|| (cert.clone(), principal.clone()))
+        cert.validity_at(now)
+            .is_ok()
+            .then(|| (cert.clone(), principal.clone()))
     }
 
     fn insert(&self, cert: Arc<Certificate>, principal: Principal) {
@@ -235,9 +237,17 @@ where
 }
 
 async fn check(shared: &Shared, path: &str, leaf: Option<&[u8]>) -> Result<Caller, Status> {
+    check_at(shared, path, leaf, time::OffsetDateTime::now_utc()).await
+}
+
+async fn check_at(
+    shared: &Shared,
+    path: &str,
+    leaf: Option<&[u8]>,
+    now: time::OffsetDateTime,
+) -> Result<Caller, Status> {
     let method = authorization::lookup(path)
         .ok_or_else(|| Status::unimplemented(format!("unknown method {}", quote(path))))?;
-    let now = time::OffsetDateTime::now_utc();
     let cached = leaf.and_then(|der| shared.verified.get(der, now));
     let (certificate, principal) = match (cached, leaf) {
         (Some((cert, principal)), _) => (Some(cert), Some(principal)),
@@ -290,11 +300,16 @@ fn authenticate_at(
     cert: &Certificate,
     now: time::OffsetDateTime,
 ) -> Result<Principal, Status> {
-    metropolis_identity::verify_signed_by(cert, ca_der, now).map_err(|e| {
-        Status::unauthenticated(format!(
+    metropolis_identity::verify_signed_by(cert, ca_der, now).map_err(|e| match e {
+        // The one refusal every holder meets in time: say when, and how to
+        // get a new one.
+        metropolis_identity::VerifyError::Expired { not_after, .. } => {
+            Status::unauthenticated(expired_message(cert, not_after))
+        }
+        e => Status::unauthenticated(format!(
             "client certificate {} is not valid for this cluster: {e}",
             quote(&cert.common_name)
-        ))
+        )),
     })?;
     if cert.is_node_certificate() {
         Ok(Principal::Node {
@@ -311,6 +326,24 @@ fn authenticate_at(
             "client certificate {} is neither a node nor a user certificate",
             quote(&cert.common_name)
         )))
+    }
+}
+
+/// What an expired certificate's holder reads.
+fn expired_message(cert: &Certificate, not_after: time::OffsetDateTime) -> String {
+    let at = metropolis_identity::rfc3339(not_after);
+    if cert.is_node_certificate() {
+        format!(
+            "certificate of node {} expired at {at}; a node renews its certificate by itself \
+             (NodeCurator.RenewNodeCertificate with its node key): restart it if it did not",
+            quote(&cert.common_name)
+        )
+    } else {
+        format!(
+            "certificate {} expired at {at}; run `metroctl takeownership` (the owner) or \
+             `metroctl login` (a named identity) to get a new one",
+            quote(&cert.common_name)
+        )
     }
 }
 
@@ -338,6 +371,8 @@ fn authorize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
 
     #[test]
     fn permission_sets() {
@@ -399,7 +434,7 @@ mod tests {
         let ca = metropolis_identity::CertificateAuthority::generate().expect("ca");
         let key = metropolis_identity::generate_key();
         let der = ca
-            .issue_user_certificate("alice", &key.verifying_key().to_bytes())
+            .issue_user_certificate("alice", &key.verifying_key().to_bytes(), DAY)
             .expect("cert");
         let authorizer = Arc::new(Counting::default());
         let shared = Shared {
@@ -449,8 +484,20 @@ mod tests {
         assert!(shared.verified.get(&der, now).is_some());
         let later = now + time::Duration::minutes(1);
         assert!(shared.verified.get(&der, later).is_none(), "expired");
+        let err = futures::executor::block_on(check_at(&shared, path, Some(&der), later))
+            .expect_err("expired");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let at = metropolis_identity::rfc3339(now + time::Duration::seconds(1));
+        assert!(
+            err.message().contains(&format!("expired at {at}"))
+                && err.message().contains("metroctl takeownership"),
+            "{}",
+            err.message()
+        );
         // A certificate of another CA is never found, whatever the cache holds.
-        let foreign = other.issue_user_certificate("bob", &key).expect("cert");
+        let foreign = other
+            .issue_user_certificate("bob", &key, DAY)
+            .expect("cert");
         assert!(shared.verified.get(&foreign, now).is_none());
         let err = futures::executor::block_on(check(&shared, path, Some(&foreign)))
             .expect_err("other CA");

@@ -45,6 +45,11 @@ pub fn initial_configuration(
         cfg.cluster_domain = DEFAULT_CLUSTER_DOMAIN.into();
     }
     validate_domain(&cfg.cluster_domain)?;
+    // A new CA is valid for CA_LIFETIME; bootstrap_with_ca checks again
+    // against the CA it is given.
+    let ca_life =
+        std::time::Duration::try_from(metropolis_identity::CA_LIFETIME).unwrap_or_default();
+    super::lifetimes::settle_lifetimes(&mut cfg, ca_life)?;
     let mut refused = Vec::new();
     match TpmMode::try_from(cfg.tpm_mode) {
         Ok(TpmMode::Invalid) => cfg.tpm_mode = TpmMode::Disabled as i32,
@@ -112,9 +117,10 @@ pub async fn bootstrap_with_ca(
     req: BootstrapRequest,
     ca: &CertificateAuthority,
 ) -> Result<Bootstrapped, CuratorError> {
-    let config = initial_configuration(req.initial_configuration)?;
+    let mut config = initial_configuration(req.initial_configuration)?;
+    super::lifetimes::settle_lifetimes(&mut config, ca.remaining(time::OffsetDateTime::now_utc()))?;
     let node_certificate = ca
-        .issue_node_certificate(&req.node_public_key)
+        .issue_node_certificate(&req.node_public_key, Lifetimes::of(&config).node)
         .map_err(|e| CuratorError::Internal(format!("issuing node certificate: {e}")))?;
     let node_id = metropolis_identity::node_id(&req.node_public_key);
     let node = private::Node {
@@ -240,6 +246,7 @@ mod tests {
             tpm_mode: TpmMode::Required as i32,
             storage_security_policy: StorageSecurityPolicy::NeedsEncryptionAndAuthentication as i32,
             kubernetes: None,
+            ..Default::default()
         };
         match initial_configuration(Some(upstream)) {
             Err(CuratorError::InvalidArgument(m)) => {

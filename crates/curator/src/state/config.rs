@@ -3,8 +3,35 @@
 use super::*;
 use metropolis_api::quote;
 
-/// The one configuration path that may change after bootstrap.
+/// The configuration path of the label regexps, mutable after bootstrap.
 pub const PATH_LABELS_TO_SYNC: &str = "kubernetes.node_labels_to_synchronize";
+
+/// Every path ConfigureCluster may change.
+const MUTABLE_PATHS: [&str; 3] = [
+    PATH_LABELS_TO_SYNC,
+    lifetimes::PATH_NODE_CERTIFICATE_LIFETIME,
+    lifetimes::PATH_USER_CERTIFICATE_LIFETIME,
+];
+
+fn mutable_paths() -> String {
+    MUTABLE_PATHS.join(", ")
+}
+
+/// The value at `path` of `cfg`, for the base_config comparison.
+fn field(cfg: &ClusterConfiguration, path: &str) -> Vec<String> {
+    let lifetime = |d: &Option<prost_types::Duration>| {
+        vec![
+            d.map(|d| format!("{}.{}", d.seconds, d.nanos))
+                .unwrap_or_default(),
+        ]
+    };
+    match path {
+        lifetimes::PATH_NODE_CERTIFICATE_LIFETIME => lifetime(&cfg.node_certificate_lifetime),
+        lifetimes::PATH_USER_CERTIFICATE_LIFETIME => lifetime(&cfg.user_certificate_lifetime),
+        _ => sync_regexps(cfg),
+    }
+}
+
 impl Cluster {
     /// Changes the fields of the configuration named by `paths`, if the
     /// current values equal those in `base` (when given). Returns the
@@ -23,25 +50,49 @@ impl Cluster {
             check_path(p)?;
         }
         // Upstream's checks of the sub-message the path goes through.
-        if new.kubernetes.is_none() {
-            return Err(CuratorError::InvalidArgument(format!(
-                "new_config.kubernetes must be set to change {PATH_LABELS_TO_SYNC}"
-            )));
+        if paths.iter().any(|p| p == PATH_LABELS_TO_SYNC) {
+            if new.kubernetes.is_none() {
+                return Err(CuratorError::InvalidArgument(format!(
+                    "new_config.kubernetes must be set to change {PATH_LABELS_TO_SYNC}"
+                )));
+            }
+            if base.as_ref().is_some_and(|b| b.kubernetes.is_none()) {
+                return Err(CuratorError::InvalidArgument(format!(
+                    "base_config.kubernetes must be set when base_config is given for {PATH_LABELS_TO_SYNC}"
+                )));
+            }
         }
-        if base.as_ref().is_some_and(|b| b.kubernetes.is_none()) {
-            return Err(CuratorError::InvalidArgument(format!(
-                "base_config.kubernetes must be set when base_config is given for {PATH_LABELS_TO_SYNC}"
-            )));
+        let has = |p: &str| paths.iter().any(|q| q == p);
+        if has(PATH_LABELS_TO_SYNC) {
+            for r in &sync_regexps(&new) {
+                regex::Regex::new(r).map_err(|e| {
+                    CuratorError::InvalidArgument(format!(
+                        "regexp {} does not compile: {}",
+                        quote(r),
+                        metropolis_api::quote::cut(&e.to_string())
+                    ))
+                })?;
+            }
         }
-        let wanted = sync_regexps(&new);
-        for r in &wanted {
-            regex::Regex::new(r).map_err(|e| {
-                CuratorError::InvalidArgument(format!(
-                    "regexp {} does not compile: {}",
-                    quote(r),
-                    metropolis_api::quote::cut(&e.to_string())
-                ))
-            })?;
+        let ca_remaining = self.ca.remaining(time::OffsetDateTime::now_utc());
+        for (path, value) in [
+            (
+                lifetimes::PATH_NODE_CERTIFICATE_LIFETIME,
+                new.node_certificate_lifetime,
+            ),
+            (
+                lifetimes::PATH_USER_CERTIFICATE_LIFETIME,
+                new.user_certificate_lifetime,
+            ),
+        ] {
+            if has(path) {
+                if value.is_none() {
+                    return Err(CuratorError::InvalidArgument(format!(
+                        "update_mask names {path} but new_config does not set it"
+                    )));
+                }
+                lifetimes::check_lifetime(path, value, ca_remaining)?;
+            }
         }
         for _ in 0..CAS_ATTEMPTS {
             let kv = self
@@ -50,21 +101,31 @@ impl Cluster {
                 .await?
                 .ok_or_else(|| CuratorError::Corrupt(format!("{KEY_CONFIG} missing")))?;
             let mut cfg: ClusterConfiguration = decode(KEY_CONFIG, &kv.value)?;
-            if let Some(base) = &base
-                && sync_regexps(base) != sync_regexps(&cfg)
-            {
-                return Err(CuratorError::FailedPrecondition(format!(
-                    "{PATH_LABELS_TO_SYNC} is not what base_config says it is (someone changed it); \
-                     read the configuration again and retry"
-                )));
+            if let Some(base) = &base {
+                for p in paths {
+                    if field(base, p) != field(&cfg, p) {
+                        return Err(CuratorError::FailedPrecondition(format!(
+                            "{p} is not what base_config says it is (someone changed it); \
+                             read the configuration again and retry"
+                        )));
+                    }
+                }
             }
-            cfg.kubernetes
-                .get_or_insert_with(Default::default)
-                .node_labels_to_synchronize = new
-                .kubernetes
-                .clone()
-                .unwrap_or_default()
-                .node_labels_to_synchronize;
+            if has(PATH_LABELS_TO_SYNC) {
+                cfg.kubernetes
+                    .get_or_insert_with(Default::default)
+                    .node_labels_to_synchronize = new
+                    .kubernetes
+                    .clone()
+                    .unwrap_or_default()
+                    .node_labels_to_synchronize;
+            }
+            if has(lifetimes::PATH_NODE_CERTIFICATE_LIFETIME) {
+                cfg.node_certificate_lifetime = new.node_certificate_lifetime;
+            }
+            if has(lifetimes::PATH_USER_CERTIFICATE_LIFETIME) {
+                cfg.user_certificate_lifetime = new.user_certificate_lifetime;
+            }
             let txn = Txn::new()
                 .when(Compare::mod_revision(KEY_CONFIG, kv.mod_revision))
                 .and_then(Op::put(KEY_CONFIG, cfg.encode_to_vec()));
@@ -85,6 +146,8 @@ const KNOWN_PATHS: &[&str] = &[
     "storage_security_policy",
     "kubernetes",
     PATH_LABELS_TO_SYNC,
+    lifetimes::PATH_NODE_CERTIFICATE_LIFETIME,
+    lifetimes::PATH_USER_CERTIFICATE_LIFETIME,
 ];
 
 /// Whether a mask path may be changed, in upstream's terms: an unknown field,
@@ -94,7 +157,8 @@ fn check_path(p: &str) -> Result<(), CuratorError> {
     if !KNOWN_PATHS.contains(&p) {
         return Err(CuratorError::InvalidArgument(format!(
             "update_mask names {short}, which is not a field of ClusterConfiguration; \
-             the only mutable field is {PATH_LABELS_TO_SYNC}"
+             the mutable fields are {}",
+            mutable_paths()
         )));
     }
     if p == "kubernetes" {
@@ -102,9 +166,10 @@ fn check_path(p: &str) -> Result<(), CuratorError> {
             "kubernetes cannot be changed as a whole, only its fields: {PATH_LABELS_TO_SYNC}"
         )));
     }
-    if p != PATH_LABELS_TO_SYNC {
+    if !MUTABLE_PATHS.contains(&p) {
         return Err(CuratorError::InvalidArgument(format!(
-            "field {short} cannot be changed; the only mutable field is {PATH_LABELS_TO_SYNC}"
+            "field {short} cannot be changed; the mutable fields are {}",
+            mutable_paths()
         )));
     }
     Ok(())
@@ -219,6 +284,53 @@ mod operate_tests {
         );
     }
 
+    #[tokio::test]
+    async fn lifetimes_change_within_bounds() {
+        let (_d, c, _) = cluster().await;
+        let before = c.configuration().await.expect("cfg");
+        assert_eq!(
+            lifetimes::Lifetimes::of(&before).node,
+            lifetimes::DEFAULT_NODE_CERTIFICATE_LIFETIME
+        );
+        let d = |s| {
+            Some(prost_types::Duration {
+                seconds: s,
+                nanos: 0,
+            })
+        };
+        let path = vec![lifetimes::PATH_USER_CERTIFICATE_LIFETIME.to_string()];
+        let new = ClusterConfiguration {
+            user_certificate_lifetime: d(120),
+            ..Default::default()
+        };
+        let out = c.configure(None, new, &path).await.expect("set");
+        assert_eq!(out.user_certificate_lifetime, d(120));
+        assert_eq!(
+            out.node_certificate_lifetime,
+            before.node_certificate_lifetime
+        );
+        assert_eq!(c.lifetimes().await.expect("l").user.as_secs(), 120);
+        for bad in [d(59), d(11 * 365 * 86_400), None] {
+            let new = ClusterConfiguration {
+                user_certificate_lifetime: bad,
+                ..Default::default()
+            };
+            let err = c.configure(None, new, &path).await.unwrap_err();
+            assert!(matches!(err, CuratorError::InvalidArgument(_)), "{err}");
+        }
+        // base_config is compared per named path.
+        let stale = ClusterConfiguration {
+            user_certificate_lifetime: d(999),
+            ..Default::default()
+        };
+        let new = ClusterConfiguration {
+            user_certificate_lifetime: d(300),
+            ..Default::default()
+        };
+        let err = c.configure(Some(stale), new, &path).await.unwrap_err();
+        assert!(matches!(err, CuratorError::FailedPrecondition(_)), "{err}");
+    }
+
     #[test]
     fn props_configure_cluster_masks() {
         use metropolis_api::testing::props;
@@ -240,7 +352,7 @@ mod operate_tests {
         props("ConfigureCluster masks", (masks, regexps), |(paths, rs)| {
             let rs: Vec<&str> = rs.iter().map(String::as_str).collect();
             let result = rt.block_on(c.configure(None, sync(&rs), &paths));
-            let mutable_only = paths.iter().all(|p| p == PATH_LABELS_TO_SYNC);
+            let mutable_only = paths.iter().all(|p| MUTABLE_PATHS.contains(&p.as_str()));
             match result {
                 // An empty mask changes nothing and answers the configuration.
                 Ok(_) if paths.is_empty() => {}

@@ -39,6 +39,7 @@ mod config;
 mod directory;
 mod labels;
 mod lifecycle;
+pub mod lifetimes;
 mod register;
 mod roles;
 #[cfg(test)]
@@ -50,6 +51,7 @@ pub use bootstrap::{
 };
 pub use config::PATH_LABELS_TO_SYNC;
 pub use directory::DIRECTORY_NODES;
+pub use lifetimes::{Lifetimes, PATH_NODE_CERTIFICATE_LIFETIME, PATH_USER_CERTIFICATE_LIFETIME};
 pub use register::{recommended_storage_security, tpm_usage};
 pub use roles::RoleChange;
 

@@ -154,8 +154,9 @@ impl Cluster {
             }
         })
         .await?;
+        let lifetime = self.lifetimes().await?.node;
         self.ca
-            .issue_node_certificate(&public_key)
+            .issue_node_certificate(&public_key, lifetime)
             .map_err(|e| CuratorError::Internal(format!("issuing node certificate: {e}")))
     }
 

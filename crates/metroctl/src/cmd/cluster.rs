@@ -22,6 +22,7 @@ pub async fn get_info(ctx: &Ctx) -> anyhow::Result<GetClusterInfoResponse> {
 
 pub async fn info(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     let info = get_info(ctx).await?;
+    warn_ca_expiry(&info.ca_certificate);
     if format != Format::Table {
         return output::print_structured(format, &[info], true);
     }
@@ -29,13 +30,38 @@ pub async fn info(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cluster CA cannot be replaced yet (ARCHITECTURE.md, "CA rotation"):
+/// say so well before it ends, on stderr so that tables stay parseable.
+fn warn_ca_expiry(ca_der: &[u8]) {
+    let Ok(ca) = metropolis_identity::parse_certificate(ca_der) else {
+        return;
+    };
+    let left = ca.not_after - time::OffsetDateTime::now_utc();
+    if left < time::Duration::days(365) {
+        eprintln!(
+            "warning: the cluster CA expires at {} ({} days from now); every certificate of \
+             the cluster stops working then, and the CA cannot be replaced yet",
+            metropolis_identity::rfc3339(ca.not_after),
+            left.whole_days()
+        );
+    }
+}
+
 pub fn print_info_table(info: &GetClusterInfoResponse) {
     let cfg = info.cluster_configuration.clone().unwrap_or_default();
     let mut t = output::table();
-    t.add_row(vec![
-        "CA fingerprint (SHA-256)".to_string(),
-        metropolis_identity::fingerprint_sha256(&info.ca_certificate),
-    ]);
+    if !info.ca_certificate.is_empty() {
+        t.add_row(vec![
+            "CA fingerprint (SHA-256)".to_string(),
+            metropolis_identity::fingerprint_sha256(&info.ca_certificate),
+        ]);
+        if let Ok(ca) = metropolis_identity::parse_certificate(&info.ca_certificate) {
+            t.add_row(vec![
+                "CA expires".to_string(),
+                metropolis_identity::rfc3339(ca.not_after),
+            ]);
+        }
+    }
     t.add_row(vec![
         "Cluster domain".to_string(),
         cfg.cluster_domain.clone(),
@@ -61,6 +87,19 @@ pub fn print_info_table(info: &GetClusterInfoResponse) {
                 .collect()
         })
         .unwrap_or_default();
+    let lifetime = |d: Option<prost_types::Duration>| {
+        d.and_then(|d| std::time::Duration::try_from(d).ok())
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_else(|| "(default)".into())
+    };
+    t.add_row(vec![
+        "Node certificate lifetime".to_string(),
+        lifetime(cfg.node_certificate_lifetime),
+    ]);
+    t.add_row(vec![
+        "User certificate lifetime".to_string(),
+        lifetime(cfg.user_certificate_lifetime),
+    ]);
     t.add_row(vec![
         "Node labels synchronized to Kubernetes".to_string(),
         if sync.is_empty() {
@@ -122,22 +161,43 @@ pub async fn configure_set(ctx: &Ctx, assignment: &str) -> anyhow::Result<()> {
         Kubernetes, kubernetes::NodeLabelsToSynchronize,
     };
     let (path, value) = assignment.split_once('=').ok_or_else(|| {
-        anyhow::anyhow!("expected FIELD=VALUE, e.g. kubernetes.node_labels_to_synchronize='^zone$'")
+        anyhow::anyhow!(
+            "expected FIELD=VALUE, e.g. kubernetes.node_labels_to_synchronize='^zone$' or \
+             node_certificate_lifetime=30days"
+        )
     })?;
-    let regexps: Vec<NodeLabelsToSynchronize> = value
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|r| NodeLabelsToSynchronize {
-            regexp: r.to_string(),
-        })
-        .collect();
-    let base = get_info(ctx).await?.cluster_configuration;
-    let new = ClusterConfiguration {
-        kubernetes: Some(Kubernetes {
-            node_labels_to_synchronize: regexps,
-        }),
-        ..Default::default()
+    let lifetime = || -> anyhow::Result<Option<prost_types::Duration>> {
+        let d = humantime::parse_duration(value).map_err(|e| {
+            anyhow::anyhow!(
+                "{path} wants a duration such as 30days or 1h: {e} (got {})",
+                metropolis_api::quote(value)
+            )
+        })?;
+        Ok(Some(super::install::proto_duration(d)?))
     };
+    let new = match path {
+        "node_certificate_lifetime" => ClusterConfiguration {
+            node_certificate_lifetime: lifetime()?,
+            ..Default::default()
+        },
+        "user_certificate_lifetime" => ClusterConfiguration {
+            user_certificate_lifetime: lifetime()?,
+            ..Default::default()
+        },
+        _ => ClusterConfiguration {
+            kubernetes: Some(Kubernetes {
+                node_labels_to_synchronize: value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|r| NodeLabelsToSynchronize {
+                        regexp: r.to_string(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        },
+    };
+    let base = get_info(ctx).await?.cluster_configuration;
     let mut mgmt = ManagementClient::new(ctx.owner_channel().await?);
     let resp = mgmt
         .configure_cluster(ConfigureClusterRequest {

@@ -64,7 +64,7 @@ pub async fn launch(
         );
     }
     let params = dir.join("bootstrap-params.pb");
-    super::install::bootstrap_params(ctx, &params, ha)?;
+    super::install::bootstrap_params(ctx, &params, ha, Default::default())?;
 
     let spinner = ProgressBar::new_spinner().with_style(
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")

@@ -1,7 +1,8 @@
 //! The node's own metrics (upstream's `core` exporter): whether this curator
 //! leads, nodes by state and health (from the leader only), RPCs by method
 //! and code with latency histograms, heartbeats received, store operation
-//! latency, process memory. [`server`] serves them on port 7840.
+//! latency, process memory, seconds until this node's certificate expires.
+//! [`server`] serves them on port 7840.
 
 pub mod server;
 
@@ -31,6 +32,9 @@ pub struct Metrics {
     store_revision: IntGauge,
     heartbeats: IntCounter,
     heartbeats_seen: Mutex<u64>,
+    certificate_expiry: IntGauge,
+    /// The node's certificate as it is renewed ([`Metrics::watch_certificate`]).
+    certificate: Mutex<Option<Arc<metropolis_identity::LiveCertificate>>>,
 }
 
 impl Metrics {
@@ -86,6 +90,12 @@ impl Metrics {
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(store_revision.clone()))?;
         registry.register(Box::new(heartbeats.clone()))?;
+        let certificate_expiry = IntGauge::new(
+            "metropolis_node_certificate_expiry_seconds",
+            "Seconds until this node's certificate expires (negative once it has); \
+             the node renews it when a third of its lifetime is left",
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -100,7 +110,14 @@ impl Metrics {
             store_revision,
             heartbeats,
             heartbeats_seen: Mutex::new(0),
+            certificate_expiry,
+            certificate: Mutex::new(None),
         }))
+    }
+
+    /// Reports `live`'s end of validity from now on.
+    pub fn watch_certificate(&self, live: Arc<metropolis_identity::LiveCertificate>) {
+        *self.certificate.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
     }
 
     /// The observer for `metropolis_rpc::observe::ObserveLayer`.
@@ -126,6 +143,15 @@ impl Metrics {
 
     /// Renders every metric, refreshing the ones computed from cluster state.
     pub async fn render(&self, cluster: Option<&(Arc<Cluster>, Arc<Heartbeats>)>) -> String {
+        let live = self
+            .certificate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(live) = live {
+            let left = live.certificate().not_after - time::OffsetDateTime::now_utc();
+            self.certificate_expiry.set(left.whole_seconds());
+        }
         if let Some((cluster, heartbeats)) = cluster {
             let leading = heartbeats.is_leading();
             self.leader.set(i64::from(leading));
