@@ -114,7 +114,7 @@ fn handler_code(path: &str, who: Who) -> Code {
         },
         (
             "/metropolis.proto.admin.ClusterAdmin",
-            "RegenerateRegisterTicket" | "ListIdentities" | "GetAuditLog",
+            "RegenerateRegisterTicket" | "ListIdentities" | "GetAuditLog" | "Backup",
         ) => Code::Ok,
         ("/metropolis.proto.admin.ClusterAdmin", "AddIdentity" | "RemoveIdentity") => {
             Code::InvalidArgument
