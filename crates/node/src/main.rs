@@ -13,6 +13,7 @@ mod membership;
 mod metrics;
 mod node_mgmt;
 mod params;
+mod restore;
 mod serve;
 mod update;
 
@@ -64,6 +65,19 @@ struct Args {
     /// become HEALTHY before the node rolls back to the previous one.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     update_trial_timeout: Duration,
+    /// Restore a cluster from this backup file (`metroctl cluster backup`)
+    /// into the empty --data-dir and become its only consensus member.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "owner_key",
+        conflicts_with = "params"
+    )]
+    restore: Option<PathBuf>,
+    /// The owner's private key that decrypts the backup (metroctl's
+    /// owner-key.pem).
+    #[arg(long, value_name = "PEM", requires = "restore")]
+    owner_key: Option<PathBuf>,
     /// Close gRPC connections that carry no stream for this long (tests
     /// shorten it; the default is `metropolis_rpc::server::Limits`').
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
@@ -202,7 +216,19 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
     // Damaged or exposed credentials stop the node before any port opens or
     // anything is written.
     let data = DataDir::new(args.data_dir.clone());
-    let sealed = if data.is_member() {
+    // A restore starts from an empty directory and leaves a member's.
+    let restored = match (&args.restore, &args.owner_key) {
+        (Some(file), Some(owner_key)) => {
+            let r = restore::Restore {
+                file,
+                owner_key,
+                address: args.address,
+            };
+            Some(restore::restore(&data, r).await?)
+        }
+        _ => None,
+    };
+    let sealed = if restored.is_none() && data.is_member() {
         Some(data.unseal()?)
     } else {
         None
@@ -217,7 +243,9 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         debug::start(args.address, logs.clone(), view.clone()).await?;
         view
     };
-    let (creds, held) = if let Some(creds) = sealed {
+    let (creds, held) = if let Some((creds, store)) = restored {
+        (creds, Held::Embedded(store))
+    } else if let Some(creds) = sealed {
         if let Some(p) = &args.params {
             bail!(
                 "data directory {} already belongs to a cluster; refusing to use node parameters {} again. \
