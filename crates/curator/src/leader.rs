@@ -257,6 +257,9 @@ impl Election {
             };
             return self.follow(kv).await;
         }
+        // The lease lives at least a TTL from here (etcd starts counting when
+        // it grants it, later than this).
+        let granted = Instant::now();
         let lease = self.store.grant_lease(self.ttl).await?;
         let claim = Txn::new()
             .when(Compare::absent(key))
@@ -277,7 +280,7 @@ impl Election {
             self.set(Leadership::Leading {
                 key_revision: resp.revision,
             });
-            self.hold(lease).await;
+            self.hold(lease, granted).await;
             self.set(Leadership::Unknown);
             // Best effort: if the store is reachable, let the others take
             // over now rather than after the TTL.
@@ -313,26 +316,70 @@ impl Election {
     }
 
     /// Follows the leader named by `kv` until its key goes away.
+    ///
+    /// Meanwhile it knocks on the leader's curator port: a leader whose port
+    /// refuses connections has no process listening any more (node and
+    /// curator share one process, and the election ends before the port
+    /// closes), so its lease is revoked rather than waited out, and the
+    /// followers campaign at once. A leader that does not answer at all (a
+    /// dead machine, a partition) is waited out: only its lease ending says
+    /// it no longer leads.
     async fn follow(&self, kv: KeyValue) -> Result<(), StoreError> {
         let key = KEY_LEADER.as_bytes();
-        match LeaderInfo::decode(&kv.value) {
+        let mut leader = match LeaderInfo::decode(&kv.value) {
             // This curator's own claim, while it abstains: it goes with the
             // lease.
-            Some(info) if info.node_id == self.me.node_id => self.set(Leadership::Unknown),
-            Some(info) => self.set(Leadership::Following(info)),
-            None => tracing::warn!("unreadable leader key; waiting for it to expire"),
-        }
-        let mut watch = self.store.watch(key, kv.mod_revision + 1).await?;
-        while let Some(ev) = watch.next().await {
-            let ev = ev?;
-            if ev.kv.key != key {
-                continue;
+            Some(info) if info.node_id == self.me.node_id => {
+                self.set(Leadership::Unknown);
+                None
             }
-            match ev.kind {
-                EventKind::Delete => return Ok(()),
-                EventKind::Put => {
-                    if let Some(info) = LeaderInfo::decode(&ev.kv.value) {
-                        self.set(Leadership::Following(info));
+            Some(info) => {
+                self.set(Leadership::Following(info.clone()));
+                Some((info, kv.lease))
+            }
+            None => {
+                tracing::warn!("unreadable leader key; waiting for it to expire");
+                None
+            }
+        };
+        let mut watch = self.store.watch(key, kv.mod_revision + 1).await?;
+        loop {
+            let gone = async {
+                match &leader {
+                    Some((info, _)) => refuses_connections(info).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = watch.next() => {
+                    let Some(ev) = ev else { break };
+                    let ev = ev?;
+                    if ev.kv.key != key {
+                        continue;
+                    }
+                    match ev.kind {
+                        EventKind::Delete => return Ok(()),
+                        EventKind::Put => {
+                            if let Some(info) = LeaderInfo::decode(&ev.kv.value) {
+                                self.set(Leadership::Following(info.clone()));
+                                leader = (info.node_id != self.me.node_id)
+                                    .then_some((info, ev.kv.lease));
+                            }
+                        }
+                    }
+                }
+                () = gone => {
+                    if let Some((info, lease)) = leader.take() {
+                        tracing::info!(
+                            leader = %info.node_id,
+                            "the curator leader's port refuses connections: its process is gone; \
+                             revoking its lease"
+                        );
+                        match self.store.revoke_lease(lease).await {
+                            // Gone already: the watch shows the delete.
+                            Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }
@@ -341,10 +388,16 @@ impl Election {
     }
 
     /// Keeps the lease alive; returns when leadership is lost: the lease is
-    /// gone, or it could not be renewed for so long that it may have expired.
-    async fn hold(&self, lease: i64) {
-        let interval = self.ttl / 3;
-        let mut renewed = Instant::now();
+    /// gone, or it could not be renewed for so long that it may expire soon.
+    ///
+    /// A keep-alive sent at `t` that succeeds keeps the lease until at least
+    /// `t` + TTL (etcd receives it later). Renewing six times per TTL and
+    /// giving up one renewal interval before that bound lets a renewal
+    /// fail for most of a TTL (an etcd election elsewhere takes about a
+    /// second) while no other curator can have taken over yet.
+    async fn hold(&self, lease: i64, granted: Instant) {
+        let interval = self.ttl / 6;
+        let mut renewed = granted;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -356,22 +409,57 @@ impl Election {
                     continue;
                 }
             }
-            match self.store.keep_alive(lease).await {
-                Ok(()) => renewed = Instant::now(),
-                Err(StoreError::LeaseNotFound(_)) => {
+            let sent = Instant::now();
+            let give_up = renewed + self.ttl.saturating_sub(interval);
+            let Some(left) = give_up
+                .checked_duration_since(sent)
+                .filter(|d| !d.is_zero())
+            else {
+                tracing::warn!("cannot renew the leader lease in time; stepping down");
+                return;
+            };
+            match tokio::time::timeout(left, self.store.keep_alive(lease)).await {
+                Ok(Ok(())) => renewed = sent,
+                Ok(Err(StoreError::LeaseNotFound(_))) => {
                     tracing::warn!("the leader lease expired; stepping down");
                     return;
                 }
-                Err(e) => {
-                    // Step down before the lease can have expired, so two
-                    // curators never both believe they lead.
-                    if renewed.elapsed() + interval >= self.ttl {
-                        tracing::warn!(error = %e, "cannot renew the leader lease; stepping down");
-                        return;
-                    }
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "leader lease renewal failed; retrying");
                 }
+                Err(_) => {
+                    // Step down before the lease can have expired, so two
+                    // curators never both believe they lead.
+                    tracing::warn!(
+                        waited = ?left,
+                        "cannot renew the leader lease; stepping down"
+                    );
+                    return;
+                }
             }
+        }
+    }
+}
+
+/// How often a follower knocks on the leader's curator port ...
+const KNOCK_INTERVAL: Duration = Duration::from_millis(150);
+/// ... and after how many refusals in a row it takes the leader for gone.
+const REFUSALS: u32 = 3;
+
+/// Returns once `leader`'s curator port has refused TCP connections
+/// [`REFUSALS`] times in a row (nothing listens there); never for a port that
+/// accepts, or does not answer.
+async fn refuses_connections(leader: &LeaderInfo) {
+    let mut refused = 0;
+    loop {
+        tokio::time::sleep(KNOCK_INTERVAL).await;
+        let connect = tokio::net::TcpStream::connect((leader.host.as_str(), leader.port));
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            _ => refused = 0,
+        }
+        if refused >= REFUSALS {
+            return;
         }
     }
 }
@@ -405,6 +493,15 @@ impl LeaderGate {
     fn refusal(&self, path: &str) -> Option<tonic::Status> {
         if !GATED.iter().any(|p| path.starts_with(p)) {
             return None;
+        }
+        // The election ended (its curator stopped): whatever it last said,
+        // this curator leads no more. Connections that outlive their server
+        // (a stream in flight at a shutdown) must not reach a stopped one.
+        if self.leadership.has_changed().is_err() {
+            return Some(tonic::Status::unavailable(format!(
+                "node {}'s curator has stopped; reconnect to the cluster to find the leader",
+                self.node_id
+            )));
         }
         let msg = match &*self.leadership.borrow() {
             Leadership::Leading { .. } => return None,
@@ -468,11 +565,31 @@ where
 mod tests {
     use super::*;
 
+    /// A curator that listens on a port (followers knock on it), kept open
+    /// while the returned listener lives.
     fn me(n: &str) -> LeaderInfo {
+        use std::sync::OnceLock;
+        // One listening port for every live curator of these tests.
+        static LISTENER: OnceLock<std::net::TcpListener> = OnceLock::new();
+        let l =
+            LISTENER.get_or_init(|| std::net::TcpListener::bind("127.0.0.1:0").expect("listen"));
         LeaderInfo {
             node_id: n.into(),
-            host: "127.0.0.2".into(),
-            port: 7835,
+            host: "127.0.0.1".into(),
+            port: l.local_addr().expect("address").port(),
+        }
+    }
+
+    /// A curator whose port nothing listens on (its process is gone).
+    fn dead(n: &str) -> LeaderInfo {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        LeaderInfo {
+            node_id: n.into(),
+            host: "127.0.0.1".into(),
+            port,
         }
     }
 
@@ -500,6 +617,30 @@ mod tests {
         task_a.abort();
         wait_for(&mut b, Leadership::is_leading).await;
         task_b.abort();
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_port_refuses_connections_is_not_waited_out() {
+        let (_dir, store, _) = crate::state::test_support::store().await;
+        // Far longer than the test's patience: only the knock can explain
+        // a takeover.
+        let ttl = Duration::from_secs(60);
+        let gone = dead("a");
+        let (mut a, task_a) = campaign(store.clone(), gone.clone(), ttl, Default::default());
+        wait_for(&mut a, Leadership::is_leading).await;
+        // Its process dies without a word (its lease lives on).
+        task_a.abort();
+        let (mut b, task_b) = campaign(store.clone(), me("b"), ttl, Default::default());
+        let started = Instant::now();
+        wait_for(&mut b, Leadership::is_leading).await;
+        assert!(started.elapsed() < ttl / 2);
+        // While b's own port accepts, c keeps following it.
+        let (mut c, task_c) = campaign(store, me("c"), ttl, Default::default());
+        wait_for(&mut c, |l| matches!(l, Leadership::Following(_))).await;
+        tokio::time::sleep(KNOCK_INTERVAL * (REFUSALS + 2)).await;
+        assert_eq!(*c.borrow(), Leadership::Following(me("b")));
+        task_b.abort();
+        task_c.abort();
     }
 
     #[tokio::test]
@@ -557,8 +698,10 @@ mod tests {
             .refusal("/metropolis.proto.api.Management/GetNodes")
             .expect("refused");
         assert_eq!(s.code(), tonic::Code::Unavailable);
+        let b = me("b");
         assert!(
-            s.message().contains("node b at 127.0.0.2:7835"),
+            s.message()
+                .contains(&format!("node b at {}:{}", b.host, b.port)),
             "{}",
             s.message()
         );
@@ -566,6 +709,12 @@ mod tests {
         assert!(
             gate.refusal("/metropolis.proto.api.Management/GetNodes")
                 .is_none()
+        );
+        // An election that ended leaves no leader behind, whatever it said.
+        drop(tx);
+        assert!(
+            gate.refusal("/metropolis.proto.api.Management/GetNodes")
+                .is_some_and(|s| s.code() == tonic::Code::Unavailable)
         );
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
+use metropolis_api::admin::ConsensusProgress;
 use metropolis_api::api::{
     ApproveNodeRequest, ApproveNodeResponse, ConfigureClusterRequest, ConfigureClusterResponse,
     DecommissionNodeRequest, DecommissionNodeResponse, DeleteNodeRequest, DeleteNodeResponse,
@@ -16,6 +17,7 @@ use metropolis_api::api::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::consensus::Progress;
 use crate::filter::Filter;
 use crate::heartbeat::Heartbeats;
 use crate::state::{Cluster, NodeEntry, RoleChange};
@@ -34,10 +36,19 @@ impl ManagementService {
     }
 }
 
-/// A node as the Management API shows it, with health computed now.
-pub fn api_node(entry: NodeEntry, heartbeats: &Heartbeats, now: Instant) -> Node {
+/// A node as the Management API shows it, with health computed now and its
+/// consensus progress (`None`: not a consensus member).
+pub fn api_node(
+    entry: NodeEntry,
+    heartbeats: &Heartbeats,
+    now: Instant,
+    consensus: Option<Progress>,
+) -> Node {
     let (health, since) = heartbeats.health(&entry.id, entry.node.state, now);
     Node {
+        consensus_progress: consensus
+            .map(ConsensusProgress::from)
+            .unwrap_or(ConsensusProgress::None) as i32,
         pubkey: entry.node.public_key,
         id: entry.id,
         state: entry.node.state,
@@ -95,12 +106,14 @@ impl Management for ManagementService {
             Some(Filter::compile(&src).map_err(|e| Status::invalid_argument(e.to_string()))?)
         };
         let entries = self.cluster.nodes().await?;
+        let progress = self.cluster.consensus_progress(&entries).await?;
         let heartbeats = self.heartbeats.clone();
         let now = Instant::now();
         // Nodes are converted and filtered one at a time as the stream is
         // polled: only the store's read result is held, not a second copy.
         let nodes = entries.into_iter().filter_map(move |entry| {
-            let node = api_node(entry, &heartbeats, now);
+            let p = progress.get(&entry.id).copied();
+            let node = api_node(entry, &heartbeats, now, p);
             match filter.as_ref().map(|f| f.matches(&node)) {
                 None | Some(Ok(true)) => Some(Ok(node)),
                 Some(Ok(false)) => None,

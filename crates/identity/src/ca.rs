@@ -37,7 +37,7 @@ fn default_not_before() -> OffsetDateTime {
 const CA_COMMON_NAME: &str = "Metropolis Cluster CA";
 
 /// An ed25519-dalek key as rcgen's signer.
-struct Ed25519Signer<'a> {
+pub(crate) struct Ed25519Signer<'a> {
     key: &'a SigningKey,
     public: [u8; 32],
 }
@@ -186,9 +186,17 @@ impl CertificateAuthority {
     /// A new CA with a fresh key: self-signed, CN `Metropolis Cluster CA`, key usage cert sign
     /// and CRL sign, basic constraints CA, valid from an hour ago until [`NO_EXPIRY`].
     pub fn generate() -> Result<Self, IdentityError> {
+        Self::generate_named(CA_COMMON_NAME)
+    }
+
+    /// [`Self::generate`] with another common name: a cluster has a second CA that issues
+    /// etcd peer certificates only (the consensus CA), so that etcd, which trusts whatever
+    /// its CA signed, trusts consensus members and nobody else.
+    pub fn generate_named(name: &str) -> Result<Self, IdentityError> {
+        check_name(name)?;
         let key = generate_key();
         let mut params = CertificateParams::default();
-        params.distinguished_name = common_name(CA_COMMON_NAME);
+        params.distinguished_name = common_name(name);
         params.not_before = default_not_before();
         params.not_after = NO_EXPIRY;
         params.serial_number = Some(random_serial());
@@ -235,7 +243,7 @@ impl CertificateAuthority {
 
     /// The issuer as rcgen wants it. Built from the stored certificate so that the issuer
     /// name and authority key identifier are exactly the CA certificate's.
-    fn issuer(&self) -> Result<Issuer<'static, Ed25519Signer<'_>>, IdentityError> {
+    pub(crate) fn issuer(&self) -> Result<Issuer<'static, Ed25519Signer<'_>>, IdentityError> {
         Ok(Issuer::from_ca_cert_der(
             &CertificateDer::from(self.cert_der.as_slice()),
             Ed25519Signer::new(&self.key),
@@ -282,7 +290,23 @@ impl CertificateAuthority {
         node_pubkey: &[u8; 32],
         address: IpAddr,
     ) -> Result<Vec<u8>, IdentityError> {
-        let mut params = node_params(node_pubkey, default_not_before(), NO_EXPIRY)?;
+        self.issue_peer_certificate_with_validity(
+            node_pubkey,
+            address,
+            default_not_before(),
+            NO_EXPIRY,
+        )
+    }
+
+    /// [`Self::issue_peer_certificate`] with an explicit validity.
+    pub fn issue_peer_certificate_with_validity(
+        &self,
+        node_pubkey: &[u8; 32],
+        address: IpAddr,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Vec<u8>, IdentityError> {
+        let mut params = node_params(node_pubkey, not_before, not_after)?;
         params.subject_alt_names.push(SanType::IpAddress(address));
         self.issue(&params, node_pubkey)
     }

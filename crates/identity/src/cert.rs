@@ -39,6 +39,8 @@ pub struct Certificate {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
+    /// The serial number as encoded (big-endian, without the DER header): what a CRL lists.
+    pub serial: Vec<u8>,
 }
 
 impl Certificate {
@@ -79,7 +81,7 @@ impl Certificate {
     }
 }
 
-fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
+pub(crate) fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
     let (rest, x509) = X509Certificate::from_der(der)
         .map_err(|e| IdentityError::MalformedCertificate(e.to_string()))?;
     if !rest.is_empty() {
@@ -162,12 +164,27 @@ pub fn parse_certificate(der: &[u8]) -> Result<Certificate, IdentityError> {
         dns_names,
         not_before: x509.validity().not_before.to_datetime(),
         not_after: x509.validity().not_after.to_datetime(),
+        serial: x509.tbs_certificate.raw_serial().to_vec(),
     })
 }
 
 /// Checks that `x509` carries a valid Ed25519 signature by `signer`.
 fn check_signature(x509: &X509Certificate<'_>, signer: &[u8; 32]) -> Result<(), VerifyError> {
-    let alg = &x509.signature_algorithm;
+    check_ed25519_signature(
+        &x509.signature_algorithm,
+        &x509.signature_value.data,
+        x509.tbs_certificate.as_ref(),
+        signer,
+    )
+}
+
+/// Checks an Ed25519 signature over `signed` (a certificate's or a CRL's TBS part).
+pub(crate) fn check_ed25519_signature(
+    alg: &x509_parser::x509::AlgorithmIdentifier<'_>,
+    signature: &[u8],
+    signed: &[u8],
+    signer: &[u8; 32],
+) -> Result<(), VerifyError> {
     if alg.algorithm != OID_SIG_ED25519 {
         return Err(VerifyError::UnsupportedSignatureAlgorithm(
             alg.algorithm.to_id_string(),
@@ -181,9 +198,9 @@ fn check_signature(x509: &X509Certificate<'_>, signer: &[u8; 32]) -> Result<(), 
     }
     let key = VerifyingKey::from_bytes(signer)
         .map_err(|_| VerifyError::BadSignature("signer key is not a valid Ed25519 point"))?;
-    let signature = Signature::from_slice(&x509.signature_value.data)
+    let signature = Signature::from_slice(signature)
         .map_err(|_| VerifyError::BadSignature("signature is not 64 bytes"))?;
-    key.verify_strict(x509.tbs_certificate.as_ref(), &signature)
+    key.verify_strict(signed, &signature)
         .map_err(|_| VerifyError::BadSignature("signature does not verify"))
 }
 

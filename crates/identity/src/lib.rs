@@ -6,8 +6,9 @@
 //! - Ed25519 keys and node IDs ([`generate_key`], [`node_id`]);
 //! - the PEM files metroctl keeps ([`encode_owner_key_pem`], [`cert_to_pem`], ...) and the
 //!   PKCS#8 key files etcd reads ([`encode_pkcs8_key_pem`]);
-//! - the cluster CA and the certificates it issues ([`CertificateAuthority`]), and the
-//!   self-signed initial owner credentials ([`self_signed_certificate`]);
+//! - the cluster CA and the certificates it issues ([`CertificateAuthority`]), the
+//!   consensus CA's revocation lists ([`CertificateAuthority::issue_crl`], [`parse_crl`]),
+//!   and the self-signed initial owner credentials ([`self_signed_certificate`]);
 //! - parsing and verification of certificates ([`parse_certificate`], [`verify_signed_by`]);
 //! - TLS configurations for nodes and clients ([`server_config`], [`client_config`]).
 //!
@@ -15,12 +16,14 @@
 
 mod ca;
 mod cert;
+mod crl;
 mod encoding;
 mod error;
 mod tls;
 
 pub use ca::{CertificateAuthority, NO_EXPIRY, self_signed_certificate};
 pub use cert::{Certificate, parse_certificate, verify_self_signed, verify_signed_by};
+pub use crl::{Revoked, parse_crl};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use encoding::{
     CERTIFICATE_PEM_TYPE, OWNER_KEY_PEM_TYPE, PKCS8_KEY_PEM_TYPE, cert_to_pem,

@@ -99,7 +99,9 @@ impl Ctx {
             }
             tracing::debug!(node = %c.addr, "no curator leader known yet; waiting {delay:?}");
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            // A new leader serves within about a lease TTL: look often
+            // enough not to add seconds of our own.
+            delay = (delay * 2).min(std::time::Duration::from_millis(500));
         }
     }
 }

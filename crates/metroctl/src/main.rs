@@ -174,6 +174,11 @@ enum RoleTarget {
         role: cmd::node::Role,
         #[arg(required = true)]
         ids: Vec<String>,
+        /// ConsensusMember: after the change is accepted, wait until every
+        /// node named is a voting member (add) or no member at all (remove),
+        /// showing each one's progress (pending, learner, voter).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -335,11 +340,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Label { id, changes }) => {
             cmd::node::label(&ctx, &id, &changes).await
         }
-        Command::Node(NodeCommand::Add(RoleTarget::Role { role, ids })) => {
-            cmd::node::set_role(&ctx, role, true, &ids).await
+        Command::Node(NodeCommand::Add(RoleTarget::Role { role, ids, wait })) => {
+            cmd::node::set_role(&ctx, role, true, &ids, wait).await
         }
-        Command::Node(NodeCommand::Remove(RoleTarget::Role { role, ids })) => {
-            cmd::node::set_role(&ctx, role, false, &ids).await
+        Command::Node(NodeCommand::Remove(RoleTarget::Role { role, ids, wait })) => {
+            cmd::node::set_role(&ctx, role, false, &ids, wait).await
         }
         Command::Node(NodeCommand::Decommission { id }) => cmd::node::decommission(&ctx, &id).await,
         Command::Node(NodeCommand::Logs {

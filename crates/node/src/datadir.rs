@@ -9,12 +9,20 @@
 //! - `store/cluster.redb`: the embedded consensus store (it holds the CA's
 //!   private key), mode 0600.
 //! - `pending-key`: a registering node's key until it is admitted, mode 0600.
-//! - `etcd/`: an etcd member's configuration, peer key (0600) and data.
+//! - `etcd/`: this node's etcd member, on consensus members of a cluster on
+//!   etcd: configuration, peer key (0600) and data (see `consensus`).
+//!   While a cluster on the embedded store moves to etcd, its new member runs
+//!   in `etcd/` *staged* (`etcd/staged` exists): removing that marker is the
+//!   switch, from which moment etcd holds the cluster state.
+//!   [`DataDir::settle`], at every start, finishes either way: a staged
+//!   `etcd/` beside the store is removed (the move did not happen), a
+//!   `store/` beside a configured `etcd/` becomes `store.pre-etcd/`,
+//!   read-only (the move happened; the copy stays).
+//! - `update/`: the binary slots of a node that was updated (`update::slots`).
 //!
 //! A node refuses to start while a file that holds a secret is readable by
 //! others, and before anything else checks that its credentials belong
 //! together (see [`DataDir::unseal`]).
-//! - `update/`: the binary slots of a node that was updated (`update::slots`).
 //!
 //! "Sealed" means owner-only file permissions: this daemon has no TPM to seal
 //! against, and says so in ARCHITECTURE.md.
@@ -35,6 +43,7 @@ const STORE_FILE: &str = "cluster.redb";
 const PENDING_KEY: &str = "pending-key";
 const DIRECTORY: &str = "directory.pb";
 const ETCD_DIR: &str = "etcd";
+const PRE_ETCD_STORE_DIR: &str = "store.pre-etcd";
 
 /// A node's long-term credentials.
 pub struct Credentials {
@@ -49,6 +58,7 @@ impl Credentials {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
 }
@@ -74,6 +84,55 @@ impl DataDir {
 
     pub fn has_store(&self) -> bool {
         self.store_path().exists()
+    }
+
+    /// The embedded store as it was when the cluster moved to etcd.
+    pub fn pre_etcd_store_path(&self) -> PathBuf {
+        self.root.join(PRE_ETCD_STORE_DIR).join(STORE_FILE)
+    }
+
+    /// The switch from the embedded store to etcd: the staged etcd member
+    /// becomes this node's (one unlink, made durable), then the embedded
+    /// store is set aside read-only.
+    pub fn switch_to_etcd(&self) -> anyhow::Result<()> {
+        let dir = self.etcd_dir();
+        if !crate::consensus::is_staged(&dir) {
+            bail!("{} holds no staged etcd member to switch to", dir.display());
+        }
+        crate::consensus::unstage(&dir)?;
+        self.settle()
+    }
+
+    /// Finishes an interrupted move from the embedded store to etcd, either
+    /// way (see the module documentation). Called at every start.
+    pub fn settle(&self) -> anyhow::Result<()> {
+        let etcd = self.etcd_dir();
+        let store_dir = self.root.join(STORE_DIR);
+        if crate::consensus::is_configured(&etcd) {
+            if store_dir.exists() {
+                let kept = self.root.join(PRE_ETCD_STORE_DIR);
+                fs::rename(&store_dir, &kept).with_context(|| {
+                    format!("renaming {} to {}", store_dir.display(), kept.display())
+                })?;
+                sync_dir(&self.root)?;
+                let file = self.pre_etcd_store_path();
+                if file.exists() {
+                    fs::set_permissions(&file, fs::Permissions::from_mode(0o400))
+                        .with_context(|| format!("making {} read-only", file.display()))?;
+                }
+                tracing::info!(
+                    kept = %file.display(),
+                    "the cluster state is on etcd now; the embedded store stays as the pre-migration copy, read-only"
+                );
+            }
+        } else if etcd.exists() && self.has_store() {
+            // Staged (or half made): the embedded store is the live one.
+            fs::remove_dir_all(&etcd).with_context(|| format!("removing {}", etcd.display()))?;
+            tracing::info!(
+                "removed the etcd member of a move to etcd that did not finish; the cluster state is in the embedded store"
+            );
+        }
+        Ok(())
     }
 
     fn credentials_path(&self) -> PathBuf {
@@ -293,10 +352,14 @@ fn write_private(root: &Path, name: &str, contents: &[u8]) -> anyhow::Result<()>
         .and_then(|_| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, root.join(name)).with_context(|| format!("renaming {}", tmp.display()))?;
-    File::open(root)
+    sync_dir(root)
+}
+
+/// Makes renames in `dir` durable.
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", root.display()))?;
-    Ok(())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]
@@ -330,5 +393,41 @@ mod tests {
         let back = dd.unseal().expect("unseal");
         assert_eq!(back.key.to_bytes(), key.to_bytes());
         assert_eq!(back.node_certificate, cert);
+    }
+
+    /// A move to etcd that stopped before the switch leaves the embedded
+    /// store live and its staged etcd member goes; one that stopped after it
+    /// leaves etcd live and the embedded store aside, read-only.
+    #[test]
+    fn settle_finishes_a_move_either_way() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dd = DataDir::new(tmp.path().join("node"));
+        dd.create().expect("create");
+        dd.create_store().expect("store");
+        let etcd = dd.etcd_dir();
+        let stage = || {
+            fs::create_dir_all(&etcd).expect("etcd");
+            fs::write(etcd.join("config.pb"), b"").expect("config");
+            fs::write(etcd.join("staged"), b"").expect("marker");
+            assert!(!crate::consensus::is_configured(&etcd));
+        };
+
+        // Before the switch.
+        stage();
+        dd.settle().expect("settle");
+        assert!(dd.has_store() && !etcd.exists());
+
+        // The switch, then a crash before the store was set aside.
+        stage();
+        crate::consensus::unstage(&etcd).expect("switch");
+        assert!(dd.has_store() && crate::consensus::is_configured(&etcd));
+        dd.settle().expect("settle");
+        assert!(!dd.has_store());
+        assert!(crate::consensus::is_configured(&etcd));
+        let kept = fs::metadata(dd.pre_etcd_store_path()).expect("kept");
+        assert_eq!(kept.permissions().mode() & 0o777, 0o400);
+        // Nothing more to do, and nothing to switch to any more.
+        dd.settle().expect("settle again");
+        assert!(dd.switch_to_etcd().is_err());
     }
 }

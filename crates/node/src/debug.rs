@@ -26,8 +26,21 @@ use crate::logtree::LogTree;
 
 pub const DEBUG_PORT: u16 = 7837;
 
-/// Failpoints compiled into this build.
-pub const FAILPOINTS: &[&str] = &["curator::store_commit", "node::heartbeat_send"];
+/// Failpoints compiled into this build, besides the migration's
+/// (`metropolis_curator::consensus::migration::FAILPOINTS`).
+const FAILPOINTS: &[&str] = &["curator::store_commit", "node::heartbeat_send"];
+
+/// Set in the environment, failpoints that are configured before the node
+/// does anything (`name=actions;name=actions`, the `fail` crate's syntax):
+/// for faults a restarted node must hit before a test could reach it.
+pub const FAILPOINTS_ENV: &str = "METROPOLIS_FAILPOINTS";
+
+fn known() -> impl Iterator<Item = &'static str> {
+    FAILPOINTS
+        .iter()
+        .chain(metropolis_curator::consensus::migration::FAILPOINTS)
+        .copied()
+}
 
 /// The node's view of itself, filled in as it starts, for DumpState.
 pub type View = Arc<Mutex<serde_json::Value>>;
@@ -85,11 +98,11 @@ impl NodeFaults for Debug {
         request: Request<SetFailpointRequest>,
     ) -> Result<Response<SetFailpointResponse>, Status> {
         let req = request.into_inner();
-        if !FAILPOINTS.contains(&req.name.as_str()) {
+        if !known().any(|n| n == req.name) {
             return Err(Status::not_found(format!(
                 "no failpoint {:?}; known: {}",
                 req.name,
-                FAILPOINTS.join(", ")
+                known().collect::<Vec<_>>().join(", ")
             )));
         }
         fail::cfg(&req.name, &req.actions).map_err(|e| {
@@ -111,7 +124,7 @@ impl NodeFaults for Debug {
                 .into_iter()
                 .map(|(name, actions)| Failpoint { name, actions })
                 .collect(),
-            known: FAILPOINTS.iter().map(|s| s.to_string()).collect(),
+            known: known().map(str::to_string).collect(),
         }))
     }
 
@@ -175,6 +188,16 @@ impl Authorizer for Nobody {
 /// Starts the debug server with an ephemeral self-signed certificate (the
 /// node may have no cluster credentials yet).
 pub async fn start(address: IpAddr, logs: Arc<LogTree>, view: View) -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var(FAILPOINTS_ENV) {
+        for (name, actions) in spec.split(';').filter_map(|f| f.split_once('=')) {
+            if !known().any(|n| n == name) {
+                anyhow::bail!("{FAILPOINTS_ENV}: no failpoint {name:?}");
+            }
+            fail::cfg(name, actions)
+                .map_err(|e| anyhow::anyhow!("{FAILPOINTS_ENV}: {name}={actions}: {e}"))?;
+            tracing::warn!(%name, %actions, "failpoint configured from the environment");
+        }
+    }
     let key = metropolis_identity::generate_key();
     let cert = metropolis_identity::self_signed_certificate(&key, "metropolis-node-debug")?;
     let tls = metropolis_identity::server_config(cert.clone(), &key)?;

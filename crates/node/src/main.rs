@@ -158,9 +158,12 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(args, logs)) {
         // Reconfigured consensus membership is turned into a restart by run().
-        Ok(serve::Exit::Stopped | serve::Exit::Consensus(_) | serve::Exit::CuratorReady) => {
-            ExitCode::SUCCESS
-        }
+        Ok(
+            serve::Exit::Stopped
+            | serve::Exit::Consensus(_)
+            | serve::Exit::CuratorReady
+            | serve::Exit::MovedToEtcd,
+        ) => ExitCode::SUCCESS,
         Ok(serve::Exit::Restart) => {
             drop(runtime);
             restart()
@@ -255,15 +258,12 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             );
         }
         tracing::info!(node = %creds.node_id(), "rejoining cluster from sealed credentials");
-        let held = if data.has_store() {
-            Held::Embedded(open_store(&data).await?)
-        } else if consensus::is_configured(&data.etcd_dir()) {
+        // A move to etcd that a crash interrupted ends here, either way.
+        data.settle()?;
+        let held = if consensus::is_configured(&data.etcd_dir()) {
             let etcd = start_etcd(&args, &data, &logs).await?;
-            match tokio::time::timeout(ETCD_PATIENCE, connect_etcd(etcd.client_socket())).await {
-                Ok(store) => Held::Etcd {
-                    etcd,
-                    store: store?,
-                },
+            match tokio::time::timeout(ETCD_PATIENCE, etcd.connect()).await {
+                Ok(store) => Held::Etcd { etcd, store },
                 Err(_) => {
                     tracing::info!(
                         "this node's etcd member does not serve yet (a new member serves once it has \
@@ -273,6 +273,8 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                     Held::CatchingUp(etcd)
                 }
             }
+        } else if data.has_store() {
+            Held::Embedded(open_store(&data).await?)
         } else {
             Held::Nothing
         };
@@ -327,23 +329,45 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
     let mut held = held;
     loop {
         let mut until_curator = None;
+        let mut moved_to_etcd = None;
+        let mut staging = None;
+        let mut crl_follower = None;
         // The connection that ends the catching-up phase is the one the
         // curator then uses.
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (cluster, etcd) = match held {
             Held::Nothing => (None, None),
-            Held::Embedded(store) => (Some(Cluster::open(metrics.instrument(store)).await?), None),
+            Held::Embedded(store) => {
+                let cluster = Cluster::open(metrics.instrument(store)).await?;
+                // A second consensus member moves the cluster to etcd, on
+                // this node.
+                let (host, switched) = consensus::staging::Staging::new(
+                    creds.key.clone(),
+                    args.address,
+                    args.etcd_binary.clone(),
+                    logs.clone(),
+                    data.clone(),
+                );
+                cluster.set_etcd_host(host.clone());
+                staging = Some(host);
+                moved_to_etcd = Some(switched);
+                (Some(cluster), None)
+            }
             Held::Etcd { etcd, store } => {
                 let consensus: Arc<dyn metropolis_store::Consensus> = store.clone();
+                crl_follower = Some(tokio::spawn(consensus::crl::follow(
+                    store.clone(),
+                    data.etcd_dir(),
+                )));
                 let cluster =
                     Cluster::open_replicated(metrics.instrument(store), consensus, creds.node_id())
                         .await?;
                 (Some(cluster), Some(etcd))
             }
             Held::CatchingUp(etcd) => {
-                let socket = etcd.client_socket();
+                let ready = etcd.connect();
                 until_curator = Some(Box::pin(async move {
-                    let _ = ready_tx.send(connect_etcd(socket).await);
+                    let _ = ready_tx.send(ready.await);
                 })
                     as futures::future::BoxFuture<'static, ()>);
                 (None, Some(etcd))
@@ -376,6 +400,7 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             cluster,
             runs_etcd: etcd.is_some(),
             until_curator,
+            moved_to_etcd,
             curators,
             heartbeat_interval: args.heartbeat_interval,
             heartbeat_timeout: args.heartbeat_timeout,
@@ -386,13 +411,27 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
             limits: args.limits(),
         })
         .await;
+        if let Some(follower) = crl_follower {
+            follower.abort();
+        }
         match (exit, etcd) {
             (Ok(serve::Exit::CuratorReady), Some(etcd)) => {
                 tracing::info!("this node's etcd member serves now; starting its curator");
                 let store = match ready_rx.await {
-                    Ok(store) => store?,
-                    Err(_) => connect_etcd(etcd.client_socket()).await?,
+                    Ok(store) => store,
+                    Err(_) => etcd.connect().await,
                 };
+                held = Held::Etcd { etcd, store };
+            }
+            (Ok(serve::Exit::MovedToEtcd), None) => {
+                let switched = match &staging {
+                    Some(host) => host.take_switched().await,
+                    None => None,
+                };
+                let (etcd, store) = switched
+                    .context("the cluster state moved to etcd, but its member is not at hand")?;
+                tracing::info!("serving on etcd now, which holds the cluster state");
+                data.settle()?;
                 held = Held::Etcd { etcd, store };
             }
             (exit, etcd) => {
@@ -440,36 +479,33 @@ fn reconfigure(
     role: Option<metropolis_api::common::node_roles::ConsensusMember>,
 ) -> anyhow::Result<()> {
     let creds = data.unseal()?;
-    match role {
-        Some(role) => {
-            let cfg = consensus::PeerConfig {
-                name: creds.node_id(),
-                address: args.address,
-                peer_port: metropolis_curator::consensus::PEER_PORT,
-                ca_der: role.ca_certificate,
-                peer_cert_der: role.peer_certificate,
-                initial_cluster: role.peers.into_iter().map(|p| (p.name, p.url)).collect(),
-                new_cluster: false,
-                cluster_token: ETCD_CLUSTER_TOKEN.into(),
-            };
-            consensus::configure(&data.etcd_dir(), &cfg, &creds.key)
-                .context("setting up this node's etcd member")?;
-        }
-        None => {
-            let dir = data.etcd_dir();
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                return Err(e).with_context(|| format!("removing {}", dir.display()));
-            }
-        }
+    // Whatever was there belongs to a membership that has ended: a member
+    // admitted again joins with a new identity in etcd and nothing of the
+    // old one.
+    let dir = data.etcd_dir();
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(e).with_context(|| format!("removing {}", dir.display()));
+    }
+    if let Some(role) = role {
+        let cfg = consensus::PeerConfig {
+            name: creds.node_id(),
+            address: args.address,
+            peer_port: metropolis_curator::consensus::PEER_PORT,
+            ca_der: role.ca_certificate,
+            peer_cert_der: role.peer_certificate,
+            crl_der: role.initial_crl,
+            initial_cluster: role.peers.into_iter().map(|p| (p.name, p.url)).collect(),
+            new_cluster: false,
+            cluster_token: consensus::CLUSTER_TOKEN.into(),
+            staged: false,
+        };
+        consensus::configure(&dir, &cfg, &creds.key)
+            .context("setting up this node's etcd member")?;
     }
     Ok(())
 }
-
-/// etcd's --initial-cluster-token: only used when a new etcd cluster forms
-/// (bootstrap), where there is one member.
-const ETCD_CLUSTER_TOKEN: &str = "metropolis";
 
 async fn start_etcd(
     args: &Args,
@@ -478,27 +514,6 @@ async fn start_etcd(
 ) -> anyhow::Result<consensus::Etcd> {
     let binary = consensus::find_binary(args.etcd_binary.as_deref())?;
     consensus::Etcd::start(&data.etcd_dir(), &binary, logs.clone()).await
-}
-
-/// Connects to this node's etcd member (at `socket`). A member that joined
-/// as a learner serves no client requests until the leader promotes it, once
-/// it has caught up: wait for that.
-async fn connect_etcd(socket: std::path::PathBuf) -> anyhow::Result<Arc<EtcdStore>> {
-    let mut delay = Duration::from_millis(100);
-    let mut next_report = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match EtcdStore::connect_unix(&socket).await {
-            Ok(store) => return Ok(store),
-            Err(e) => {
-                if std::time::Instant::now() >= next_report {
-                    tracing::info!(error = %e, "waiting for this node's etcd member to serve (a new member serves once it has caught up and was promoted)");
-                    next_report += Duration::from_secs(30);
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
 }
 
 async fn open_store(data: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
@@ -531,38 +546,42 @@ async fn bootstrap(
     let key = metropolis_identity::generate_key();
     let node_id = metropolis_identity::node_id(key.verifying_key().as_bytes());
     let ca = CertificateAuthority::generate().context("generating the cluster CA")?;
+    let pki = metropolis_curator::consensus::pki::ConsensusPki::generate()?;
     data.create()?;
     let mut consensus_role = metropolis_api::common::node_roles::ConsensusMember::default();
     let (store, held): (Arc<dyn Store>, _) = if high_availability {
         // etcd needs its peer certificate (and so the CA) before the store
         // exists; find the binary before writing anything.
         consensus::find_binary(args.etcd_binary.as_deref())?;
-        let peer_cert = ca
+        let peer_cert = pki
             .issue_peer_certificate(key.verifying_key().as_bytes(), boot.address)
             .context("issuing this node's etcd peer certificate")?;
+        let crl = pki.crl()?;
         let url = metropolis_curator::consensus::peer_url(boot.address);
         let cfg = consensus::PeerConfig {
             name: node_id.clone(),
             address: boot.address,
             peer_port: metropolis_curator::consensus::PEER_PORT,
-            ca_der: ca.cert_der().to_vec(),
+            ca_der: pki.ca_certificate().to_vec(),
             peer_cert_der: peer_cert.clone(),
+            crl_der: crl.clone(),
             initial_cluster: vec![(node_id.clone(), url.clone())],
             new_cluster: true,
-            cluster_token: ETCD_CLUSTER_TOKEN.into(),
+            cluster_token: consensus::CLUSTER_TOKEN.into(),
+            staged: false,
         };
         consensus::configure(&data.etcd_dir(), &cfg, &key)?;
         consensus_role = metropolis_api::common::node_roles::ConsensusMember {
-            ca_certificate: ca.cert_der().to_vec(),
+            ca_certificate: pki.ca_certificate().to_vec(),
             peer_certificate: peer_cert,
-            initial_crl: Vec::new(),
+            initial_crl: crl,
             peers: vec![metropolis_api::common::node_roles::consensus_member::Peer {
                 name: node_id.clone(),
                 url,
             }],
         };
         let etcd = start_etcd(args, data, logs).await?;
-        let store = connect_etcd(etcd.client_socket()).await?;
+        let store = etcd.connect().await;
         (store.clone() as Arc<dyn Store>, Held::Etcd { etcd, store })
     } else {
         data.create_store()?;
@@ -578,6 +597,7 @@ async fn bootstrap(
             node_public_key: key.verifying_key().to_bytes(),
             node_address: boot.address.to_string(),
             consensus_role,
+            consensus_pki: Some(pki),
         },
         &ca,
     )

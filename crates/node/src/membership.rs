@@ -200,6 +200,10 @@ pub struct Maintain {
     pub runs_curator: bool,
     /// Whether this node runs etcd (a consensus member of an etcd cluster).
     pub runs_etcd: bool,
+    /// The peer certificate this node's etcd runs with: a role with another
+    /// one means the member was admitted again (after etcd dropped it), and
+    /// has to join afresh.
+    pub etcd_peer_certificate: Option<Vec<u8>>,
     /// Non-consensus nodes publish the curator they reached here
     /// (CuratorLocal.GetCurrentLeader on this node).
     pub leader: Option<watch::Sender<GetCurrentLeaderResponse>>,
@@ -395,12 +399,38 @@ fn consensus_change(
             );
             Some(Ended::Consensus(Some(role.clone())))
         }
+        (Some(role), true, _) if readmitted(m.etcd_peer_certificate.as_deref(), role) => {
+            tracing::info!(
+                "this node's etcd member was dropped from etcd and admitted again (its old peer \
+                 certificate is revoked); restarting to join etcd afresh"
+            );
+            Some(Ended::Consensus(Some(role.clone())))
+        }
         (None, true, _) => {
             tracing::info!("this node is no longer a consensus member; restarting without etcd");
             Some(Ended::Consensus(None))
         }
         _ => None,
     }
+}
+
+/// Whether `role` admits this node to etcd anew: it carries another peer
+/// certificate than the one this node's etcd runs with, and revokes that one
+/// (the leader revokes the old certificate exactly when it admits a member
+/// again, after etcd dropped it). Only then is the member's etcd data of no
+/// use any more; a mere difference is not reason enough to throw it away.
+fn readmitted(running: Option<&[u8]>, role: &node_roles::ConsensusMember) -> bool {
+    let Some(running) = running else {
+        return false;
+    };
+    if role.peer_certificate.is_empty() || role.peer_certificate == running {
+        return false;
+    }
+    let Ok(cert) = metropolis_identity::parse_certificate(running) else {
+        return false;
+    };
+    metropolis_identity::parse_crl(&role.initial_crl, &role.ca_certificate)
+        .is_ok_and(|revoked| revoked.contains(&cert.serial))
 }
 
 /// Learns every node's address (GetClusterInfo), so that this node can find
@@ -496,4 +526,44 @@ fn async_stream_interval(
 fn heartbeat_dropped() -> bool {
     fail::fail_point!("node::heartbeat_send", |_| true);
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a role that revokes the certificate this node's etcd runs with
+    /// makes it throw its etcd data away.
+    #[test]
+    fn readmission_needs_the_old_certificate_revoked() {
+        use metropolis_identity::{CertificateAuthority, Revoked, generate_key};
+        let ca = CertificateAuthority::generate_named("Metropolis Consensus CA").unwrap();
+        let key = generate_key();
+        let issue = || {
+            ca.issue_peer_certificate(key.verifying_key().as_bytes(), "127.0.0.2".parse().unwrap())
+                .unwrap()
+        };
+        let (running, other) = (issue(), issue());
+        let serial = metropolis_identity::parse_certificate(&running)
+            .unwrap()
+            .serial;
+        let role = |cert: &[u8], revoked: &[Revoked]| node_roles::ConsensusMember {
+            ca_certificate: ca.cert_der().to_vec(),
+            peer_certificate: cert.to_vec(),
+            initial_crl: ca.issue_crl(revoked, 2).unwrap(),
+            peers: Vec::new(),
+        };
+        let revoked = [Revoked {
+            serial,
+            revoked_at: time::OffsetDateTime::now_utc(),
+        }];
+        assert!(readmitted(Some(&running), &role(&other, &revoked)));
+        // Another certificate, the old one not revoked (a role written by a
+        // leader that issued one more): keep the data.
+        assert!(!readmitted(Some(&running), &role(&other, &[])));
+        // The same certificate, or none yet, or no etcd here.
+        assert!(!readmitted(Some(&running), &role(&running, &revoked)));
+        assert!(!readmitted(Some(&running), &role(&[], &revoked)));
+        assert!(!readmitted(None, &role(&other, &revoked)));
+    }
 }

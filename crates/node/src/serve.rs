@@ -41,6 +41,8 @@ pub const NODE_MANAGEMENT_PORT: u16 = 7839;
 
 /// How long a stopping node waits for open calls to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// ... and one whose cluster state just moved to etcd (see `Exit::MovedToEtcd`).
+const MOVED_GRACE: Duration = Duration::from_millis(100);
 
 pub struct Config {
     pub address: IpAddr,
@@ -54,6 +56,9 @@ pub struct Config {
     /// does, and the node stops serving as a plain node (Exit::CuratorReady)
     /// to start again with its curator.
     pub until_curator: Option<futures::future::BoxFuture<'static, ()>>,
+    /// On the embedded store: turns true once the cluster state has moved
+    /// to etcd, and the node serves again with a curator on it.
+    pub moved_to_etcd: Option<watch::Receiver<bool>>,
     /// Where this node's curator client looks for the leader.
     pub curators: Vec<SocketAddr>,
     pub heartbeat_interval: Duration,
@@ -191,6 +196,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         address: cfg.address,
         runs_curator: cfg.cluster.is_some(),
         runs_etcd: cfg.runs_etcd,
+        etcd_peer_certificate: cfg
+            .runs_etcd
+            .then(|| {
+                crate::consensus::peer_certificate(
+                    &crate::datadir::DataDir::new(cfg.data_dir.clone()).etcd_dir(),
+                )
+            })
+            .flatten(),
         leader: membership_leader,
         heartbeat_interval: cfg.heartbeat_interval,
         boot_id: membership::new_boot_id(),
@@ -243,8 +256,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             None => std::future::pending().await,
         }
     };
+    let moved_to_etcd = async {
+        match cfg.moved_to_etcd {
+            Some(mut moved) => {
+                if moved.wait_for(|m| *m).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         () = curator_ready => Ok(Exit::CuratorReady),
+        // The node serves again, with a curator on etcd.
+        () = moved_to_etcd => Ok(Exit::MovedToEtcd),
         r = &mut curator_srv => Err(anyhow::anyhow!("the curator port server stopped: {:?}", r)),
         r = &mut mgmt_srv => Err(anyhow::anyhow!("the node management server stopped: {:?}", r)),
         r = &mut metrics_srv => Err(anyhow::anyhow!("the metrics server stopped: {:?}", r)),
@@ -266,6 +291,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     for task in background {
         task.abort();
     }
+    // Streams in flight outlive the server (tonic's connections are tasks of
+    // their own): heartbeat streams end at their next beat, so that nodes
+    // reconnect to whoever serves next (LeaderGate refuses new calls on old
+    // connections once the election is gone).
+    heartbeats.stop_leading();
     // Graceful shutdown waits for every connection to close, and long-lived
     // streams (heartbeats, watches, log follows) never do on their own: give
     // in-flight calls a grace period, then exit regardless.
@@ -275,8 +305,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         let _ = (&mut mgmt_srv).await;
         let _ = (&mut metrics_srv).await;
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, both).await.is_err() {
-        tracing::info!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+    // After the move to etcd this curator can finish nothing (its store
+    // takes no writes): every moment spent here is a moment without writes.
+    let grace = match outcome {
+        Ok(Exit::MovedToEtcd) => MOVED_GRACE,
+        _ => SHUTDOWN_GRACE,
+    };
+    if tokio::time::timeout(grace, both).await.is_err() {
+        tracing::info!("connections still open after {grace:?}; closing them");
         curator_srv.abort();
         mgmt_srv.abort();
         metrics_srv.abort();
@@ -291,6 +327,9 @@ pub enum Exit {
     Stopped,
     /// Start again as a fresh process (Reboot).
     Restart,
+    /// The cluster state moved from the embedded store to etcd: serve again,
+    /// with a curator on the etcd member the move started.
+    MovedToEtcd,
     /// This node's etcd member serves now: serve again, with the curator.
     CuratorReady,
     /// The node gained (Some) or lost (None) the ConsensusMember role of an
@@ -300,9 +339,9 @@ pub enum Exit {
 
 /// Acts on leadership changes of this node's curator: a new leader fences
 /// its writes with its leader key, starts heartbeat bookkeeping afresh (health
-/// UNKNOWN for one timeout) and promotes caught-up etcd learners; a curator
-/// that stops leading ends its heartbeat streams. CuratorLocal's answer
-/// follows along.
+/// UNKNOWN for one timeout) and runs the consensus membership reconciler; a
+/// curator that stops leading ends its heartbeat streams. CuratorLocal's
+/// answer follows along.
 async fn follow_leadership(
     mut leadership: watch::Receiver<Leadership>,
     me: LeaderInfo,
@@ -310,7 +349,7 @@ async fn follow_leadership(
     heartbeats: Arc<Heartbeats>,
     leader_tx: watch::Sender<GetCurrentLeaderResponse>,
 ) {
-    let mut promoter: Option<tokio::task::JoinHandle<()>> = None;
+    let mut reconciler: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let current = leadership.borrow_and_update().clone();
         leader_tx.send_replace(current.to_response(&me));
@@ -318,16 +357,17 @@ async fn follow_leadership(
             Leadership::Leading { key_revision } => {
                 cluster.set_fence(key_revision);
                 heartbeats.start_leading();
-                if let (None, Some(consensus)) = (&promoter, cluster.consensus()) {
-                    promoter = Some(tokio::spawn(
-                        metropolis_curator::consensus::promote_learners(consensus.clone()),
-                    ));
+                if reconciler.is_none() {
+                    reconciler = Some(tokio::spawn(metropolis_curator::consensus::reconcile(
+                        cluster.clone(),
+                        heartbeats.clone(),
+                    )));
                 }
             }
             Leadership::Following(_) | Leadership::Unknown => {
                 heartbeats.stop_leading();
-                if let Some(p) = promoter.take() {
-                    p.abort();
+                if let Some(r) = reconciler.take() {
+                    r.abort();
                 }
             }
         }
@@ -335,8 +375,8 @@ async fn follow_leadership(
             break;
         }
     }
-    if let Some(p) = promoter {
-        p.abort();
+    if let Some(r) = reconciler {
+        r.abort();
     }
 }
 

@@ -5,8 +5,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -25,31 +23,6 @@ use prost::Message;
 use tonic::Code;
 
 use support::*;
-
-/// Builds metropolis-node with `--features debug` into its own target
-/// directory (so the default build used by every other test stays as is).
-fn debug_binary() -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = workspace.join("target/debug-feature");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "metropolis-node",
-            "--features",
-            "debug",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .current_dir(&workspace)
-        .status()
-        .expect("run cargo");
-    assert!(
-        status.success(),
-        "building metropolis-node with --features debug failed"
-    );
-    target.join("debug/metropolis-node")
-}
 
 async fn debug_channel(addr: std::net::IpAddr) -> Result<tonic::transport::Channel, String> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(None));

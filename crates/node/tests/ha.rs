@@ -599,7 +599,12 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     .await
     .expect_err("removing a member while another is down must be refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
-    assert!(refused.message().contains("would lose quorum"), "{refused}");
+    assert!(
+        refused.message().contains("would lose quorum")
+            && refused.message().contains(&ids[x])
+            && refused.message().contains(&ids[y]),
+        "names the member to remove and the one down: {refused}"
+    );
 
     // ... and done, once it is back: the etcd member goes first, then the
     // node restarts as a plain node.

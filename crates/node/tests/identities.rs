@@ -15,7 +15,7 @@ use metropolis_api::admin::{
 };
 use metropolis_api::api::{
     ApproveNodeRequest, ConfigureClusterRequest, DeleteNodeRequest, GetClusterInfoRequest,
-    GetNodesRequest, GetRegisterTicketRequest, Node, aaa_client::AaaClient, delete_node_request,
+    GetNodesRequest, GetRegisterTicketRequest, Node, delete_node_request,
     management_client::ManagementClient,
 };
 use metropolis_api::common::{ClusterConfiguration, NodeState};
@@ -28,31 +28,6 @@ use support::*;
 
 const MGMT: &str = "/metropolis.proto.api.Management/";
 const ADMIN: &str = "/metropolis.proto.admin.ClusterAdmin/";
-
-/// Escrow for `name`, proving `key` with a self-signed certificate.
-async fn escrow_as(
-    addr: SocketAddr,
-    ca: &[u8],
-    name: &str,
-    key: &SigningKey,
-) -> Result<Vec<u8>, tonic::Status> {
-    let self_signed = metropolis_identity::self_signed_certificate(key, "").expect("self-signed");
-    let ch = channel(addr, trust(ca), Some((self_signed, key.clone())))
-        .await
-        .expect("connect");
-    let mut s = AaaClient::new(ch)
-        .escrow(tokio_stream::iter([escrow_request(
-            name,
-            key.verifying_key().as_bytes(),
-        )]))
-        .await?
-        .into_inner();
-    let resp = s
-        .message()
-        .await?
-        .ok_or_else(|| tonic::Status::internal("no response"))?;
-    Ok(resp.emitted_certificate)
-}
 
 async fn channel_as(addr: SocketAddr, ca: &[u8], cert: Vec<u8>, key: &SigningKey) -> Channel {
     channel(addr, trust(ca), Some((cert, key.clone())))

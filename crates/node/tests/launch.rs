@@ -1,5 +1,5 @@
 //! `metroctl cluster launch --nodes 3`, the README's main command, end to end,
-//! and `cluster launch --ha`.
+//! `cluster launch --ha`, and a launched cluster grown into an HA one.
 
 mod support;
 
@@ -162,6 +162,7 @@ fn launch_three_nodes_then_stop() {
     assert!(!out.status.success(), "the nodes still answer after stop");
 
     launch_ha_makes_three_consensus_members();
+    a_launched_cluster_grows_into_ha();
 }
 
 /// `cluster launch --ha`: bootstrapped on etcd, three voting consensus
@@ -270,4 +271,135 @@ fn wait_for_log(node: &TestNode, text: &str) {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// The operator's way to high availability: `cluster launch --nodes 3` (on
+/// the embedded store), then one `node add role ConsensusMember ID2 ID3
+/// --wait`: the cluster moves to etcd and both become voters. The bootstrap
+/// node is then SIGKILLed: what was written before is read, and a new write
+/// acknowledged, through the other two.
+fn a_launched_cluster_grows_into_ha() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("metroctl");
+    let dir = tmp.path().join("cluster");
+    let dir_arg = dir.to_str().expect("utf8");
+    let _guard = StopOnDrop {
+        cfg: cfg.clone(),
+        dir: dir.clone(),
+    };
+    let out = metroctl(
+        &cfg,
+        &["cluster", "launch", "--nodes", "3", "--dir", dir_arg],
+    );
+    assert!(
+        out.status.success(),
+        "launch: {}\n{}",
+        stderr(&out),
+        stdout(&out)
+    );
+    let list = |filter: &str| -> Vec<String> {
+        let out = metroctl(&cfg, &["node", "list", "--filter", filter]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).lines().map(str::to_string).collect()
+    };
+    let first = list("has(node.roles.consensus_member)");
+    assert_eq!(first.len(), 1, "{first:?}");
+    let others = list("!has(node.roles.consensus_member)");
+    assert_eq!(others.len(), 2, "{others:?}");
+    let out = metroctl(&cfg, &["node", "label", &first[0], "written-before=yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let started = std::time::Instant::now();
+    let mut args = vec!["node", "add", "role", "ConsensusMember"];
+    args.extend(others.iter().map(String::as_str));
+    args.push("--wait");
+    let out = metroctl(&cfg, &args);
+    assert!(
+        out.status.success(),
+        "add role: {}\n{}",
+        stderr(&out),
+        stdout(&out)
+    );
+    println!(
+        "node add role ConsensusMember ID2 ID3 --wait: both voters on etcd after {:?}",
+        started.elapsed()
+    );
+    let text = stdout(&out);
+    for id in &others {
+        assert!(text.contains(&format!("{id}: voter")), "{text}");
+    }
+    let status = metroctl(&cfg, &["cluster", "status"]);
+    let shown = stdout(&status);
+    assert!(shown.contains("Consensus store  etcd"), "{shown}");
+    assert_eq!(shown.matches(" voter").count(), 3, "{shown}");
+    let voters = list("node.consensus_progress == CONSENSUS_PROGRESS_VOTER");
+    assert_eq!(voters.len(), 3, "{voters:?}");
+
+    // SIGKILL of the bootstrap node.
+    let node1 = dir.join("node1");
+    let pid: i32 = std::fs::read_to_string(node1.join("pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // SAFETY: kill(2) of the node process this test launched.
+    assert_eq!(unsafe { kill(pid, 9) }, 0);
+    let killed = std::time::Instant::now();
+    let endpoints: Vec<String> = (2..=3)
+        .map(|i| {
+            std::fs::read_to_string(dir.join(format!("node{i}/address")))
+                .expect("address")
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let endpoints = endpoints.join(",");
+    let out = metroctl(
+        &cfg,
+        &[
+            "--endpoints",
+            &endpoints,
+            "node",
+            "label",
+            &others[0],
+            "written-after=yes",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "a write through the other two: {}",
+        stderr(&out)
+    );
+    println!(
+        "after the bootstrap node's SIGKILL, a write was acknowledged through the other two after {:?}",
+        killed.elapsed()
+    );
+    let out = metroctl(
+        &cfg,
+        &[
+            "--endpoints",
+            &endpoints,
+            "node",
+            "describe",
+            &first[0],
+            "-o",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let pairs = json[0]["labels"]["pairs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        pairs
+            .iter()
+            .any(|p| p["key"] == "written-before" && p["value"] == "yes"),
+        "{json}"
+    );
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
 }

@@ -79,73 +79,47 @@ pub async fn connect_any(
 const LEADER_QUESTION_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A channel to the curator leader, found from any of `addrs`: every node
-/// answers CuratorLocal.GetCurrentLeader, so ask the first node that
-/// answers and go where it points. Nodes that know no leader (an election in
-/// progress) are passed over; if none knows one, the first reachable node's
-/// channel is returned, and calls on it say what is wrong (UNAVAILABLE naming
-/// the leader, or that there is none yet), which callers retry.
+/// answers CuratorLocal.GetCurrentLeader, so ask them all at once and take
+/// the first that leads, or go where one points. All at once because a
+/// stopped or dead node stalls its TCP or TLS handshake up to
+/// [`CONNECT_TIMEOUT`]: asked in turn, every such node ahead of the leader
+/// would add that much to a failover. Nodes that know no leader (an election
+/// in progress) are passed over; if none knows one, a reachable node's
+/// channel is returned (the first in `start` order), and calls on it say what
+/// is wrong (UNAVAILABLE naming the leader, or that there is none yet), which
+/// callers retry.
 ///
-/// `start` rotates the order, so that a client retrying after a failure does
-/// not knock on the same dead node first every time.
+/// `start` rotates the order in which a fallback is chosen, so that a client
+/// retrying after a failure does not use the same node every time.
 pub async fn connect_leader(
     addrs: &[SocketAddr],
     start: usize,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Connected, ConnectError> {
     let n = addrs.len();
-    let mut fallback = None;
-    let mut last = None;
+    let mut asks = tokio::task::JoinSet::new();
     for i in 0..n {
         let addr = addrs[(start + i) % n];
-        let channel = match connect(addr, tls.clone()).await {
-            Ok(ch) => ch,
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "endpoint failed");
-                last = Some(e);
-                continue;
-            }
-        };
-        let Some(leader) = ask_leader(channel.clone()).await else {
-            fallback.get_or_insert((channel, addr));
-            continue;
-        };
-        if !leader.leader_node_id.is_empty() && leader.leader_node_id == leader.this_node_id {
-            return Ok(Connected {
-                channel,
-                addr,
-                leader: true,
-                leader_node_id: leader.leader_node_id,
-            });
-        }
-        let Ok(ip) = leader.leader_host.parse::<std::net::IpAddr>() else {
-            fallback.get_or_insert((channel, addr));
-            continue;
-        };
-        let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
-        let leader_addr = SocketAddr::new(ip, port);
-        // Nodes that are not consensus members pass on what their own
-        // connection found, which may be stale: ask the named node itself.
-        match connect(leader_addr, tls.clone()).await {
-            Ok(led) => match ask_leader(led.clone()).await {
-                Some(l) if !l.leader_node_id.is_empty() && l.leader_node_id == l.this_node_id => {
-                    return Ok(Connected {
-                        channel: led,
-                        addr: leader_addr,
-                        leader: true,
-                        leader_node_id: l.leader_node_id,
-                    });
+        // A leader named by another node is followed only if it is not among
+        // `addrs`: there, its own answer comes anyway.
+        let known = addrs.to_vec();
+        asks.spawn(ask_candidate(i, addr, known, tls.clone()));
+    }
+    let mut fallback: Option<(usize, Channel, SocketAddr)> = None;
+    let mut last = None;
+    while let Some(joined) = asks.join_next().await {
+        let Ok(answer) = joined else { continue };
+        match answer {
+            Answer::Leader(connected) => return Ok(connected),
+            Answer::Reachable(order, channel, addr) => {
+                if fallback.as_ref().is_none_or(|(o, _, _)| order < *o) {
+                    fallback = Some((order, channel, addr));
                 }
-                _ => {
-                    fallback.get_or_insert((channel, addr));
-                }
-            },
-            Err(e) => {
-                tracing::debug!(%leader_addr, error = %e, "the leader named by {addr} is unreachable");
-                fallback.get_or_insert((channel, addr));
             }
+            Answer::Failed(e) => last = Some(e),
         }
     }
-    if let Some((channel, addr)) = fallback {
+    if let Some((_, channel, addr)) = fallback {
         return Ok(Connected {
             channel,
             addr,
@@ -157,6 +131,76 @@ pub async fn connect_leader(
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         message: "no endpoints given".into(),
     }))
+}
+
+/// What one of [`connect_leader`]'s candidates said.
+enum Answer {
+    Leader(Connected),
+    /// Reachable, but neither it nor the node it named leads; `usize` is its
+    /// place in the `start` order.
+    Reachable(usize, Channel, SocketAddr),
+    Failed(ConnectError),
+}
+
+async fn ask_candidate(
+    order: usize,
+    addr: SocketAddr,
+    known: Vec<SocketAddr>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Answer {
+    let channel = match connect(addr, tls.clone()).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "endpoint failed");
+            return Answer::Failed(e);
+        }
+    };
+    let Some(leader) = ask_leader(channel.clone()).await else {
+        return Answer::Reachable(order, channel, addr);
+    };
+    if let Some(connected) = leading(&channel, addr, &leader) {
+        return Answer::Leader(connected);
+    }
+    let Ok(ip) = leader.leader_host.parse::<std::net::IpAddr>() else {
+        return Answer::Reachable(order, channel, addr);
+    };
+    let port = u16::try_from(leader.leader_port).unwrap_or(addr.port());
+    let leader_addr = SocketAddr::new(ip, port);
+    if known.contains(&leader_addr) {
+        return Answer::Reachable(order, channel, addr);
+    }
+    // Nodes that are not consensus members pass on what their own connection
+    // found, which may be stale: ask the named node itself.
+    match connect(leader_addr, tls).await {
+        Ok(led) => match ask_leader(led.clone())
+            .await
+            .and_then(|l| leading(&led, leader_addr, &l))
+        {
+            Some(connected) => Answer::Leader(connected),
+            None => Answer::Reachable(order, channel, addr),
+        },
+        Err(e) => {
+            tracing::debug!(%leader_addr, error = %e, "the leader named by {addr} is unreachable");
+            Answer::Reachable(order, channel, addr)
+        }
+    }
+}
+
+/// `channel` to `addr` as a [`Connected`] leader, if `answer` says the node
+/// leads.
+fn leading(
+    channel: &Channel,
+    addr: SocketAddr,
+    answer: &metropolis_api::curator::GetCurrentLeaderResponse,
+) -> Option<Connected> {
+    (!answer.leader_node_id.is_empty() && answer.leader_node_id == answer.this_node_id).then(|| {
+        Connected {
+            channel: channel.clone(),
+            addr,
+            leader: true,
+            leader_node_id: answer.leader_node_id.clone(),
+        }
+    })
 }
 
 /// A channel from [`connect_leader`].

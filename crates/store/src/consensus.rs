@@ -1,6 +1,6 @@
 //! Membership of the consensus cluster: which etcd members exist, adding a
-//! member as a learner, promoting it to a voter, removing it, and the raft
-//! status of one member.
+//! member as a learner, promoting it to a voter, removing it, the raft
+//! status of one member, and moving raft leadership.
 //!
 //! Every operation is safe to retry after an error or a lost reply: adding a
 //! member whose peer URL is already registered returns that member, promoting
@@ -61,4 +61,9 @@ pub trait Consensus: Send + Sync + 'static {
 
     /// Status of the member this client is connected to.
     async fn status(&self) -> Result<ConsensusStatus, StoreError>;
+
+    /// Hands raft leadership to the voter `to`. Only the leader can: the
+    /// member this client is connected to must lead. Writes stall for about
+    /// one raft heartbeat while leadership moves.
+    async fn move_leader(&self, to: u64) -> Result<(), StoreError>;
 }

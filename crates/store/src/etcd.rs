@@ -463,6 +463,12 @@ impl Consensus for EtcdStore {
                     ))
                 })
             }
+            // Seen right after a learner that etcd had been asked to promote
+            // was removed: etcd is still settling that change; the same call
+            // succeeds a moment later.
+            Err(e) if is_member_not_found(&e) => Err(StoreError::Unavailable(format!(
+                "etcd is still applying an earlier membership change ({e}); retry shortly"
+            ))),
             Err(e) => Err(match map_member_err(e) {
                 StoreError::Invalid(msg) => {
                     StoreError::Invalid(format!("cannot add etcd learner {peer_url:?}: {msg}"))
@@ -512,6 +518,14 @@ impl Consensus for EtcdStore {
             revision: header.revision(),
             db_size_bytes: resp.db_size(),
         })
+    }
+
+    async fn move_leader(&self, to: u64) -> Result<(), StoreError> {
+        self.client()
+            .move_leader(to)
+            .await
+            .map(|_| ())
+            .map_err(map_member_err)
     }
 }
 

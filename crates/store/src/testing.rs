@@ -110,9 +110,15 @@ pub fn free_port() -> u16 {
 impl EtcdServer {
     /// Starts a single-member cluster and waits until it serves clients.
     pub async fn start(listen: Listen) -> EtcdServer {
+        EtcdServer::start_named(listen, NAME).await
+    }
+
+    /// [`EtcdServer::start`] with a member name of the caller's choosing
+    /// (the curator's tests name it after the node it stands for).
+    pub async fn start_named(listen: Listen, name: &str) -> EtcdServer {
         let peer_url = format!("http://127.0.0.1:{}", free_port());
-        let initial_cluster = format!("{NAME}={peer_url}");
-        let mut server = EtcdServer::spawn(listen, NAME, peer_url, initial_cluster, false);
+        let initial_cluster = format!("{name}={peer_url}");
+        let mut server = EtcdServer::spawn(listen, name, peer_url, initial_cluster, false);
         server.wait_ready().await;
         server
     }

@@ -333,6 +333,7 @@ macro_rules! messages {
 messages! {
     api::Node = "metropolis.proto.api.Node" {
         pubkey, id, state, status, roles, health, time_since_heartbeat, tpm_usage, labels,
+        consensus_progress,
     }
     common::NodeStatus = "metropolis.proto.common.NodeStatus" {
         external_address, running_curator, timestamp, version, boot_id,

@@ -337,6 +337,9 @@ static CONSTANTS: LazyLock<Vec<(&'static str, i64)>> = LazyLock::new(|| {
         if let Ok(health) = Health::try_from(value) {
             constants.push((health.as_str_name(), i64::from(value)));
         }
+        if let Ok(progress) = metropolis_api::admin::ConsensusProgress::try_from(value) {
+            constants.push((progress.as_str_name(), i64::from(value)));
+        }
     }
     constants
 });
@@ -421,6 +424,7 @@ mod tests {
                 nanos: 500_000_000,
             }),
             tpm_usage: NodeTpmUsage::PresentAndUsed as i32,
+            consensus_progress: metropolis_api::admin::ConsensusProgress::Voter as i32,
             labels: Some(common::NodeLabels {
                 pairs: vec![pair("zone", "eu-west"), pair("rack", "r1")],
             }),
@@ -542,7 +546,7 @@ mod tests {
         for field in ["pubkey", "id", "state"] {
             assert_eval(&format!("has(node.{field})"), &bare, true);
         }
-        for field in ["health", "tpm_usage"] {
+        for field in ["health", "tpm_usage", "consensus_progress"] {
             assert_eval(&format!("has(node.{field})"), &bare, false);
             assert_eval(&format!("has(node.{field})"), &full, true);
         }
@@ -676,6 +680,16 @@ mod tests {
         node.health = Health::HeartbeatTimeout as i32;
         assert_eval("node.health == HEALTH_HEARTBEAT_TIMEOUT", &node, true);
         assert_eval("node.health != HEALTH_HEALTHY", &node, true);
+        assert_eval(
+            "node.consensus_progress == CONSENSUS_PROGRESS_VOTER",
+            &full_node(),
+            true,
+        );
+        assert_eval(
+            "node.consensus_progress == CONSENSUS_PROGRESS_NONE",
+            &bare_node(),
+            true,
+        );
         assert_eval(
             "node.state in [NODE_STATE_UP, NODE_STATE_STANDBY]",
             &node,

@@ -16,6 +16,9 @@ pub struct BootstrapRequest {
     /// The first node's ConsensusMember role: empty on the embedded store;
     /// on etcd, its peer certificate and itself as the only peer.
     pub consensus_role: node_roles::ConsensusMember,
+    /// The consensus CA (made beforehand on etcd, whose first member needs
+    /// its peer certificate before the store exists); None makes a new one.
+    pub consensus_pki: Option<crate::consensus::pki::ConsensusPki>,
 }
 
 /// Credentials the bootstrapping node keeps.
@@ -140,6 +143,11 @@ pub async fn bootstrap_with_ca(
         certificate: ca.cert_der().to_vec(),
         key_seed: ca.key_seed().to_vec(),
     };
+    let pki = match req.consensus_pki {
+        Some(pki) => pki,
+        None => crate::consensus::pki::ConsensusPki::generate()?,
+    };
+    let (_, pki_ops) = pki.write()?;
     let txn = Txn::new()
         .when(Compare::absent(KEY_CA))
         .and_then(Op::put(KEY_CA, ca_record.encode_to_vec()))
@@ -147,6 +155,7 @@ pub async fn bootstrap_with_ca(
         .and_then(Op::put(KEY_CONFIG, config.encode_to_vec()))
         .and_then(Op::put(KEY_TICKET, random_ticket()))
         .and_then(Op::put(node_key(&node_id), node.encode_to_vec()));
+    let txn = pki_ops.into_iter().fold(txn, Txn::and_then);
     if !store.txn(txn).await?.succeeded {
         return Err(CuratorError::AlreadyExists(
             "the consensus store already holds a cluster; refusing to bootstrap over it".into(),
@@ -172,6 +181,7 @@ mod tests {
                 .as_bytes(),
             node_address: "127.0.0.2".into(),
             consensus_role: Default::default(),
+            consensus_pki: None,
         }
     }
 

@@ -203,7 +203,7 @@ impl Cluster {
 
     /// Every write of a node record reports here once it committed at
     /// `revision` (`None`: the record was deleted).
-    pub(super) fn node_written(&self, id: &str, revision: i64, node: Option<&private::Node>) {
+    pub(crate) fn node_written(&self, id: &str, revision: i64, node: Option<&private::Node>) {
         self.directory.written(id, revision, node);
     }
 }

@@ -71,14 +71,16 @@ impl Cluster {
             )));
         }
         let mut txn = Txn::new().when(Compare::mod_revision(node_key(id), entry.mod_revision));
+        // Serialized with the reconciler, which acts on the same members.
+        let _serialized = self.membership_lock().lock().await;
         if is_consensus_member(&entry.node) {
             // Only now every node: see update_roles.
             let all = self.nodes().await?;
             let others: Vec<&NodeEntry> = all
                 .iter()
-                .filter(|e| e.id != id && is_consensus_member(&e.node))
+                .filter(|e| e.id != id && self.holds_consensus_state(e))
                 .collect();
-            if others.is_empty() {
+            if self.holds_consensus_state(entry) && others.is_empty() {
                 return Err(CuratorError::FailedPrecondition(format!(
                     "node {id} is the last consensus member and holds the cluster state; it cannot be deleted"
                 )));
@@ -88,6 +90,7 @@ impl Cluster {
             }
             // A deleted node's etcd member would stay a voter nobody runs.
             self.retire_consensus_member(entry, live).await?;
+            txn = self.revoke_peer_certificate(txn, entry).await?;
         }
         let txn = txn
             .and_then(Op::delete(node_key(id)))

@@ -29,7 +29,8 @@ use metropolis_store::{Compare, Consensus, Op, Store, Txn};
 use prost::Message;
 use rand::RngCore;
 
-use crate::consensus::Liveness;
+use crate::consensus::migration::WriteGate;
+use crate::consensus::{EtcdHost, Liveness};
 use crate::error::CuratorError;
 
 mod bootstrap;
@@ -102,6 +103,16 @@ pub struct Cluster {
     ticket: std::sync::Mutex<Option<Vec<u8>>>,
     /// Node records as this curator last wrote them (see [`RecentNodes`]).
     recent: std::sync::Mutex<RecentNodes>,
+    /// On the embedded store: pauses writes while the state moves to etcd
+    /// (`store` is this gate then).
+    gate: Option<Arc<WriteGate>>,
+    /// On the embedded store: what the node does to move the state to etcd.
+    etcd_host: std::sync::OnceLock<Arc<dyn EtcdHost>>,
+    /// Serializes consensus membership changes (role removals and the
+    /// reconciler's passes), which read etcd's members and act on them.
+    membership_lock: tokio::sync::Mutex<()>,
+    /// Wakes the reconciler after a role change.
+    membership_changed: tokio::sync::Notify,
     /// The index GetClusterInfo answers from (see [`directory`]).
     directory: directory::Directory,
 }
@@ -158,8 +169,33 @@ impl RecentNodes {
 }
 
 impl Cluster {
-    /// Opens the cluster held in `store`; fails if it was never bootstrapped.
+    /// Opens the cluster held in `store`, the embedded store of its single
+    /// consensus member; fails if it was never bootstrapped.
     pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Cluster>, CuratorError> {
+        let gate = Arc::new(WriteGate::new(store));
+        Ok(Arc::new(
+            Cluster::load(gate.clone(), Some(gate), None, None).await?,
+        ))
+    }
+
+    /// Opens the cluster held in an etcd cluster whose membership this
+    /// curator manages (ConsensusMember role changes).
+    pub async fn open_replicated(
+        store: Arc<dyn Store>,
+        consensus: Arc<dyn Consensus>,
+        node_id: String,
+    ) -> Result<Arc<Cluster>, CuratorError> {
+        Ok(Arc::new(
+            Cluster::load(store, None, Some(consensus), Some(node_id)).await?,
+        ))
+    }
+
+    async fn load(
+        store: Arc<dyn Store>,
+        gate: Option<Arc<WriteGate>>,
+        consensus: Option<Arc<dyn Consensus>>,
+        node_id: Option<String>,
+    ) -> Result<Cluster, CuratorError> {
         let kv = store.get(KEY_CA.as_bytes()).await?.ok_or_else(|| {
             CuratorError::FailedPrecondition("the consensus store holds no cluster (no CA)".into())
         })?;
@@ -170,33 +206,22 @@ impl Cluster {
             })?;
         let ca = CertificateAuthority::from_parts(rec.certificate, seed)
             .map_err(|e| CuratorError::Corrupt(format!("{KEY_CA}: {e}")))?;
-        Ok(Arc::new(Cluster {
+        Ok(Cluster {
             store,
             ca,
             fence: crate::leader::Fence::default(),
             step_down: Arc::default(),
-            consensus: None,
-            node_id: None,
+            consensus,
+            node_id,
             owner_key: std::sync::OnceLock::new(),
             ticket: std::sync::Mutex::new(None),
             recent: std::sync::Mutex::new(RecentNodes::default()),
+            gate,
+            etcd_host: std::sync::OnceLock::new(),
+            membership_lock: tokio::sync::Mutex::new(()),
+            membership_changed: tokio::sync::Notify::new(),
             directory: directory::Directory::default(),
-        }))
-    }
-
-    /// Opens the cluster held in an etcd cluster whose membership this
-    /// curator manages (ConsensusMember role changes).
-    pub async fn open_replicated(
-        store: Arc<dyn Store>,
-        consensus: Arc<dyn Consensus>,
-        node_id: String,
-    ) -> Result<Arc<Cluster>, CuratorError> {
-        let opened = Cluster::open(store).await?;
-        let mut cluster = Arc::try_unwrap(opened)
-            .map_err(|_| CuratorError::Internal("cluster handle shared while opening".into()))?;
-        cluster.consensus = Some(consensus);
-        cluster.node_id = Some(node_id);
-        Ok(Arc::new(cluster))
+        })
     }
 
     pub fn consensus(&self) -> Option<&Arc<dyn Consensus>> {
@@ -205,6 +230,31 @@ impl Cluster {
 
     pub(crate) fn node_id(&self) -> Option<&str> {
         self.node_id.as_deref()
+    }
+
+    /// Lets this curator move the cluster from its embedded store to etcd on
+    /// `host`, its node (see `consensus::migration`). Set once, before the
+    /// curator serves.
+    pub fn set_etcd_host(&self, host: Arc<dyn EtcdHost>) {
+        if self.etcd_host.set(host).is_err() {
+            tracing::warn!("the etcd host of this curator was set twice; keeping the first");
+        }
+    }
+
+    pub(crate) fn etcd_host(&self) -> Option<&Arc<dyn EtcdHost>> {
+        self.etcd_host.get()
+    }
+
+    pub(crate) fn write_gate(&self) -> Option<&WriteGate> {
+        self.gate.as_deref()
+    }
+
+    pub(crate) fn membership_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.membership_lock
+    }
+
+    pub(crate) fn membership_changed(&self) -> &tokio::sync::Notify {
+        &self.membership_changed
     }
 
     /// From now on, writes commit only while the leader key created at
@@ -238,7 +288,10 @@ impl Cluster {
 
     /// Every write of cluster state goes through here, so one failpoint
     /// (`curator::store_commit`, debug builds) can fail or delay them all.
-    async fn commit(&self, txn: Txn) -> Result<metropolis_store::TxnResponse, CuratorError> {
+    pub(crate) async fn commit(
+        &self,
+        txn: Txn,
+    ) -> Result<metropolis_store::TxnResponse, CuratorError> {
         fail::fail_point!("curator::store_commit", |arg| {
             if arg.as_deref() == Some("crash") {
                 std::process::abort();

@@ -26,15 +26,25 @@ impl Cluster {
     /// Sets or clears roles. Controllers must be consensus members, roles go
     /// only to UP nodes, and the last consensus member keeps its role.
     ///
-    /// On etcd, gaining ConsensusMember adds the node as an etcd learner and
-    /// losing it removes its etcd member first (see `consensus`); `live`
-    /// decides whether the remaining members keep a quorum.
+    /// Giving ConsensusMember records it *pending* and returns: the leader's
+    /// reconciler admits pending members (see `consensus`). On the embedded
+    /// store, this node's etcd is started first, so that a cluster that
+    /// cannot move to etcd refuses at once. Taking it away removes the etcd
+    /// member first (refused if the rest would lose quorum; `live` says who
+    /// is up), then the role, revoking its peer certificate.
     pub async fn update_roles(
         &self,
         id: &str,
         change: RoleChange,
         live: &dyn Liveness,
     ) -> Result<(), CuratorError> {
+        let losing = change.consensus_member == Some(false);
+        // Serialized with the reconciler, which acts on the same members.
+        let _serialized = if losing {
+            Some(self.membership_lock().lock().await)
+        } else {
+            None
+        };
         for _ in 0..CAS_ATTEMPTS {
             // One key; the other nodes are read only when the consensus
             // rules need them (every node, in a large cluster, is a lot to
@@ -60,29 +70,33 @@ impl Cluster {
             }
             let joining_consensus =
                 change.consensus_member == Some(true) && roles.consensus_member.is_none();
-            if change.consensus_member == Some(false) {
+            if joining_consensus {
+                roles.consensus_member = Some(node_roles::ConsensusMember::default());
+            }
+            if losing {
                 roles.consensus_member = None;
             }
-            if roles.kubernetes_controller.is_some()
-                && roles.consensus_member.is_none()
-                && !joining_consensus
-            {
+            if roles.kubernetes_controller.is_some() && roles.consensus_member.is_none() {
                 return Err(CuratorError::FailedPrecondition(
                     "a KubernetesController must also be a ConsensusMember: give the node both roles, \
                      or remove KubernetesController first"
                         .into(),
                 ));
             }
-            if *roles == before && !joining_consensus {
+            if *roles == before {
                 return Ok(());
             }
             let losing_consensus =
                 before.consensus_member.is_some() && roles.consensus_member.is_none();
             if joining_consensus {
-                let role = self.admit_consensus_member(entry).await?;
-                node.roles
-                    .get_or_insert_with(Default::default)
-                    .consensus_member = Some(role);
+                if crate::consensus::reported_address(entry).is_none() {
+                    return Err(CuratorError::FailedPrecondition(format!(
+                        "node {id} has not reported an IP address yet; wait until it is UP and heartbeating"
+                    )));
+                }
+                if self.consensus().is_none() {
+                    self.prepare_migration().await?;
+                }
             }
             let key = node_key(id);
             let mut txn = Txn::new().when(Compare::mod_revision(key.clone(), entry.mod_revision));
@@ -92,12 +106,12 @@ impl Cluster {
                 let all = self.nodes().await?;
                 let others: Vec<&NodeEntry> = all
                     .iter()
-                    .filter(|e| e.id != id && is_consensus_member(&e.node))
+                    .filter(|e| e.id != id && self.holds_consensus_state(e))
                     .collect();
-                if others.is_empty() {
+                if self.holds_consensus_state(entry) && others.is_empty() {
                     return Err(CuratorError::FailedPrecondition(format!(
                         "node {id} is the last consensus member; removing its role would lose the cluster state. \
-                         Give another node the ConsensusMember role first"
+                         Give another node the ConsensusMember role first, and wait until it is a voter"
                     )));
                 }
                 // The other members must still be members when this commits,
@@ -106,6 +120,7 @@ impl Cluster {
                     txn = txn.when(Compare::mod_revision(node_key(&o.id), o.mod_revision));
                 }
                 self.retire_consensus_member(entry, live).await?;
+                txn = self.revoke_peer_certificate(txn, entry).await?;
             }
             let txn = txn.and_then(Op::put(key, node.encode_to_vec()));
             // Whatever the outcome, a remembered record of this node is
@@ -115,6 +130,13 @@ impl Cluster {
             match committed {
                 Ok(resp) if resp.succeeded => {
                     self.node_written(id, resp.revision, Some(&node));
+                    // On the embedded store the reconciler's next tick
+                    // (within a second) starts the move to etcd: by then this
+                    // call's audit record is written, which the paused store
+                    // would refuse.
+                    if (joining_consensus || losing_consensus) && self.consensus().is_some() {
+                        self.membership_changed().notify_one();
+                    }
                     return Ok(());
                 }
                 Ok(_) => {}
@@ -127,6 +149,57 @@ impl Cluster {
         Err(CuratorError::Internal(format!(
             "node {id} kept changing; gave up"
         )))
+    }
+
+    /// Whether `entry` holds a copy of the cluster state: an admitted
+    /// consensus member (on etcd, one with a peer certificate; on the
+    /// embedded store, the node whose store it is). A pending member does
+    /// not yet.
+    pub(crate) fn holds_consensus_state(&self, entry: &NodeEntry) -> bool {
+        let Some(role) = entry
+            .node
+            .roles
+            .as_ref()
+            .and_then(|r| r.consensus_member.as_ref())
+        else {
+            return false;
+        };
+        match self.consensus() {
+            Some(_) => !role.peer_certificate.is_empty(),
+            // The embedded store's member was given its role at bootstrap;
+            // every later one waits for the move to etcd.
+            None => match self.etcd_host() {
+                Some(host) => host.node_id() == entry.id,
+                None => true,
+            },
+        }
+    }
+
+    /// Adds to `txn` the revocation of `entry`'s etcd peer certificate, if it
+    /// has one.
+    pub(crate) async fn revoke_peer_certificate(
+        &self,
+        txn: Txn,
+        entry: &NodeEntry,
+    ) -> Result<Txn, CuratorError> {
+        let Some(cert) = entry
+            .node
+            .roles
+            .as_ref()
+            .and_then(|r| r.consensus_member.as_ref())
+            .map(|r| &r.peer_certificate)
+            .filter(|c| !c.is_empty())
+        else {
+            return Ok(txn);
+        };
+        let Some(mut pki) = self.consensus_pki().await? else {
+            return Ok(txn);
+        };
+        if !pki.revoke(&entry.id, cert) {
+            return Ok(txn);
+        }
+        let (compare, ops) = pki.write()?;
+        Ok(ops.into_iter().fold(txn.when(compare), Txn::and_then))
     }
 }
 
@@ -159,12 +232,22 @@ mod tests {
             "{r:?}"
         );
         if c.consensus().is_none() {
-            // The embedded store has exactly one member, for good.
+            // A second member means moving to etcd, which needs a node that
+            // can run it (see consensus::migration for one that can).
+            c.update_status(
+                &id,
+                NodeStatus {
+                    external_address: "127.0.0.9".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("status");
             let r = c
                 .update_roles(&id, set(None, Some(true), Some(true)), &ALL_LIVE)
                 .await;
             assert!(
-                matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("--ha")),
+                matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("cannot move")),
                 "{r:?}"
             );
         } else {
@@ -198,9 +281,12 @@ mod tests {
         ));
     }
 
-    /// On etcd the role makes the node a learner (its record carries what it
-    /// needs to start etcd), and taking it away removes the member again.
+    /// On etcd the role is accepted pending, the reconciler makes the node a
+    /// learner (its record then carries what it needs to start etcd), and
+    /// taking the role away removes the member again and revokes its peer
+    /// certificate.
     async fn consensus_member_on_etcd(c: &Cluster, first: &str, id: &str) {
+        use crate::consensus::{Progress, reconcile_once};
         let consensus = c.consensus().expect("etcd").clone();
         let r = c
             .update_roles(id, set(None, None, Some(true)), &ALL_LIVE)
@@ -233,8 +319,30 @@ mod tests {
                     .and_then(|r| r.consensus_member)
             }
         };
+        let pending = consensus_role(id.to_string()).await.expect("role");
+        assert!(
+            pending.peer_certificate.is_empty(),
+            "accepted, not admitted yet"
+        );
+        assert_eq!(consensus.members().await.expect("members").len(), 1);
+        assert_eq!(
+            c.consensus_progress(&c.nodes().await.expect("nodes"))
+                .await
+                .expect("progress")
+                .get(id),
+            Some(&Progress::Pending)
+        );
+
+        let pass = reconcile_once(c, &ALL_LIVE).await.expect("reconcile");
+        assert_eq!(pass.admitted.as_deref(), Some(id), "{pass:?}");
         let role = consensus_role(id.to_string()).await.expect("role");
-        assert_eq!(role.ca_certificate, c.ca().cert_der());
+        let pki = c
+            .consensus_pki()
+            .await
+            .expect("pki")
+            .expect("a consensus PKI");
+        assert_eq!(role.ca_certificate, pki.ca_certificate());
+        assert_ne!(role.ca_certificate, c.ca().cert_der(), "not the cluster CA");
         let peer =
             metropolis_identity::parse_certificate(&role.peer_certificate).expect("peer cert");
         assert_eq!(peer.common_name, id);
@@ -251,23 +359,53 @@ mod tests {
                 .any(|m| m.is_learner && m.peer_urls == ["https://127.0.0.9:7834"]),
             "{members:?}"
         );
-        // The leading curator's own member: it steps down (another member
-        // removes it when the call is retried there) and nothing changes.
+        assert_eq!(
+            c.consensus_progress(&c.nodes().await.expect("nodes"))
+                .await
+                .expect("progress")
+                .get(id),
+            Some(&Progress::Learner)
+        );
+        // While the learner has not caught up (here: never starts), it stays
+        // and nobody else is admitted.
+        let pass = reconcile_once(c, &ALL_LIVE).await.expect("reconcile");
+        assert_eq!(pass.catching_up.as_deref(), Some(id), "{pass:?}");
+        assert_eq!(pass.admitted, None, "{pass:?}");
+        assert_eq!(consensus.members().await.expect("members").len(), 2);
+
+        // The leading curator's own member, the only voter: it stays (with a
+        // second voter, the leader would step down so that another leader
+        // removes it; the HA integration test does that).
         let r = c
             .update_roles(first, set(None, None, Some(false)), &ALL_LIVE)
             .await;
         assert!(
-            matches!(r, Err(CuratorError::Unavailable(ref m)) if m.contains("stepped down")),
+            matches!(r, Err(CuratorError::FailedPrecondition(ref m)) if m.contains("no voting member")),
             "{r:?}"
         );
-        assert!(c.step_down().abstaining());
-        assert!(
-            consensus_role(first.to_string()).await.is_some(),
-            "the role stays until another leader removes the member"
-        );
+        assert!(!c.step_down().abstaining());
+        assert!(consensus_role(first.to_string()).await.is_some());
         c.update_roles(id, set(None, Some(false), Some(false)), &ALL_LIVE)
             .await
             .expect("leave the consensus");
         assert_eq!(consensus.members().await.expect("members").len(), 1);
+        let pki = c
+            .consensus_pki()
+            .await
+            .expect("pki")
+            .expect("a consensus PKI");
+        assert!(
+            pki.is_revoked(&peer.serial),
+            "the former member's certificate is revoked"
+        );
+        let crl = c
+            .store()
+            .get(crate::consensus::pki::KEY_CRL.as_bytes())
+            .await
+            .expect("crl")
+            .expect("a CRL");
+        let revoked =
+            metropolis_identity::parse_crl(&crl.value, pki.ca_certificate()).expect("crl");
+        assert_eq!(revoked, vec![peer.serial]);
     }
 }

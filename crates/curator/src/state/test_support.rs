@@ -14,9 +14,14 @@ pub(crate) enum Backing {
 /// the embedded store by default and on a real etcd with
 /// `METROPOLIS_TEST_STORE=etcd` (scripts/test runs both).
 pub(crate) async fn store() -> (Backing, Arc<dyn Store>, Option<Arc<dyn Consensus>>) {
+    store_for("default").await
+}
+
+/// [`store`], its etcd member (if on etcd) named `node`.
+async fn store_for(node: &str) -> (Backing, Arc<dyn Store>, Option<Arc<dyn Consensus>>) {
     match std::env::var("METROPOLIS_TEST_STORE").as_deref() {
         Ok("etcd") => {
-            let server = EtcdServer::start(Listen::Unix).await;
+            let server = EtcdServer::start_named(Listen::Unix, node).await;
             let store = server.connect().await;
             (Backing::Etcd(server), store.clone(), Some(store))
         }
@@ -42,11 +47,24 @@ pub(crate) struct TestCluster {
 
 /// A single-node cluster bootstrapped on a fresh test store.
 pub(crate) async fn bootstrapped() -> TestCluster {
-    let (dir, store, consensus) = store().await;
     let key = metropolis_identity::generate_key()
         .verifying_key()
         .to_bytes();
     let first_id = metropolis_identity::node_id(&key);
+    // On etcd, the bootstrap node is the etcd member (by name) and holds an
+    // admitted role, as a node bootstrapped with --ha does.
+    let (dir, store, consensus) = store_for(&first_id).await;
+    let pki = crate::consensus::pki::ConsensusPki::generate().expect("consensus pki");
+    let consensus_role = match consensus {
+        Some(_) => node_roles::ConsensusMember {
+            ca_certificate: pki.ca_certificate().to_vec(),
+            peer_certificate: pki
+                .issue_peer_certificate(&key, "127.0.0.2".parse().expect("address"))
+                .expect("peer certificate"),
+            ..Default::default()
+        },
+        None => Default::default(),
+    };
     bootstrap(
         store.as_ref(),
         BootstrapRequest {
@@ -55,7 +73,8 @@ pub(crate) async fn bootstrapped() -> TestCluster {
             labels: NodeLabels::default(),
             node_public_key: key,
             node_address: "127.0.0.2".into(),
-            consensus_role: Default::default(),
+            consensus_role,
+            consensus_pki: Some(pki),
         },
     )
     .await

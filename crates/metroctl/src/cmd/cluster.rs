@@ -256,6 +256,22 @@ pub async fn status(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
             health_of(&leader.leader_node_id),
         ]);
     }
+    // Nodes given the role that are no member yet: admitted one at a time
+    // (after the move to etcd, on the embedded store).
+    for n in nodes.iter().filter(|n| {
+        n.consensus_progress == metropolis_api::admin::ConsensusProgress::Pending as i32
+    }) {
+        members.add_row(vec![
+            "-".to_string(),
+            n.id.clone(),
+            n.status
+                .as_ref()
+                .map(|s| s.external_address.clone())
+                .unwrap_or_default(),
+            "pending".to_string(),
+            super::node::health_name(n.health),
+        ]);
+    }
     println!("{members}");
     Ok(())
 }

@@ -120,18 +120,15 @@ pub async fn launch(
     Ok(())
 }
 
-/// Gives the second and third node the ConsensusMember role, one at a time
-/// (etcd takes one learner at a time), each promoted to voter before the
-/// next.
+/// Gives the second and third node the ConsensusMember role, in one go:
+/// the cluster admits them one after the other (etcd takes one learner at a
+/// time); returns once both are voters.
 async fn make_consensus_members(
     ctx: &Ctx,
     spinner: &ProgressBar,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    use metropolis_api::api::{
-        UpdateNodeRolesRequest, management_client::ManagementClient, update_node_roles_request,
-    };
-    use metropolis_api::curator::{GetConsensusStatusRequest, curator_client::CuratorClient};
+    use metropolis_api::admin::ConsensusProgress;
     let nodes = super::node::get_nodes(ctx, "", &[]).await?;
     let candidates: Vec<String> = nodes
         .iter()
@@ -143,39 +140,35 @@ async fn make_consensus_members(
         .map(|n| n.id.clone())
         .take(2)
         .collect();
-    for id in candidates {
-        spinner.set_message(format!("making {id} a consensus member"));
-        ManagementClient::new(ctx.owner_channel().await?)
-            .update_node_roles(UpdateNodeRolesRequest {
-                node: Some(update_node_roles_request::Node::Id(id.clone())),
-                consensus_member: Some(true),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| crate::conn::call_error(&format!("UpdateNodeRoles of {id}"), s))?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let status = CuratorClient::new(ctx.owner_channel().await?)
-                .get_consensus_status(GetConsensusStatusRequest {})
-                .await;
-            if let Ok(s) = status
-                && s.get_ref()
-                    .members
-                    .iter()
-                    .any(|m| m.name == id && !m.is_learner)
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{id} did not become a voting consensus member within {START_TIMEOUT:?}; see the node logs in {}",
-                    dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+    spinner.set_message(format!(
+        "making {} consensus members",
+        candidates.join(" and ")
+    ));
+    for id in &candidates {
+        super::node::update_role(ctx, super::node::Role::ConsensusMember, true, id).await?;
     }
-    Ok(())
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let voters = super::node::get_nodes(ctx, "", &candidates)
+            .await
+            .map(|list| {
+                list.iter()
+                    .filter(|n| n.consensus_progress == ConsensusProgress::Voter as i32)
+                    .count()
+            })
+            .unwrap_or(0);
+        if voters == candidates.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not become voting consensus members within {START_TIMEOUT:?}; see the node logs in {}",
+                candidates.join(" and "),
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Approves every node that registered and waits until all `want` nodes are

@@ -245,56 +245,154 @@ pub enum Role {
     KubernetesWorker,
 }
 
-/// `metroctl node add|remove role ROLE ID...`.
-pub async fn set_role(ctx: &Ctx, role: Role, on: bool, ids: &[String]) -> anyhow::Result<()> {
-    use backon::{ExponentialBuilder, Retryable};
-    use metropolis_api::api::{UpdateNodeRolesRequest, update_node_roles_request};
+/// `metroctl node add|remove role ROLE ID... [--wait]`.
+///
+/// Each node's change is one UpdateNodeRoles call, accepted at once (a
+/// ConsensusMember is admitted by the cluster afterwards, one at a time);
+/// `--wait` then follows the consensus members' progress.
+pub async fn set_role(
+    ctx: &Ctx,
+    role: Role,
+    on: bool,
+    ids: &[String],
+    wait: bool,
+) -> anyhow::Result<()> {
     for id in ids {
-        let mut req = UpdateNodeRolesRequest {
-            node: Some(update_node_roles_request::Node::Id(id.clone())),
-            ..Default::default()
-        };
-        match role {
-            Role::ConsensusMember => req.consensus_member = Some(on),
-            Role::KubernetesController => req.kubernetes_controller = Some(on),
-            Role::KubernetesWorker => req.kubernetes_worker = Some(on),
-        }
-        // A role change is idempotent, so an UNAVAILABLE answer (nothing
-        // done: the curator leadership moved, e.g. because the leader stepped
-        // down to have its own consensus membership removed) is retried at
-        // whichever curator leads by then.
-        // The first connection fails fast (no credentials, no cluster);
-        // retries connect anew, to the leader of the moment.
-        let first = std::sync::Mutex::new(Some(ctx.owner_channel().await?));
-        let update = || async {
-            let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let channel = match ready {
-                Some(c) => c,
-                None => ctx
-                    .owner_channel()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?,
-            };
-            ManagementClient::new(channel)
-                .update_node_roles(req.clone())
-                .await
-        };
-        update
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(std::time::Duration::from_millis(500))
-                    .with_max_times(4),
-            )
-            .when(|s| s.code() == tonic::Code::Unavailable)
-            .await
-            .map_err(|s| call_error(&format!("UpdateNodeRoles of {id}"), s))?;
+        update_role(ctx, role, on, id).await?;
         println!(
             "{} {role:?} {} node {id}.",
             if on { "Added" } else { "Removed" },
             if on { "to" } else { "from" }
         );
     }
+    if wait && role == Role::ConsensusMember {
+        wait_for_consensus(ctx, ids, on).await?;
+    }
     Ok(())
+}
+
+/// One node's role change (UpdateNodeRoles), retried while UNAVAILABLE.
+pub async fn update_role(ctx: &Ctx, role: Role, on: bool, id: &str) -> anyhow::Result<()> {
+    use backon::{ExponentialBuilder, Retryable};
+    use metropolis_api::api::{UpdateNodeRolesRequest, update_node_roles_request};
+    let mut req = UpdateNodeRolesRequest {
+        node: Some(update_node_roles_request::Node::Id(id.to_string())),
+        ..Default::default()
+    };
+    match role {
+        Role::ConsensusMember => req.consensus_member = Some(on),
+        Role::KubernetesController => req.kubernetes_controller = Some(on),
+        Role::KubernetesWorker => req.kubernetes_worker = Some(on),
+    }
+    // A role change is idempotent, so an UNAVAILABLE answer (nothing
+    // done: the curator leadership moved, e.g. because the leader stepped
+    // down to have its own consensus membership removed, or the cluster
+    // state is moving to etcd and the curator restarts on it) is retried
+    // at whichever curator leads by then.
+    // The first connection fails fast (no credentials, no cluster);
+    // retries connect anew, to the leader of the moment.
+    let first = std::sync::Mutex::new(Some(ctx.owner_channel().await?));
+    let update = || async {
+        let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let channel = match ready {
+            Some(c) => c,
+            None => ctx
+                .owner_channel()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?,
+        };
+        ManagementClient::new(channel)
+            .update_node_roles(req.clone())
+            .await
+    };
+    update
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(12),
+        )
+        .when(|s| s.code() == tonic::Code::Unavailable)
+        .await
+        .map_err(|s| call_error(&format!("UpdateNodeRoles of {id}"), s))?;
+    Ok(())
+}
+
+/// How long `--wait` follows consensus progress before giving up.
+const CONSENSUS_WAIT: Duration = Duration::from_secs(600);
+
+/// The short name of a node's consensus progress.
+pub fn progress_name(p: i32) -> &'static str {
+    use metropolis_api::admin::ConsensusProgress as P;
+    match P::try_from(p) {
+        Ok(P::None) => "none",
+        Ok(P::Pending) => "pending",
+        Ok(P::Learner) => "learner",
+        Ok(P::Voter) => "voter",
+        Err(_) => "unknown",
+    }
+}
+
+/// Follows the consensus progress of `ids` until every one is a voter (`on`)
+/// or no member (`!on`), with a line per node on a terminal.
+async fn wait_for_consensus(ctx: &Ctx, ids: &[String], on: bool) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use metropolis_api::admin::ConsensusProgress as P;
+    let want = if on { P::Voter } else { P::None } as i32;
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{spinner} {prefix} {msg} [{elapsed}]")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let lines: Vec<ProgressBar> = ids
+        .iter()
+        .map(|id| {
+            let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+            bar.set_prefix(id.clone());
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + CONSENSUS_WAIT;
+    let mut last: Vec<Option<i32>> = vec![None; ids.len()];
+    loop {
+        // Errors are expected for a moment (the curator restarts on etcd, a
+        // leader changes): shown, and looked at again.
+        match get_nodes(ctx, "", ids).await {
+            Ok(nodes) => {
+                for (i, id) in ids.iter().enumerate() {
+                    let p = nodes
+                        .iter()
+                        .find(|n| &n.id == id)
+                        .map(|n| n.consensus_progress)
+                        .unwrap_or_default();
+                    if last[i] != Some(p) {
+                        lines[i].set_message(progress_name(p));
+                        if bars.is_hidden() {
+                            println!("{id}: {}", progress_name(p));
+                        }
+                        last[i] = Some(p);
+                    }
+                    if p == want {
+                        lines[i].finish();
+                    }
+                }
+                if last.iter().all(|p| *p == Some(want)) {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                for line in &lines {
+                    line.set_message(format!("(asking again: {e:#})"));
+                }
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "gave up waiting after {}s; see `metroctl cluster status` and the nodes' logs",
+                CONSENSUS_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 pub async fn decommission(ctx: &Ctx, id: &str) -> anyhow::Result<()> {

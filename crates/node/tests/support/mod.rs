@@ -20,6 +20,10 @@ use metropolis_identity::{ServerTrust, SigningKey};
 use prost::Message;
 use tonic::transport::Channel;
 
+mod owner;
+#[allow(unused_imports, reason = "not every test uses them")]
+pub use owner::*;
+
 pub const CURATOR_PORT: u16 = 7835;
 
 pub fn node_binary() -> PathBuf {
@@ -89,13 +93,27 @@ impl TestNode {
         params: Option<&Path>,
         extra: &[&str],
     ) -> TestNode {
+        Self::spawn_custom(&node_binary(), address, data_dir, params, extra, &[])
+    }
+
+    /// Like `spawn_with`, running `binary` (the debug build, say) with
+    /// `env` added to its environment.
+    pub fn spawn_custom(
+        binary: &Path,
+        address: IpAddr,
+        data_dir: &Path,
+        params: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestNode {
         let log = data_dir.with_extension("log");
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut cmd = Command::new(node_binary());
+        let mut cmd = Command::new(binary);
+        cmd.envs(env.iter().copied());
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--address")
@@ -225,6 +243,21 @@ impl TestNode {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Waits up to `limit` for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_exit() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: the node gets no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -313,6 +346,32 @@ pub fn escrow_request(name: &str, key: &[u8]) -> EscrowRequest {
     }
 }
 
+/// Escrow for `name`, proving `key` with a self-signed certificate.
+pub async fn escrow_as(
+    addr: SocketAddr,
+    ca: &[u8],
+    name: &str,
+    key: &SigningKey,
+) -> Result<Vec<u8>, tonic::Status> {
+    use metropolis_api::api::aaa_client::AaaClient;
+    let self_signed = metropolis_identity::self_signed_certificate(key, "").expect("self-signed");
+    let ch = channel(addr, trust(ca), Some((self_signed, key.clone())))
+        .await
+        .expect("connect");
+    let mut s = AaaClient::new(ch)
+        .escrow(tokio_stream::iter([escrow_request(
+            name,
+            key.verifying_key().as_bytes(),
+        )]))
+        .await?
+        .into_inner();
+    let resp = s
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("no response"))?;
+    Ok(resp.emitted_certificate)
+}
+
 /// Runs the owner escrow flow over gRPC and returns the owner certificate.
 pub async fn escrow_owner(addr: SocketAddr, ca: &[u8], owner: &SigningKey) -> Vec<u8> {
     metropolis_rpc::client::escrow_owner(addr, ca, owner)
@@ -394,4 +453,84 @@ pub async fn fetch_register_params(
         ca,
         &[],
     );
+}
+
+/// Builds metropolis-node with `--features debug` into its own target
+/// directory (so the default build used by every other test stays as is).
+pub fn debug_binary() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = workspace.join("target/debug-feature");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "metropolis-node",
+            "--features",
+            "debug",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .current_dir(&workspace)
+        .status()
+        .expect("run cargo");
+    assert!(
+        status.success(),
+        "building metropolis-node with --features debug failed"
+    );
+    target.join("debug/metropolis-node")
+}
+
+/// etcd's peer port (7834) of a consensus member.
+pub const PEER_PORT: u16 = 7834;
+
+/// What etcd's peer port did with a client.
+#[derive(Debug)]
+pub enum PeerAnswer {
+    /// The TLS handshake failed, or the server answered it with an alert
+    /// (with TLS 1.3 a client learns that its certificate was refused at its
+    /// first read): the error as rustls saw it.
+    Refused(String),
+    /// The handshake went through, then the connection closed without an
+    /// answer or an alert.
+    Closed,
+    /// An HTTP answer.
+    Replied(String),
+}
+
+/// `GET /members` on the peer port at `addr` over TLS, presenting `identity`
+/// (certificate DER and key) if given, trusting any server certificate.
+pub async fn ask_peer_port(
+    addr: SocketAddr,
+    identity: Option<(Vec<u8>, SigningKey)>,
+) -> PeerAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen), identity)
+        .expect("client config");
+    // etcd's peer endpoints speak HTTP/1.1 here; no gRPC ALPN.
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the peer port");
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let exchange = async {
+        let mut stream = connector.connect(name, tcp).await?;
+        stream
+            .write_all(b"GET /members HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        match stream.read_to_end(&mut out).await {
+            Err(e) if out.is_empty() && e.kind() != std::io::ErrorKind::UnexpectedEof => Err(e),
+            // A close without close_notify, after a complete answer or none.
+            _ => Ok(out),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Err(_) => panic!("etcd's peer port at {addr} did not answer within 10s"),
+        Ok(Err(e)) => PeerAnswer::Refused(e.to_string()),
+        Ok(Ok(out)) if out.is_empty() => PeerAnswer::Closed,
+        Ok(Ok(out)) => PeerAnswer::Replied(String::from_utf8_lossy(&out).into_owned()),
+    }
 }
