@@ -44,6 +44,7 @@ use metropolis_store::transfer::{Digest, Digester};
 use metropolis_store::{KeyValue, Op, Store, Txn};
 use prost::Message;
 
+use crate::consensus::pki::{ConsensusPki, KEY_PKI};
 use crate::error::CuratorError;
 use crate::state::{self, Cluster, KEY_CA, KEY_OWNER, KEY_TICKET, NODES_PREFIX, decode};
 
@@ -203,6 +204,27 @@ pub struct Restoring {
     pub node_public_key: [u8; 32],
     /// The address it serves on.
     pub address: String,
+    /// Its ConsensusMember role: empty on the embedded store; on etcd its
+    /// peer certificate (from [`peer_certificate`]); itself as the only
+    /// peer is filled in.
+    pub consensus_role: node_roles::ConsensusMember,
+}
+
+/// The etcd peer certificate of a node restoring a backup onto etcd, from
+/// the backup's consensus CA (the value of [`KEY_PKI`] in it), with the
+/// CA certificate and the CRL etcd starts with.
+pub fn peer_certificate(
+    pki_record: &[u8],
+    node_public_key: &[u8; 32],
+    address: std::net::IpAddr,
+) -> Result<node_roles::ConsensusMember, CuratorError> {
+    let pki = ConsensusPki::from_stored(pki_record, 0)?;
+    Ok(node_roles::ConsensusMember {
+        ca_certificate: pki.ca_certificate().to_vec(),
+        peer_certificate: pki.issue_peer_certificate(node_public_key, address)?,
+        initial_crl: pki.crl()?,
+        peers: Vec::new(),
+    })
 }
 
 /// What [`finish`] did.
@@ -243,6 +265,7 @@ pub async fn finish(store: &dyn Store, node: &Restoring) -> Result<Restored, Cur
     let mut txn = Txn::new().and_then(Op::put(KEY_TICKET, state::random_ticket()));
     let mut replaced = None;
     let mut demoted = Vec::new();
+    let mut revoke = Vec::new();
     let mut own: Option<private::Node> = None;
     for kv in nodes.kvs {
         let key = String::from_utf8_lossy(&kv.key).into_owned();
@@ -262,10 +285,35 @@ pub async fn finish(store: &dyn Store, node: &Restoring) -> Result<Restored, Cur
             continue;
         }
         if let Some(roles) = record.roles.as_mut()
-            && roles.consensus_member.take().is_some()
+            && let Some(old) = roles.consensus_member.take()
         {
             txn = txn.and_then(Op::put(kv.key, record.encode_to_vec()));
+            revoke.push((id.clone(), old.peer_certificate));
             demoted.push(id);
+        }
+    }
+    if let Some(own) = &own
+        && let Some(old) = own.roles.as_ref().and_then(|r| r.consensus_member.as_ref())
+    {
+        revoke.push((
+            replaced.clone().unwrap_or_default(),
+            old.peer_certificate.clone(),
+        ));
+    }
+    // The old members' peer certificates must not open the new etcd's
+    // peer port: they go on the consensus CRL.
+    if let Some(kv) = store.get(KEY_PKI.as_bytes()).await? {
+        let mut pki = ConsensusPki::from_stored(&kv.value, kv.mod_revision)?;
+        let mut changed = false;
+        for (id, cert) in &revoke {
+            changed |= pki.revoke(id, cert);
+        }
+        if changed {
+            let (compare, ops) = pki.write()?;
+            txn = txn.when(compare);
+            for op in ops {
+                txn = txn.and_then(op);
+            }
         }
     }
     let mut own = own.unwrap_or_else(|| private::Node {
@@ -276,13 +324,27 @@ pub async fn finish(store: &dyn Store, node: &Restoring) -> Result<Restored, Cur
     own.public_key = node.node_public_key.to_vec();
     own.state = NodeState::Up as i32;
     own.decommission_requested = false;
+    let mut role = node.consensus_role.clone();
+    if !role.peer_certificate.is_empty() && role.peers.is_empty() {
+        let address = node.address.parse().map_err(|_| {
+            CuratorError::InvalidArgument(format!("{} is not an IP address", node.address))
+        })?;
+        role.peers.push(node_roles::consensus_member::Peer {
+            name: node_id.clone(),
+            url: crate::consensus::peer_url(address),
+        });
+    }
     own.roles
         .get_or_insert_with(NodeRoles::default)
-        .consensus_member = Some(node_roles::ConsensusMember::default());
+        .consensus_member = Some(role);
     let status = own.status.get_or_insert_with(NodeStatus::default);
     status.external_address = node.address.clone();
     txn = txn.and_then(Op::put(state::node_key(&node_id), own.encode_to_vec()));
-    store.txn(txn).await?;
+    if !store.txn(txn).await?.succeeded {
+        return Err(CuratorError::Unavailable(
+            "the restored consensus PKI changed while the restore finished".into(),
+        ));
+    }
     let node_certificate = ca
         .issue_node_certificate(&node.node_public_key)
         .map_err(|e| CuratorError::Internal(format!("issuing node certificate: {e}")))?;
@@ -360,6 +422,7 @@ mod tests {
             &Restoring {
                 node_public_key: key,
                 address: "127.0.0.2".into(),
+                consensus_role: Default::default(),
             },
         )
         .await

@@ -226,6 +226,8 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
                 file,
                 owner_key,
                 address: args.address,
+                etcd_binary: args.etcd_binary.as_deref(),
+                logs: logs.clone(),
             };
             Some(restore::restore(&data, r).await?)
         }
@@ -247,7 +249,11 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         view
     };
     let (creds, held) = if let Some((creds, store)) = restored {
-        (creds, Held::Embedded(store))
+        let held = match store {
+            restore::Restored::Embedded(store) => Held::Embedded(store),
+            restore::Restored::Etcd { etcd, store } => Held::Etcd { etcd, store },
+        };
+        (creds, held)
     } else if let Some(creds) = sealed {
         if let Some(p) = &args.params {
             bail!(

@@ -41,7 +41,7 @@ fn nodes(cfg: &Path) -> Vec<serde_json::Value> {
 
 /// The launch directory's node whose address is `address`.
 fn node_dir_of(dir: &Path, address: &str) -> PathBuf {
-    (1..=3)
+    (1..=4)
         .map(|i| dir.join(format!("node{i}")))
         .find(|d| std::fs::read_to_string(d.join("address")).is_ok_and(|a| a.trim() == address))
         .unwrap_or_else(|| panic!("no launched node has address {address}"))
