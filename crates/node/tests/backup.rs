@@ -298,4 +298,108 @@ async fn a_cluster_survives_losing_its_consensus_node() {
     // A second restore on the now restored directory is refused.
     let args = restore(file_arg, owner_arg);
     refused(&data, &refs(&args), "is not empty");
+    drop(restored);
+    drop(_guard);
+
+    // Launched clusters take the first free 127.0.0.x addresses, so the
+    // etcd case runs after the first, in the same test.
+    an_etcd_cluster_survives_losing_every_consensus_member().await;
+}
+
+/// `--ha` with a fourth, plain node: all three etcd members die with their
+/// disks; the restore makes a new etcd cluster of one, and the plain node
+/// rejoins it.
+async fn an_etcd_cluster_survives_losing_every_consensus_member() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("metroctl");
+    let dir = tmp.path().join("cluster");
+    let dir_arg = dir.to_str().expect("utf8");
+    let _guard = StopOnDrop {
+        cfg: cfg.clone(),
+        dir: dir.clone(),
+    };
+    let out = metroctl(
+        &cfg,
+        &[
+            "cluster", "launch", "--nodes", "4", "--ha", "--dir", dir_arg,
+        ],
+    );
+    assert!(out.status.success(), "launch --ha: {}", stderr(&out));
+    let all = nodes(&cfg);
+    let members: Vec<String> = all
+        .iter()
+        .filter(|n| n["roles"]["consensusMember"].is_object())
+        .filter_map(|n| n["status"]["externalAddress"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(members.len(), 3, "{all:#?}");
+    let plain = all
+        .iter()
+        .find(|n| !n["roles"]["consensusMember"].is_object())
+        .and_then(|n| n["id"].as_str())
+        .expect("the plain node")
+        .to_string();
+    let out = metroctl(&cfg, &["node", "label", &plain, "backup-test=etcd"]);
+    assert!(out.status.success(), "label: {}", stderr(&out));
+    let file = tmp.path().join("etcd.backup");
+    let file_arg = file.to_str().expect("utf8");
+    let out = metroctl(&cfg, &["cluster", "backup", "-o", file_arg]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let header = stdout(&metroctl(
+        &cfg,
+        &["cluster", "backup", "--inspect", file_arg],
+    ));
+    assert!(
+        header.contains("backend: etcd\n") && header.contains("nodes: 4\n"),
+        "{header}"
+    );
+
+    for address in &members {
+        let node_dir = node_dir_of(&dir, address);
+        let pid = std::fs::read_to_string(node_dir.join("pid")).expect("pid");
+        sigkill(pid.trim());
+        std::fs::remove_file(node_dir.join("pid")).expect("pid file");
+        std::fs::remove_dir_all(node_dir.join("data")).expect("remove data dir");
+    }
+    let owner_key = cfg.join("owner-key.pem");
+    let restored = TestNode::spawn_with(
+        members[0].parse().expect("ip"),
+        &node_dir_of(&dir, &members[0]).join("data"),
+        None,
+        &[
+            "--restore",
+            file_arg,
+            "--owner-key",
+            owner_key.to_str().expect("utf8"),
+        ],
+    );
+    restored.wait_leading().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = nodes(&cfg);
+        let healthy: Vec<&serde_json::Value> = all
+            .iter()
+            .filter(|n| n["health"] == "HEALTH_HEALTHY")
+            .collect();
+        let plain_back = healthy
+            .iter()
+            .any(|n| n["id"] == plain.as_str() && n["labels"]["pairs"][0]["value"] == "etcd");
+        let member_back = healthy.iter().any(|n| {
+            n["status"]["externalAddress"] == members[0].as_str()
+                && n["roles"]["consensusMember"].is_object()
+        });
+        if plain_back && member_back {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored etcd cluster did not come back: {all:#?}\n{}",
+            restored.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = metroctl(&cfg, &["cluster", "status"]);
+    let text = stdout(&status);
+    assert!(status.status.success(), "{}", stderr(&status));
+    println!("restored etcd cluster:\n{text}");
+    assert!(text.contains(&members[0]), "{text}");
 }
