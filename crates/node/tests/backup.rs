@@ -159,6 +159,11 @@ async fn a_cluster_survives_losing_its_consensus_node() {
         started.elapsed(),
         stdout(&out).trim()
     );
+    let audit = stdout(&metroctl(&cfg, &["audit", "-o", "json"]));
+    assert!(
+        audit.contains("/metropolis.proto.admin.ClusterAdmin/Backup"),
+        "the backup is not in the audit log: {audit}"
+    );
     let again = metroctl(&cfg, &["cluster", "backup", "-o", file_arg]);
     assert!(!again.status.success(), "an existing file was overwritten");
     let inspect = metroctl(&cfg, &["cluster", "backup", "--inspect", file_arg]);
