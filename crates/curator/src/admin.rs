@@ -1,16 +1,16 @@
 //! ClusterAdmin: the project-owned management calls (register ticket,
-//! identities, audit log). Who may call them is in admin.proto; this module
+//! identities, audit log, backup). Who may call them is in admin.proto; this module
 //! only translates between the wire and the cluster state.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use metropolis_api::admin::{
-    AddIdentityRequest, AddIdentityResponse, AuditEntry, GetAuditLogRequest, Identity,
-    ListIdentitiesRequest, ListIdentitiesResponse, RegenerateRegisterTicketRequest,
-    RegenerateRegisterTicketResponse, RemoveIdentityRequest, RemoveIdentityResponse, Role,
-    audit_entry, cluster_admin_server::ClusterAdmin,
+    AddIdentityRequest, AddIdentityResponse, AuditEntry, BackupChunk, BackupRequest,
+    GetAuditLogRequest, Identity, ListIdentitiesRequest, ListIdentitiesResponse,
+    RegenerateRegisterTicketRequest, RegenerateRegisterTicketResponse, RemoveIdentityRequest,
+    RemoveIdentityResponse, Role, audit_entry, cluster_admin_server::ClusterAdmin,
 };
 use metropolis_api::private::{self, audit_record};
 use metropolis_rpc::Caller;
@@ -63,6 +63,7 @@ fn who<T>(request: &Request<T>) -> String {
 }
 
 type AuditStream = Pin<Box<dyn Stream<Item = Result<AuditEntry, Status>> + Send>>;
+type BackupStream = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ClusterAdmin for ClusterAdminService {
@@ -141,5 +142,19 @@ impl ClusterAdmin for ClusterAdminService {
         Ok(Response::new(Box::pin(futures::stream::iter(
             records.into_iter().map(|r| Ok(api_entry(r))),
         ))))
+    }
+
+    type BackupStream = BackupStream;
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let by = who(&request);
+        let chunks = self.cluster.backup().await?;
+        tracing::info!(%by, "backup started");
+        Ok(Response::new(Box::pin(
+            chunks.map(|c| c.map_err(Status::from)),
+        )))
     }
 }

@@ -10,6 +10,7 @@ pub mod aaa;
 pub mod admin;
 pub mod audit;
 pub mod authz;
+pub mod backup;
 pub mod consensus;
 pub mod dns;
 pub mod error;

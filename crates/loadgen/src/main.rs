@@ -84,9 +84,12 @@
 //! `--summary-json FILE` (the key figures as JSON: `nodes`, `healthy_min`,
 //! `bytes_per_connected_node`, `bytes_per_node_state`, `registrations_per_s`,
 //! `store_txns_per_registration`, `raw_store_txns_per_s`, `store_ratio`,
-//! `heartbeats_per_s`, `heartbeat_rtt_p99_ms`, `get_nodes_ms`).
+//! `heartbeats_per_s`, `heartbeat_rtt_p99_ms`, `get_nodes_ms`), `--backup
+//! FILE` (a `ClusterAdmin.Backup` after GetNodes, under the heartbeats: its
+//! size and time are in the report's notes).
 //! `RUST_LOG` sets the loadgen's own log level.
 
+mod backup;
 mod cluster;
 mod etcd;
 mod getnodes;
@@ -166,6 +169,11 @@ struct Args {
     /// Also write the run's key figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     summary_json: Option<PathBuf>,
+    /// After GetNodes, while the nodes heartbeat: take a backup of the
+    /// cluster (`ClusterAdmin.Backup`) into FILE and report its size and
+    /// time.
+    #[arg(long, value_name = "FILE")]
+    backup: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,7 +404,7 @@ async fn phases(
     let owner_channel = cluster::channel(node.addr, &ca, (owner_cert.clone(), owner_key.clone()))
         .await
         .context("connecting as the owner")?;
-    let mut owner = ManagementClient::new(owner_channel);
+    let mut owner = ManagementClient::new(owner_channel.clone());
     let ticket = cluster::register_ticket(&mut owner).await?;
     r.memory.baseline = Some(node.rss()?);
 
@@ -558,6 +566,28 @@ async fn phases(
         Err(e) => r.failures.push(format!("{e:#}")),
     }
     r.memory.after_get_nodes = node.rss().ok();
+    if let Some(file) = &args.backup {
+        tracing::info!(file = %file.display(), "taking a backup");
+        let mib = |b: anyhow::Result<u64>| {
+            b.map(|b| format!("{} MiB", b >> 20))
+                .unwrap_or_else(|_| "?".into())
+        };
+        let rss_before = mib(node.rss());
+        match backup::take(owner_channel.clone(), file).await {
+            Ok(b) => r.notes.push(format!(
+                "backup: {} nodes, {} keys, {} bytes of keys and values, {} bytes encrypted in {}, in {:.2}s; node RSS {rss_before} before, {} after, peak {}",
+                b.nodes,
+                b.keys,
+                b.state_bytes,
+                b.file_bytes,
+                file.display(),
+                b.time.as_secs_f64(),
+                mib(node.rss()),
+                mib(node.peak_rss())
+            )),
+            Err(e) => r.failures.push(format!("backup: {e:#}")),
+        }
+    }
     if args.heartbeat_interval >= args.heartbeat_timeout {
         r.notes.push(format!(
             "the heartbeat interval ({}) is not shorter than the timeout ({}): a node whose next \

@@ -320,6 +320,9 @@ enum ClusterCommand {
     },
     /// Replace the register ticket (when it leaked); the old one stops working at once.
     RegenerateTicket,
+    /// Write the whole cluster state, encrypted to the owner's key, to a
+    /// file (owner only); `--inspect FILE` shows a backup's header.
+    Backup(cmd::backup::BackupArgs),
     /// Read or change the cluster configuration.
     #[command(subcommand)]
     Configure(ConfigureCommand),
@@ -409,6 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::RegenerateTicket) => {
             cmd::cluster::regenerate_ticket(&ctx).await
         }
+        Command::Cluster(ClusterCommand::Backup(args)) => cmd::backup::run(&ctx, args).await,
         Command::Node(NodeCommand::Describe {
             ids,
             filter,

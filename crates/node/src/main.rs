@@ -14,6 +14,7 @@ mod metrics;
 mod node_mgmt;
 mod params;
 mod renewal;
+mod restore;
 mod serve;
 mod update;
 
@@ -71,6 +72,19 @@ struct Args {
     /// become HEALTHY before the node rolls back to the previous one.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     update_trial_timeout: Duration,
+    /// Restore a cluster from this backup file (`metroctl cluster backup`)
+    /// into the empty --data-dir and become its only consensus member.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "owner_key",
+        conflicts_with = "params"
+    )]
+    restore: Option<PathBuf>,
+    /// The owner's private key that decrypts the backup (metroctl's
+    /// owner-key.pem).
+    #[arg(long, value_name = "PEM", requires = "restore")]
+    owner_key: Option<PathBuf>,
     /// Close gRPC connections that carry no stream for this long (tests
     /// shorten it; the default is `metropolis_rpc::server::Limits`').
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
@@ -220,7 +234,21 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
     // Damaged or exposed credentials stop the node before any port opens or
     // anything is written.
     let data = DataDir::new(args.data_dir.clone());
-    let sealed = if data.is_member() {
+    // A restore starts from an empty directory and leaves a member's.
+    let restored = match (&args.restore, &args.owner_key) {
+        (Some(file), Some(owner_key)) => {
+            let r = restore::Restore {
+                file,
+                owner_key,
+                address: args.address,
+                etcd_binary: args.etcd_binary.as_deref(),
+                logs: logs.clone(),
+            };
+            Some(restore::restore(&data, r).await?)
+        }
+        _ => None,
+    };
+    let sealed = if restored.is_none() && data.is_member() {
         Some(data.unseal()?)
     } else {
         None
@@ -235,7 +263,13 @@ async fn run(args: Args, logs: Arc<logtree::LogTree>) -> anyhow::Result<serve::E
         debug::start(args.address, logs.clone(), view.clone()).await?;
         view
     };
-    let (creds, held) = if let Some(creds) = sealed {
+    let (creds, held) = if let Some((creds, store)) = restored {
+        let held = match store {
+            restore::Restored::Embedded(store) => Held::Embedded(store),
+            restore::Restored::Etcd { etcd, store } => Held::Etcd { etcd, store },
+        };
+        (creds, held)
+    } else if let Some(creds) = sealed {
         if let Some(p) = &args.params {
             params::check_on_restart(p, &creds.ca_certificate, data.bootstrap_owner()?)?;
         }

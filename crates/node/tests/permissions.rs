@@ -125,7 +125,7 @@ fn handler_code(path: &str, who: Who) -> Code {
         },
         (
             "/metropolis.proto.admin.ClusterAdmin",
-            "RegenerateRegisterTicket" | "ListIdentities" | "GetAuditLog",
+            "RegenerateRegisterTicket" | "ListIdentities" | "GetAuditLog" | "Backup",
         ) => Code::Ok,
         // The snapshot of every node (empty filter) comes first.
         ("/metropolis.proto.admin.NodeWatch", "WatchNodes") => Code::Ok,

@@ -61,7 +61,7 @@ use tonic::transport::{Endpoint, Uri};
 
 use crate::{
     Compare, CompareOp, CompareTarget, Consensus, ConsensusStatus, EventKind, KeyValue, LeaseId,
-    Member, Op, OpResult, RangeResponse, Store, StoreError, Txn, TxnResponse, WatchEvent,
+    Member, Op, OpResult, RangeResponse, Snapshot, Store, StoreError, Txn, TxnResponse, WatchEvent,
     WatchStream,
 };
 
@@ -215,6 +215,65 @@ impl Store for EtcdStore {
         Ok(RangeResponse {
             kvs: resp.0.kvs.into_iter().map(convert_kv).collect(),
             revision,
+        })
+    }
+
+    /// A count of `count_prefix` fixes the revision; the pages are ranges
+    /// at that revision, each starting after the last key of the one
+    /// before, so no page exceeds the client's response limit. A
+    /// compaction past the revision while the pages are read fails the
+    /// snapshot (etcd keeps revisions until it is told to compact).
+    async fn snapshot(
+        &self,
+        count_prefix: &[u8],
+        page_keys: usize,
+    ) -> Result<Snapshot, StoreError> {
+        let (key, end) = prefix_range(count_prefix);
+        let resp = self
+            .kv()
+            .get(
+                key,
+                Some(GetOptions::new().with_range(end).with_count_only()),
+            )
+            .await
+            .map_err(map_err)?;
+        let revision = header_revision(resp.0.header.as_ref())?;
+        let counted = u64::try_from(resp.0.count).unwrap_or(0);
+        let limit = i64::try_from(page_keys.max(1)).unwrap_or(i64::MAX);
+        let kv = self.kv();
+        let (from, end) = prefix_range(b"");
+        let pages = futures::stream::try_unfold(Some(from), move |from| {
+            let mut kv = kv.clone();
+            let end = end.clone();
+            async move {
+                let Some(from) = from else {
+                    return Ok(None);
+                };
+                let options = GetOptions::new()
+                    .with_range(end)
+                    .with_limit(limit)
+                    .with_revision(revision);
+                let resp = kv.get(from, Some(options)).await.map_err(map_err)?;
+                let more = resp.0.more;
+                let page: Vec<KeyValue> = resp.0.kvs.into_iter().map(convert_kv).collect();
+                let next = match page.last() {
+                    Some(last) if more => {
+                        let mut next = last.key.clone();
+                        next.push(0);
+                        Some(next)
+                    }
+                    _ => None,
+                };
+                if page.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((page, next)))
+            }
+        });
+        Ok(Snapshot {
+            revision,
+            counted,
+            pages: Box::pin(pages),
         })
     }
 

@@ -64,4 +64,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// The current revision of the store.
     async fn revision(&self) -> Result<i64, StoreError>;
+
+    /// Every key at one revision, in pages of at most `page_keys` keys,
+    /// and how many of them start with `count_prefix` (a backup's header
+    /// says how many nodes it holds before the first page is read).
+    ///
+    /// The default reads everything with one [`Store::range`]; the
+    /// backends stream instead (a redb read transaction held open, etcd
+    /// pages read at the snapshot's revision), so that a large store is
+    /// never in memory whole.
+    async fn snapshot(
+        &self,
+        count_prefix: &[u8],
+        page_keys: usize,
+    ) -> Result<Snapshot, StoreError> {
+        let all = self.range(b"").await?;
+        let counted = all
+            .kvs
+            .iter()
+            .filter(|kv| kv.key.starts_with(count_prefix))
+            .count() as u64;
+        let page_keys = page_keys.max(1);
+        let mut kvs = all.kvs.into_iter().peekable();
+        let pages = std::iter::from_fn(move || {
+            kvs.peek()?;
+            Some(Ok(kvs.by_ref().take(page_keys).collect()))
+        })
+        .collect::<Vec<_>>();
+        Ok(Snapshot {
+            revision: all.revision,
+            counted,
+            pages: Box::pin(futures::stream::iter(pages)),
+        })
+    }
 }

@@ -189,3 +189,18 @@ pub enum StoreError {
     #[error("{0}")]
     FailedPrecondition(String),
 }
+
+/// Every key of a store at one revision, delivered page by page (see
+/// [`crate::Store::snapshot`]).
+pub struct Snapshot {
+    /// The revision every page is read at.
+    pub revision: i64,
+    /// Number of keys under the prefix the caller asked to count, at
+    /// `revision`.
+    pub counted: u64,
+    /// Pages of keys in ascending key order; together they hold every key
+    /// once.
+    pub pages: PageStream,
+}
+
+pub type PageStream = Pin<Box<dyn Stream<Item = Result<Vec<KeyValue>, StoreError>> + Send>>;

@@ -93,6 +93,10 @@ macro_rules! conformance {
                 run(|s, _| suite::concurrent_cas_writers(s)).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn snapshot_at_one_revision() {
+                run(|s, _| suite::snapshot_at_one_revision(s)).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn failing_txn_among_concurrent_writers() {
                 run(|s, _| suite::failing_txn_among_concurrent_writers(s)).await;
             }
@@ -233,6 +237,47 @@ mod suite {
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    }
+
+    /// Pages of the asked size that together hold every key once, as the
+    /// store was when the snapshot began, whatever is written meanwhile.
+    pub async fn snapshot_at_one_revision(s: Arc<dyn Store>) {
+        use futures::TryStreamExt;
+        let s = &*s;
+        for i in 0..23 {
+            put(s, &format!("/nodes/{i:02}"), &"n".repeat(i)).await;
+        }
+        for i in 0..5 {
+            put(s, &format!("/other/{i}"), "o").await;
+        }
+        let before = s.range(b"").await.unwrap();
+        let snap = s.snapshot(b"/nodes/", 7).await.unwrap();
+        assert_eq!((snap.revision, snap.counted), (before.revision, 23));
+        // Written after the snapshot began, before its pages are read.
+        put(s, "/nodes/99", "late").await;
+        put(s, "/nodes/00", "changed").await;
+        s.txn(Txn::new().and_then(Op::delete("/other/0")))
+            .await
+            .unwrap();
+        let pages: Vec<Vec<KeyValue>> = snap.pages.try_collect().await.unwrap();
+        assert!(
+            pages.iter().all(|p| !p.is_empty() && p.len() <= 7),
+            "{pages:?}"
+        );
+        assert_eq!(pages.len(), 4);
+        let all: Vec<KeyValue> = pages.into_iter().flatten().collect();
+        assert_eq!(all, before.kvs);
+
+        let empty_count = s.snapshot(b"/none/", 1000).await.unwrap();
+        assert_eq!(empty_count.counted, 0);
+        let n: usize = empty_count
+            .pages
+            .map_ok(|p| p.len())
+            .try_fold(0, |a, b| async move { Ok(a + b) })
+            .await
+            .unwrap();
+        // /nodes/99 added, /other/0 deleted.
+        assert_eq!(n, before.kvs.len());
     }
 
     pub async fn cas_branches(s: Arc<dyn Store>) {

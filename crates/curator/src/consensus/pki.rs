@@ -90,6 +90,11 @@ impl ConsensusPki {
         })
     }
 
+    /// The PKI as stored at [`KEY_PKI`] (a restore reads it from a backup).
+    pub fn from_stored(value: &[u8], mod_revision: i64) -> Result<ConsensusPki, CuratorError> {
+        Self::decode(value, mod_revision)
+    }
+
     /// The consensus CA certificate (DER): what etcd's peer port trusts.
     pub fn ca_certificate(&self) -> &[u8] {
         self.ca.cert_der()

@@ -68,7 +68,7 @@ pub fn node_key(id: &str) -> String {
     format!("{NODES_PREFIX}{id}")
 }
 
-fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, CuratorError> {
+pub(crate) fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, CuratorError> {
     M::decode(bytes).map_err(|e| CuratorError::Corrupt(format!("{key}: {e}")))
 }
 
@@ -500,7 +500,7 @@ impl Cluster {
     }
 }
 
-fn random_ticket() -> Vec<u8> {
+pub(crate) fn random_ticket() -> Vec<u8> {
     let mut t = vec![0u8; TICKET_LEN];
     rand::rngs::OsRng.fill_bytes(&mut t);
     t

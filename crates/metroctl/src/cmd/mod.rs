@@ -1,4 +1,5 @@
 pub mod audit;
+pub mod backup;
 pub mod cluster;
 pub mod credentials;
 pub mod dashboard;

@@ -244,4 +244,14 @@ impl Store for InstrumentedStore {
         let _t = self.timer("revision");
         self.inner.revision().await
     }
+    /// Times the start only: the pages stream for as long as the reader
+    /// takes.
+    async fn snapshot(
+        &self,
+        count_prefix: &[u8],
+        page_keys: usize,
+    ) -> Result<metropolis_store::Snapshot, StoreError> {
+        let _t = self.timer("snapshot");
+        self.inner.snapshot(count_prefix, page_keys).await
+    }
 }

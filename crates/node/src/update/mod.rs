@@ -137,17 +137,24 @@ fn announce(slot: Option<Slot>, state: Option<&State>, sha256: &str) {
 }
 
 /// The node's arguments for its next run: the same, less the Node
-/// Parameters, which only a first start uses.
+/// Parameters and the backup to restore, which only a first start uses.
 pub fn forwarded_args() -> Vec<std::ffi::OsString> {
     without_params(std::env::args_os().skip(1))
 }
 
+/// Flags of a first start (each with a value).
+const FIRST_START_ONLY: [&str; 3] = ["--params", "--restore", "--owner-key"];
+
 fn without_params(mut args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     let mut keep = Vec::new();
     while let Some(a) = args.next() {
-        if a == "--params" {
+        let text = a.to_string_lossy();
+        if FIRST_START_ONLY.contains(&text.as_ref()) {
             args.next();
-        } else if !a.to_string_lossy().starts_with("--params=") {
+        } else if !FIRST_START_ONLY
+            .iter()
+            .any(|f| text.starts_with(&format!("{f}=")))
+        {
             keep.push(a);
         }
     }
@@ -546,6 +553,9 @@ mod tests {
             "--params",
             "p.pb",
             "--params=q.pb",
+            "--restore",
+            "b.backup",
+            "--owner-key=k.pem",
             "--address",
             "::1",
         ];

@@ -27,6 +27,7 @@
 mod codec;
 mod commit;
 mod lease;
+mod snapshot;
 mod tables;
 mod watch;
 
@@ -51,7 +52,7 @@ use self::tables::{
 };
 use self::watch::{Revision, Watcher};
 use crate::{
-    KeyValue, LeaseId, Op, OpResult, RangeResponse, Store, StoreError, Txn, TxnResponse,
+    KeyValue, LeaseId, Op, OpResult, RangeResponse, Snapshot, Store, StoreError, Txn, TxnResponse,
     WatchStream,
 };
 
@@ -229,6 +230,14 @@ impl Store for EmbeddedStore {
             kv_get(&kv, &key)
         })
         .await
+    }
+
+    async fn snapshot(
+        &self,
+        count_prefix: &[u8],
+        page_keys: usize,
+    ) -> Result<Snapshot, StoreError> {
+        snapshot::snapshot(Arc::clone(&self.inner), count_prefix.to_vec(), page_keys).await
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<RangeResponse, StoreError> {
