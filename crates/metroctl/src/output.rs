@@ -29,7 +29,7 @@ pub fn print_structured<M: prost::Message + prost::Name>(
     };
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-        Format::Yaml => print!("{}", serde_yaml::to_string(&value)?),
+        Format::Yaml => print!("{}", serde_norway::to_string(&value)?),
         Format::Table => anyhow::bail!("table output is rendered by the command"),
     }
     Ok(())

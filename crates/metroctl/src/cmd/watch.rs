@@ -94,7 +94,7 @@ fn print_change(format: Format, c: &Change) -> anyhow::Result<()> {
     let doc = change_json(c)?;
     match format {
         Format::Json => println!("{}", serde_json::to_string(&doc)?),
-        Format::Yaml => print!("---\n{}", serde_yaml::to_string(&doc)?),
+        Format::Yaml => print!("---\n{}", serde_norway::to_string(&doc)?),
         Format::Table => {}
     }
     Ok(())
