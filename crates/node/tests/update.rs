@@ -572,10 +572,14 @@ async fn bad_input_changes_nothing_and_a_node_updates_itself_without_help() {
         .expect("bind");
     let slow_url = format!("http://{}/node", slow.local_addr().expect("addr"));
     let (release, released) = tokio::sync::oneshot::channel::<()>();
+    // The node asked for the slow file: the first update holds the node's
+    // update lock from then on.
+    let (started, downloading) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         if let Ok((mut s, _)) = slow.accept().await {
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).await;
+            let _ = started.send(());
             let _ = s
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
                 .await;
@@ -585,22 +589,14 @@ async fn bad_input_changes_nothing_and_a_node_updates_itself_without_help() {
     let mut nm2 = nm.clone();
     let slow_req = update_req(&slow_url, &original, ActivationMode::Reboot);
     let first_call = tokio::spawn(async move { nm2.update_node(slow_req).await });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // A digest nothing has: should this call reach the node before the
-    // first one, it is refused for its digest instead of updating the node.
-    let never = "0".repeat(64);
-    let (code, msg) = loop {
-        let r = nm
-            .update_node(update_req(&url, &never, ActivationMode::Reboot))
-            .await;
-        let (code, msg) = code_of(r);
-        if code == Code::Aborted || Instant::now() > deadline {
-            break (code, msg);
-        }
-        // The first call had not reached the node yet; this one was
-        // refused for its digest.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    tokio::time::timeout(Duration::from_secs(30), downloading)
+        .await
+        .expect("the node asks for the slow file within 30 s")
+        .expect("the slow server runs");
+    let (code, msg) = code_of(
+        nm.update_node(update_req(&url, &original, ActivationMode::Reboot))
+            .await,
+    );
     assert_eq!(code, Code::Aborted, "{msg}");
     drop(release);
     let (code, msg) = code_of(first_call.await.expect("join"));
