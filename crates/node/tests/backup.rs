@@ -10,21 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Stops a launched cluster however the test ends.
-struct StopOnDrop {
-    cfg: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        metroctl(
-            &self.cfg,
-            &["cluster", "stop", "--dir", self.dir.to_str().expect("utf8")],
-        );
-    }
-}
-
 fn json(cfg: &Path, args: &[&str]) -> serde_json::Value {
     let out = metroctl(cfg, args);
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));

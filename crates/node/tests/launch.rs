@@ -7,28 +7,6 @@ use std::path::PathBuf;
 
 use support::*;
 
-/// Stops a launched cluster however the test ends, so that a failed test
-/// does not leave nodes running.
-struct StopOnDrop {
-    cfg: PathBuf,
-    dir: PathBuf,
-}
-
-impl StopOnDrop {
-    fn stop(&self) -> std::process::Output {
-        metroctl(
-            &self.cfg,
-            &["cluster", "stop", "--dir", self.dir.to_str().expect("utf8")],
-        )
-    }
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[test]
 fn launch_three_nodes_then_stop() {
     let tmp = tempfile::tempdir().expect("tmp");

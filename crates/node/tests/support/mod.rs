@@ -644,3 +644,25 @@ impl OperatorCluster {
             .expect("connect as owner")
     }
 }
+
+/// Stops a launched cluster however the test ends, so that a failed test
+/// does not leave nodes running.
+pub struct StopOnDrop {
+    pub cfg: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl StopOnDrop {
+    pub fn stop(&self) -> std::process::Output {
+        metroctl(
+            &self.cfg,
+            &["cluster", "stop", "--dir", self.dir.to_str().expect("utf8")],
+        )
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
