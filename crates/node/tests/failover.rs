@@ -75,6 +75,8 @@ async fn settled(owner: &Owner, members: &[TestNode], ids: &[String]) -> (String
             }
         }
         if Instant::now() > deadline {
+            // First, so that a shortened test log still shows it.
+            eprintln!("the cluster did not settle: {seen}");
             for m in members {
                 let log = m.log_text();
                 let tail: Vec<&str> = log.lines().filter(|l| !l.starts_with('{')).collect();

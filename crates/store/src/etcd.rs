@@ -430,10 +430,33 @@ const PEER_URL_EXISTS: &str = "peer urls already exists";
 const TOO_MANY_LEARNERS: &str = "too many learner members";
 const NOT_ENOUGH_STARTED: &str = "not enough started members";
 
+/// How long a membership or maintenance call may take. etcd bounds most of
+/// them itself, not all: MoveLeader waits for the new leader for as long as
+/// the caller does, forever if that member died meanwhile, and the
+/// reconciler that asked would wait with it.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `call`, or Unavailable once [`ADMIN_TIMEOUT`] passed (dropping the call
+/// cancels it at etcd too).
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<Result<T, etcd_client::Error>, StoreError> {
+    tokio::time::timeout(ADMIN_TIMEOUT, call)
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "etcd did not answer {what} within {ADMIN_TIMEOUT:?}; retry shortly"
+            ))
+        })
+}
+
 #[async_trait]
 impl Consensus for EtcdStore {
     async fn members(&self) -> Result<Vec<Member>, StoreError> {
-        let resp = self.client().member_list().await.map_err(map_member_err)?;
+        let resp = bounded("MemberList", self.client().member_list())
+            .await?
+            .map_err(map_member_err)?;
         Ok(resp.members().iter().map(convert_member).collect())
     }
 
@@ -444,10 +467,12 @@ impl Consensus for EtcdStore {
         if let Some(m) = self.member_with_peer_url(peer_url).await? {
             return Ok(m);
         }
-        let added = self
-            .client()
-            .member_add([peer_url], Some(MemberAddOptions::new().with_is_learner()))
-            .await;
+        let added = bounded(
+            "MemberAdd",
+            self.client()
+                .member_add([peer_url], Some(MemberAddOptions::new().with_is_learner())),
+        )
+        .await?;
         match added {
             Ok(resp) => resp.member().map(convert_member).ok_or_else(|| {
                 StoreError::Backend(format!(
@@ -479,7 +504,7 @@ impl Consensus for EtcdStore {
     }
 
     async fn promote(&self, id: u64) -> Result<bool, StoreError> {
-        match self.client().member_promote(id).await {
+        match bounded("MemberPromote", self.client().member_promote(id)).await? {
             Ok(_) => Ok(true),
             // etcd checks "in sync" before "is a learner", also for voters: a
             // voter a few entries behind (just promoted, or down) gets this
@@ -498,7 +523,7 @@ impl Consensus for EtcdStore {
     }
 
     async fn remove(&self, id: u64) -> Result<(), StoreError> {
-        match self.client().member_remove(id).await {
+        match bounded("MemberRemove", self.client().member_remove(id)).await? {
             Ok(_) => Ok(()),
             // Also etcd's answer for a member removed earlier.
             Err(e) if is_member_not_found(&e) => Ok(()),
@@ -507,7 +532,9 @@ impl Consensus for EtcdStore {
     }
 
     async fn status(&self) -> Result<ConsensusStatus, StoreError> {
-        let resp = self.client().status().await.map_err(map_member_err)?;
+        let resp = bounded("Status", self.client().status())
+            .await?
+            .map_err(map_member_err)?;
         let header = resp
             .header()
             .ok_or_else(|| StoreError::Backend("etcd status response without a header".into()))?;
@@ -521,9 +548,8 @@ impl Consensus for EtcdStore {
     }
 
     async fn move_leader(&self, to: u64) -> Result<(), StoreError> {
-        self.client()
-            .move_leader(to)
-            .await
+        bounded("MoveLeader", self.client().move_leader(to))
+            .await?
             .map(|_| ())
             .map_err(map_member_err)
     }
@@ -796,6 +822,10 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
 /// Connection problems become [`StoreError::Unavailable`], requests etcd
 /// rejects as malformed [`StoreError::Invalid`], everything else
 /// [`StoreError::Backend`].
+/// Messages of raft errors etcd reports with code Unknown that mean "not
+/// now", not "never" (raft's ErrProposalDropped).
+const TRANSIENT_UNKNOWN: &[&str] = &["raft proposal dropped"];
+
 pub(crate) fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error;
     match e {
@@ -810,6 +840,13 @@ pub(crate) fn map_err(e: etcd_client::Error) -> StoreError {
             Code::InvalidArgument => {
                 StoreError::Invalid(format!("etcd rejected the request: {}", s.message()))
             }
+            // etcd passes raft's own transient errors on with code Unknown:
+            // the proposal was dropped because leadership is moving (a
+            // transfer, an election). Nothing was written; a retry in a
+            // moment succeeds, as for Unavailable.
+            Code::Unknown if TRANSIENT_UNKNOWN.iter().any(|m| s.message().contains(m)) => {
+                StoreError::Unavailable(format!("etcd is unavailable: {}", s.message()))
+            }
             code => StoreError::Backend(format!("etcd error ({code:?}): {}", s.message())),
         },
         other => StoreError::Backend(format!("etcd client error: {other}")),
@@ -819,6 +856,16 @@ pub(crate) fn map_err(e: etcd_client::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dropped_raft_proposal_is_unavailable_and_other_unknowns_are_not() {
+        let dropped =
+            etcd_client::Error::GRpcStatus(tonic::Status::unknown("raft proposal dropped"));
+        assert!(matches!(map_err(dropped), StoreError::Unavailable(_)));
+        let other =
+            etcd_client::Error::GRpcStatus(tonic::Status::unknown("mvcc: database space exceeded"));
+        assert!(matches!(map_err(other), StoreError::Backend(_)));
+    }
 
     #[test]
     fn prefix_range_matches_etcd() {

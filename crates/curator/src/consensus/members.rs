@@ -137,10 +137,14 @@ impl Pass {
     }
 }
 
+/// How often an error that lasts is logged again.
+const REPEAT_WARNING: Duration = Duration::from_secs(30);
+
 /// Runs [`reconcile_once`] every second (or when a role change asks) for as
 /// long as the task runs: the node runs it while its curator leads.
 pub async fn reconcile(cluster: Arc<Cluster>, live: Arc<dyn Liveness>) {
     let mut last_error = String::new();
+    let mut warned = std::time::Instant::now();
     loop {
         match reconcile_once(&cluster, live.as_ref()).await {
             Ok(pass) => {
@@ -155,11 +159,15 @@ pub async fn reconcile(cluster: Arc<Cluster>, live: Arc<dyn Liveness>) {
                 }
             }
             Err(e) => {
-                // Say it once, not every second.
+                // Say it once, not every second; again now and then while it
+                // lasts, so that a stuck reconciler shows in the log.
                 let msg = e.to_string();
-                if msg != last_error {
+                if msg != last_error || warned.elapsed() >= REPEAT_WARNING {
                     tracing::warn!(error = %msg, "reconciling consensus membership");
                     last_error = msg;
+                    warned = std::time::Instant::now();
+                } else {
+                    tracing::debug!(error = %msg, "reconciling consensus membership");
                 }
             }
         }
@@ -394,6 +402,9 @@ async fn keep_raft_leader_elsewhere(
             && nodes.iter().any(|e| e.id == m.name)
             && live.is_live(&m.name) == Some(true)
     }) else {
+        tracing::debug!(
+            "etcd's raft leader is on the curator leader's node, and no other voter is known to be live"
+        );
         return Ok(None);
     };
     consensus.move_leader(to.id).await?;

@@ -148,7 +148,12 @@ impl TestNode {
         }
         cmd.args(extra);
         let child = cmd
-            .env("RUST_LOG", "info")
+            // METROPOLIS_TEST_NODE_LOG: a filter for the nodes' logs when a
+            // test needs more than info (e.g. `info,metropolis_curator=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("METROPOLIS_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone"))
             .stderr(out)
