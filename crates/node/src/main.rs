@@ -89,6 +89,13 @@ struct Args {
     /// shorten it; the default is `metropolis_rpc::server::Limits`').
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
     connection_idle_timeout: Option<Duration>,
+    /// HTTP/2 PING interval of every gRPC port, and how long a peer has to
+    /// answer before its connection is dropped (tests shorten them; the
+    /// defaults are `metropolis_rpc::server::Limits`').
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    connection_keepalive_interval: Option<Duration>,
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    connection_keepalive_timeout: Option<Duration>,
 }
 
 impl Args {
@@ -97,6 +104,12 @@ impl Args {
         let mut limits = metropolis_rpc::server::Limits::default();
         if let Some(t) = self.connection_idle_timeout {
             limits.idle_timeout = t;
+        }
+        if let Some(t) = self.connection_keepalive_interval {
+            limits.keepalive_interval = t;
+        }
+        if let Some(t) = self.connection_keepalive_timeout {
+            limits.keepalive_timeout = t;
         }
         limits
     }

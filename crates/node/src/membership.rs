@@ -185,10 +185,18 @@ pub fn status(address: IpAddr, runs_curator: bool, boot_id: &[u8]) -> NodeStatus
     }
 }
 
-pub fn new_boot_id() -> Vec<u8> {
-    let mut id = vec![0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut id);
-    id
+/// This process's boot ID: random, drawn once per start of the node process
+/// (under the update supervisor, once per child), as upstream draws one per
+/// boot. Serving again within the process (a plain node whose etcd member
+/// began to serve, the move to etcd) is not a boot and keeps it.
+pub fn boot_id() -> Vec<u8> {
+    static ID: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        id
+    })
+    .to_vec()
 }
 
 pub struct Maintain {

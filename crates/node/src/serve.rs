@@ -236,7 +236,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             .flatten(),
         leader: membership_leader,
         heartbeat_interval: cfg.heartbeat_interval,
-        boot_id: membership::new_boot_id(),
+        boot_id: membership::boot_id(),
         data_dir: cfg.data_dir.clone(),
         ended: ended_tx,
     }));

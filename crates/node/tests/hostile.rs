@@ -467,6 +467,110 @@ async fn connections_without_streams_are_closed_when_idle() {
     );
 }
 
+/// The HTTP/2 frame types in `bytes` (a connection's plaintext from its
+/// start), as far as whole frames arrived.
+fn frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        if rest.len() < 9 + len {
+            break;
+        }
+        types.push(rest[3]);
+        rest = &rest[9 + len..];
+    }
+    types
+}
+
+/// A peer that stops answering (a machine that died or was cut off: nothing
+/// closes its TCP connection) is dropped once it leaves the node's HTTP/2
+/// PINGs unanswered, and a live client that answers them keeps its
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_stop_answering_pings_are_dropped() {
+    const PING: u8 = 0x6;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let params = tmp.path().join("bootstrap.pb");
+    write_bootstrap_params(&params, &generate_key());
+    let (interval, timeout) = (Duration::from_secs(1), Duration::from_secs(1));
+    let node = TestNode::spawn_with(
+        fresh_address(),
+        &tmp.path().join("node"),
+        Some(&params),
+        // The idle timeout out of the way: only the keepalive may close.
+        &[
+            "--connection-keepalive-interval",
+            "1s",
+            "--connection-keepalive-timeout",
+            "1s",
+            "--connection-idle-timeout",
+            "1h",
+        ],
+    );
+    node.wait_serving().await;
+    let addr = node.endpoint();
+
+    // A client that says hello, then falls silent: it reads what the node
+    // sends but never answers (no SETTINGS or PING acknowledgement).
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
+        .expect("client config");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut conn = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    h2_preface(&mut conn).await;
+    let start = Instant::now();
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let after = start.elapsed();
+    assert!(closed.is_ok(), "a silent peer kept its connection for 60 s");
+    let pings = frame_types(&received)
+        .iter()
+        .filter(|t| **t == PING)
+        .count();
+    assert!(
+        pings >= 1,
+        "the connection was closed, but not after an unanswered PING: frame types {:?}",
+        frame_types(&received)
+    );
+    println!(
+        "a peer that answered no PING was dropped after {after:?} ({pings} PING(s) sent; \
+         interval {interval:?}, timeout {timeout:?})"
+    );
+
+    // A client that answers PINGs (tonic's HTTP/2 does) keeps its
+    // connection for many keepalive rounds.
+    let ch = channel(addr, ServerTrust::Capture(seen), None)
+        .await
+        .expect("connect");
+    let mut stream = CuratorLocalClient::new(ch)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .expect("GetCurrentLeader")
+        .into_inner();
+    stream.message().await.expect("first answer");
+    let next = tokio::time::timeout((interval + timeout) * 4, stream.message()).await;
+    assert!(
+        next.is_err(),
+        "the stream ended while its client answered PINGs: {next:?}"
+    );
+}
+
 /// An UpdateNodeLabels request for the node, as the owner.
 fn label_request(node_id: &str, key: &str, value: String) -> UpdateNodeLabelsRequest {
     UpdateNodeLabelsRequest {

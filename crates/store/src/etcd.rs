@@ -193,6 +193,33 @@ impl EtcdStore {
     }
 }
 
+/// Reads of an etcd in the middle of an election fail with "leader changed"
+/// or "no leader" for about an election timeout; a read is safe to repeat,
+/// so it is, for a few seconds, rather than failing the caller's call.
+/// (Writes are not: a write that failed so may have been committed.)
+async fn read<T, F, Fut>(call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    call.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_millis(500))
+            .with_max_times(8),
+    )
+    .when(during_election)
+    .await
+}
+
+/// etcd's answers while its members elect a leader.
+fn during_election(e: &etcd_client::Error) -> bool {
+    const ELECTION: &[&str] = &["leader changed", "no leader"];
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == Code::Unavailable && ELECTION.iter().any(|m| s.message().contains(m)))
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
@@ -200,17 +227,24 @@ impl Store for EtcdStore {
         if key.is_empty() {
             return Ok(None);
         }
-        let resp = self.kv().get(key, None).await.map_err(map_err)?;
+        let resp = read(|| {
+            let mut kv = self.kv();
+            async move { kv.get(key, None).await }
+        })
+        .await
+        .map_err(map_err)?;
         Ok(resp.0.kvs.into_iter().next().map(convert_kv))
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<RangeResponse, StoreError> {
         let (key, end) = prefix_range(prefix);
-        let resp = self
-            .kv()
-            .get(key, Some(GetOptions::new().with_range(end)))
-            .await
-            .map_err(map_err)?;
+        let resp = read(|| {
+            let mut kv = self.kv();
+            let (key, end) = (key.clone(), end.clone());
+            async move { kv.get(key, Some(GetOptions::new().with_range(end))).await }
+        })
+        .await
+        .map_err(map_err)?;
         let revision = header_revision(resp.0.header.as_ref())?;
         Ok(RangeResponse {
             kvs: resp.0.kvs.into_iter().map(convert_kv).collect(),
@@ -856,6 +890,28 @@ pub(crate) fn map_err(e: etcd_client::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_election_answers_are_read_again() {
+        let status =
+            |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        assert!(during_election(&status(
+            Code::Unavailable,
+            "etcdserver: leader changed"
+        )));
+        assert!(during_election(&status(
+            Code::Unavailable,
+            "etcdserver: no leader"
+        )));
+        assert!(!during_election(&status(
+            Code::Unavailable,
+            "etcdserver: request timed out"
+        )));
+        assert!(!during_election(&status(
+            Code::Unknown,
+            "etcdserver: leader changed"
+        )));
+    }
 
     #[test]
     fn a_dropped_raft_proposal_is_unavailable_and_other_unknowns_are_not() {
