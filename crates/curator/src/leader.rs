@@ -195,8 +195,32 @@ pub fn campaign(
         tx,
         step_down,
     };
-    let task = tokio::spawn(async move { election.run().await });
+    let task = election_runtime().spawn(async move { election.run().await });
     (rx, task)
+}
+
+/// The runtime elections run on: one thread of their own. On the node's main
+/// runtime, a burst of work (thousands of nodes connecting at once: TLS
+/// handshakes, registrations) delayed lease renewals until the leader gave
+/// up its lease, which ended every heartbeat stream and brought on the next
+/// burst. Renewing is a few microseconds of work every `ttl / 6` and must
+/// not wait behind anything. (On etcd the renewal still goes through the
+/// etcd client's connection, which the main runtime drives; the embedded
+/// store's renewal is in memory, so there it waits for nothing.)
+fn election_runtime() -> &'static tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("curator-election")
+                .enable_all()
+                .build()
+                // Without a thread the node cannot run at all; it is
+                // started before any port opens.
+                .expect("cannot start the curator election's thread")
+        })
+        .handle()
 }
 
 struct Election {
