@@ -142,13 +142,11 @@ struct Args {
     /// Passed to the node: after how long without a heartbeat a node is reported as timed out.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
-    /// Passed to the node: its curator's leader lease. Longer than the
-    /// node's 3 s default because the node is the cluster's only curator
-    /// (nobody to fail over to) and, on a loaded machine with thousands of
-    /// handshakes queued, the lease's keep-alive task can wait in the
-    /// runtime longer than 2 s: the lease expires, the curator is elected
-    /// again at once, but every heartbeat stream is cut.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    /// Passed to the node: its curator's leader lease; the node's own
+    /// default. (Renewals run on the election's own thread, so thousands of
+    /// handshakes queued on the node's runtime no longer make the lease
+    /// expire and cut every heartbeat stream.)
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     leader_lease_ttl: Duration,
     /// How long the heartbeats run once every node's stream is open.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
