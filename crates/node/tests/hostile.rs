@@ -404,6 +404,77 @@ async fn h2_preface(tls: &mut (impl AsyncWriteExt + Unpin)) {
     tls.flush().await.expect("flush");
 }
 
+/// A TLS connection without a client certificate that sends the HTTP/2
+/// preface and then nothing, not even acknowledgements; and the captured
+/// node certificate, for further connections.
+async fn silent_h2_client(
+    addr: SocketAddr,
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+) {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
+        .expect("client config");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut conn = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    h2_preface(&mut conn).await;
+    (conn, seen)
+}
+
+/// Reads `conn` until the node closes it: what the node sent and how long
+/// that took, or None if it was still open after `patience`.
+async fn read_until_closed(
+    conn: &mut (impl AsyncReadExt + Unpin),
+    patience: Duration,
+) -> Option<(Vec<u8>, Duration)> {
+    let start = Instant::now();
+    let mut received = Vec::new();
+    tokio::time::timeout(patience, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some((received, start.elapsed()))
+}
+
+/// A well-behaved client (tonic's HTTP/2 answers PINGs) with a
+/// GetCurrentLeader stream open: the stream must still be open after
+/// `open_for`.
+async fn a_stream_stays_open(
+    addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    open_for: Duration,
+    what_closed_it: &str,
+) {
+    let ch = channel(addr, ServerTrust::Capture(seen), None)
+        .await
+        .expect("connect");
+    let mut stream = CuratorLocalClient::new(ch)
+        .get_current_leader(GetCurrentLeaderRequest {})
+        .await
+        .expect("GetCurrentLeader")
+        .into_inner();
+    stream.message().await.expect("first answer");
+    let next = tokio::time::timeout(open_for, stream.message()).await;
+    assert!(
+        next.is_err(),
+        "the stream ended while open: {next:?} ({what_closed_it})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_streams_are_closed_when_idle() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -420,51 +491,14 @@ async fn connections_without_streams_are_closed_when_idle() {
     let addr = node.endpoint();
 
     // An HTTP/2 connection that opens no stream.
-    let seen = Arc::new(std::sync::Mutex::new(None));
-    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
-        .expect("client config");
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let mut conn = tokio_rustls::TlsConnector::from(tls)
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
+    let (mut conn, seen) = silent_h2_client(addr).await;
+    let (_, after) = read_until_closed(&mut conn, Duration::from_secs(30))
         .await
-        .expect("TLS");
-    h2_preface(&mut conn).await;
-    let start = Instant::now();
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    let after = start.elapsed();
-    assert!(
-        closed.is_ok(),
-        "a connection without streams stayed open for 30 s"
-    );
+        .expect("a connection without streams stayed open for 30 s");
     println!("a connection without streams was closed after {after:?} (idle timeout {idle:?})");
 
     // A connection that carries a stream stays open past the idle timeout.
-    let ch = channel(addr, ServerTrust::Capture(seen), None)
-        .await
-        .expect("connect");
-    let mut stream = CuratorLocalClient::new(ch)
-        .get_current_leader(GetCurrentLeaderRequest {})
-        .await
-        .expect("GetCurrentLeader")
-        .into_inner();
-    stream.message().await.expect("first answer");
-    let next = tokio::time::timeout(idle * 3, stream.message()).await;
-    assert!(
-        next.is_err(),
-        "the stream ended while open: {next:?} (the connection was closed as idle)"
-    );
+    a_stream_stays_open(addr, seen, idle * 3, "the connection was closed as idle").await;
 }
 
 /// The HTTP/2 frame types in `bytes` (a connection's plaintext from its
@@ -513,62 +547,29 @@ async fn peers_that_stop_answering_pings_are_dropped() {
 
     // A client that says hello, then falls silent: it reads what the node
     // sends but never answers (no SETTINGS or PING acknowledgement).
-    let seen = Arc::new(std::sync::Mutex::new(None));
-    let tls = metropolis_identity::client_config(ServerTrust::Capture(seen.clone()), None)
-        .expect("client config");
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let mut conn = tokio_rustls::TlsConnector::from(tls)
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
+    let (mut conn, seen) = silent_h2_client(addr).await;
+    let (received, after) = read_until_closed(&mut conn, Duration::from_secs(60))
         .await
-        .expect("TLS");
-    h2_preface(&mut conn).await;
-    let start = Instant::now();
-    let mut received = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(60), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let after = start.elapsed();
-    assert!(closed.is_ok(), "a silent peer kept its connection for 60 s");
-    let pings = frame_types(&received)
-        .iter()
-        .filter(|t| **t == PING)
-        .count();
+        .expect("a silent peer kept its connection for 60 s");
+    let types = frame_types(&received);
+    let pings = types.iter().filter(|t| **t == PING).count();
     assert!(
         pings >= 1,
-        "the connection was closed, but not after an unanswered PING: frame types {:?}",
-        frame_types(&received)
+        "the connection was closed, but not after an unanswered PING: frame types {types:?}"
     );
     println!(
         "a peer that answered no PING was dropped after {after:?} ({pings} PING(s) sent; \
          interval {interval:?}, timeout {timeout:?})"
     );
 
-    // A client that answers PINGs (tonic's HTTP/2 does) keeps its
-    // connection for many keepalive rounds.
-    let ch = channel(addr, ServerTrust::Capture(seen), None)
-        .await
-        .expect("connect");
-    let mut stream = CuratorLocalClient::new(ch)
-        .get_current_leader(GetCurrentLeaderRequest {})
-        .await
-        .expect("GetCurrentLeader")
-        .into_inner();
-    stream.message().await.expect("first answer");
-    let next = tokio::time::timeout((interval + timeout) * 4, stream.message()).await;
-    assert!(
-        next.is_err(),
-        "the stream ended while its client answered PINGs: {next:?}"
-    );
+    // A client that answers PINGs keeps its connection for many rounds.
+    a_stream_stays_open(
+        addr,
+        seen,
+        (interval + timeout) * 4,
+        "its client answered every PING",
+    )
+    .await;
 }
 
 /// An UpdateNodeLabels request for the node, as the owner.
