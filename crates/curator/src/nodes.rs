@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use metropolis_api::admin::{
-    RenewNodeCertificateRequest, RenewNodeCertificateResponse, ReportDecommissionedRequest,
+    RenewNodeCertificateRequest, RenewNodeCertificateResponse, RenewPeerCertificateRequest,
+    RenewPeerCertificateResponse, ReportDecommissionedRequest,
     ReportDecommissionedResponse, node_curator_server::NodeCurator,
 };
 use metropolis_api::common::NodeState;
@@ -253,6 +254,20 @@ impl NodeCurator for NodeCuratorService {
         Ok(Response::new(RenewNodeCertificateResponse {
             node_certificate,
         }))
+    }
+
+    async fn renew_peer_certificate(
+        &self,
+        request: Request<RenewPeerCertificateRequest>,
+    ) -> Result<Response<RenewPeerCertificateResponse>, Status> {
+        let caller = Caller::of(&request)?.node_id()?.to_string();
+        let node_id = request.into_inner().node_id;
+        let peer_certificate = self
+            .cluster
+            .renew_peer_certificate(&caller, &node_id)
+            .await?;
+        tracing::info!(node = %node_id, "renewed etcd peer certificate");
+        Ok(Response::new(RenewPeerCertificateResponse { peer_certificate }))
     }
 }
 

@@ -244,6 +244,44 @@ pub fn write_crl(dir: &Path, crl_der: &[u8]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Replaces the peer certificate of the member in `dir` with `cert_der`, a
+/// renewal of it: same key (the one in `peer-key.pem`) and addresses,
+/// issued by the consensus CA in `dir`, valid now. etcd reads its
+/// certificate files at every new peer handshake (as server and as
+/// client), so the running member presents it from then on; connections
+/// already open keep the old one. Written atomically: etcd never reads half
+/// a file. Returns the new certificate.
+pub fn replace_peer_certificate(
+    dir: &Path,
+    cert_der: &[u8],
+) -> anyhow::Result<metropolis_identity::Certificate> {
+    let old = peer_certificate(dir)
+        .with_context(|| format!("{} is missing or corrupt", dir.join(PEER_CERT_FILE).display()))
+        .and_then(|der| {
+            metropolis_identity::parse_certificate(&der).context("the current peer certificate")
+        })?;
+    let new =
+        metropolis_identity::parse_certificate(cert_der).context("invalid etcd peer certificate")?;
+    if new.public_key != old.public_key || !new.is_node_certificate() {
+        bail!("the new etcd peer certificate is not for this node's key");
+    }
+    if new.ip_addresses != old.ip_addresses {
+        bail!(
+            "the new etcd peer certificate is for {:?}, the member serves at {:?}",
+            new.ip_addresses,
+            old.ip_addresses
+        );
+    }
+    let ca_pem = fs::read_to_string(dir.join(CA_FILE))
+        .with_context(|| format!("reading {}", dir.join(CA_FILE).display()))?;
+    let ca = metropolis_identity::pem_to_cert_der(&ca_pem)
+        .with_context(|| format!("{} is corrupt", dir.join(CA_FILE).display()))?;
+    metropolis_identity::verify_signed_by(&new, &ca, time::OffsetDateTime::now_utc())
+        .context("the new etcd peer certificate was not issued by the consensus CA")?;
+    write_atomic(dir, PEER_CERT_FILE, cert_to_pem(cert_der).as_bytes(), 0o644)?;
+    Ok(new)
+}
+
 /// Member names go into `--initial-cluster name=url,...` unquoted.
 fn check_member_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty()
@@ -437,6 +475,38 @@ mod tests {
             format!("{err:#}").contains("use a shorter data directory"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn a_renewed_peer_certificate_replaces_the_file_only_if_it_fits() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let m = Member::new();
+        m.configure_alone(&ca);
+        let first = peer_certificate(&m.dir).unwrap();
+        let public = m.key.verifying_key().to_bytes();
+        let hour = std::time::Duration::from_secs(3600);
+        let refused = |der: &[u8]| {
+            let err = replace_peer_certificate(&m.dir, der).unwrap_err();
+            assert_eq!(peer_certificate(&m.dir).unwrap(), first, "{err:#}");
+            format!("{err:#}")
+        };
+        let other_key = generate_key().verifying_key().to_bytes();
+        let wrong_key = ca.issue_peer_certificate(&other_key, m.address, hour).unwrap();
+        assert!(refused(&wrong_key).contains("not for this node's key"));
+        let elsewhere = "127.9.9.9".parse().unwrap();
+        let moved = ca.issue_peer_certificate(&public, elsewhere, hour).unwrap();
+        assert!(refused(&moved).contains("the member serves at"));
+        let foreign = CertificateAuthority::generate()
+            .unwrap()
+            .issue_peer_certificate(&public, m.address, hour)
+            .unwrap();
+        assert!(refused(&foreign).contains("not issued by the consensus CA"));
+
+        let renewed = ca.issue_peer_certificate(&public, m.address, hour).unwrap();
+        let cert = replace_peer_certificate(&m.dir, &renewed).unwrap();
+        assert_eq!(peer_certificate(&m.dir).unwrap(), renewed);
+        assert_eq!(cert.lifetime(), hour);
+        assert!(!m.dir.join(format!("{PEER_CERT_FILE}.tmp")).exists());
     }
 
     #[test]

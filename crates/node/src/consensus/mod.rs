@@ -9,7 +9,9 @@
 //! - `ca.pem`, `peer.pem`, `peer-key.pem`: the consensus CA and this node's
 //!   peer certificate and key (PKCS#8, mode 0600), for etcd's peer mTLS:
 //!   etcd's peer port accepts certificates of the consensus CA only, which
-//!   issues them to consensus members only.
+//!   issues them to consensus members only. `peer.pem` is replaced
+//!   atomically when the node renews it ([`replace_peer_certificate`]);
+//!   etcd reads it at every new peer handshake.
 //! - `peer.crl`: the consensus CA's CRL (former members' certificates),
 //!   which etcd reads at every new peer connection; [`crl::follow`] keeps it
 //!   current from the cluster state.
@@ -68,7 +70,8 @@ mod wal;
 
 pub(crate) use config::PEER_KEY_FILE;
 pub use config::{
-    PeerConfig, configure, find_binary, is_configured, is_staged, peer_certificate, unstage,
+    PeerConfig, configure, find_binary, is_configured, is_staged, peer_certificate,
+    replace_peer_certificate, unstage,
 };
 pub use supervisor::Etcd;
 
