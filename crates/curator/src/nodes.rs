@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use metropolis_api::admin::{
     RenewNodeCertificateRequest, RenewNodeCertificateResponse, RenewPeerCertificateRequest,
-    RenewPeerCertificateResponse, ReportDecommissionedRequest,
-    ReportDecommissionedResponse, node_curator_server::NodeCurator,
+    RenewPeerCertificateResponse, ReportDecommissionedRequest, ReportDecommissionedResponse,
+    node_curator_server::NodeCurator,
 };
 use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
@@ -267,7 +267,9 @@ impl NodeCurator for NodeCuratorService {
             .renew_peer_certificate(&caller, &node_id)
             .await?;
         tracing::info!(node = %node_id, "renewed etcd peer certificate");
-        Ok(Response::new(RenewPeerCertificateResponse { peer_certificate }))
+        Ok(Response::new(RenewPeerCertificateResponse {
+            peer_certificate,
+        }))
     }
 }
 

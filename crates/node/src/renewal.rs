@@ -100,11 +100,7 @@ pub async fn run(r: Renewal) {
     loop {
         let held = r.held();
         let now = OffsetDateTime::now_utc();
-        let next = held
-            .iter()
-            .map(|(_, c)| c.renew_at())
-            .min()
-            .unwrap_or(now);
+        let next = held.iter().map(|(_, c)| c.renew_at()).min().unwrap_or(now);
         if next > now {
             tracing::debug!(
                 renew_at = %metropolis_identity::rfc3339(next),
@@ -161,7 +157,9 @@ async fn renew_node(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
             .context("issuing from this node's curator")?,
         None => {
             let resp = NodeCuratorClient::new(leader(r, attempt).await?)
-                .renew_node_certificate(RenewNodeCertificateRequest { node_id: id.clone() })
+                .renew_node_certificate(RenewNodeCertificateRequest {
+                    node_id: id.clone(),
+                })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s)))?;
             resp.into_inner().node_certificate
@@ -193,14 +191,36 @@ async fn renew_node(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
 
 /// One etcd peer certificate renewal: always at the curator leader (only
 /// it writes node records; the new certificate goes into this node's
-/// role), then checked and written where etcd reads it.
+/// role), then checked and written where etcd reads it. When no leader can
+/// renew it and it has expired, a stopgap from the consensus CA's key this
+/// member keeps (after an outage of every member past its certificate's
+/// end, the members could never reach each other again otherwise).
 async fn renew_peer(r: &Renewal, dir: &Path, attempt: usize) -> anyhow::Result<()> {
     let id = metropolis_identity::node_id(&r.live.key().verifying_key().to_bytes());
-    let resp = NodeCuratorClient::new(leader(r, attempt).await?)
-        .renew_peer_certificate(RenewPeerCertificateRequest { node_id: id.clone() })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s)))?;
-    let der = resp.into_inner().peer_certificate;
+    let asked = async {
+        let resp = NodeCuratorClient::new(leader(r, attempt).await?)
+            .renew_peer_certificate(RenewPeerCertificateRequest {
+                node_id: id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s)))?;
+        anyhow::Ok(resp.into_inner().peer_certificate)
+    };
+    let der = match asked.await {
+        Ok(der) => der,
+        Err(e) => match crate::consensus::stopgap_peer_certificate(dir)? {
+            Some(der) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "the etcd peer certificate expired and the cluster cannot renew it; \
+                     issued a short-lived stopgap from the consensus CA so that etcd can reach \
+                     its peers again (the cluster renews it once it serves)"
+                );
+                der
+            }
+            None => return Err(e),
+        },
+    };
     let cert = crate::consensus::replace_peer_certificate(dir, &der)?;
     tracing::info!(
         node = %id,

@@ -368,7 +368,11 @@ fn boot_ids(list: &[Node], of: &[&TestNode]) -> Vec<(String, Vec<u8>)> {
                         .is_some_and(|s| s.external_address == t.address.to_string())
                 })
                 .unwrap_or_else(|| panic!("no node at {}: {list:#?}", t.address));
-            let boot = n.status.as_ref().map(|s| s.boot_id.clone()).unwrap_or_default();
+            let boot = n
+                .status
+                .as_ref()
+                .map(|s| s.boot_id.clone())
+                .unwrap_or_default();
             (n.id.clone(), boot)
         })
         .collect()
@@ -394,9 +398,9 @@ impl Leader {
     /// A label write on node `id` through the curator leader, retried
     /// while there is none (an election after etcd lost its quorum); it
     /// must get through.
-    async fn write_label(&self, id: &str, value: &str) {
+    async fn write_label(&self, id: &str, value: &str, patience: Duration) {
         use metropolis_api::api::{UpdateNodeLabelsRequest, update_node_labels_request};
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + patience;
         loop {
             let req = UpdateNodeLabelsRequest {
                 node: Some(update_node_labels_request::Node::Id(id.to_string())),
@@ -442,7 +446,8 @@ impl Leader {
 /// 60 s, each member's peer certificate is replaced before it ends, writes
 /// (which need both members) succeed past two lifetimes, a member's etcd
 /// killed after that comes back over new peer handshakes (which an expired
-/// certificate on either side would fail), and no node restarts.
+/// certificate on either side would fail), and no node restarts. Then both
+/// members are down past their certificates' end and recover on stopgaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_peer_certificates_renew_without_restarts() {
     use metropolis_api::api::{UpdateNodeRolesRequest, update_node_roles_request};
@@ -470,7 +475,8 @@ async fn etcd_peer_certificates_renew_without_restarts() {
     assert!(out.status.success(), "install params: {}", stderr(&out));
     let key_pem = std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key");
     let owner_key = metropolis_identity::decode_owner_key_pem(&key_pem).expect("decode");
-    let first = TestNode::spawn_with(fresh_address(), &tmp.path().join("n1"), Some(&params), FAST);
+    let mut first =
+        TestNode::spawn_with(fresh_address(), &tmp.path().join("n1"), Some(&params), FAST);
     first.wait_leading().await;
     let ca = fetch_ca(first.endpoint()).await.expect("ca");
     let owner_cert = escrow_owner(first.endpoint(), &ca, &owner_key).await;
@@ -488,7 +494,7 @@ async fn etcd_peer_certificates_renew_without_restarts() {
     // A second node, approved, then a consensus member (a voter).
     let register = tmp.path().join("register.pb");
     fetch_register_params(&mut mgmt, &ca, &register).await;
-    let second = TestNode::spawn_with(
+    let mut second = TestNode::spawn_with(
         fresh_address(),
         &tmp.path().join("n2"),
         Some(&register),
@@ -599,7 +605,9 @@ async fn etcd_peer_certificates_renew_without_restarts() {
             }
         }
         writes += 1;
-        leader.write_label(&second_id, &format!("w{writes}")).await;
+        leader
+            .write_label(&second_id, &format!("w{writes}"), Duration::from_secs(60))
+            .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     println!(
@@ -615,7 +623,10 @@ async fn etcd_peer_certificates_renew_without_restarts() {
             node.address,
             node.log_text()
         );
-        assert!(node.log_text().contains("renewed the etcd peer certificate"));
+        assert!(
+            node.log_text()
+                .contains("renewed the etcd peer certificate")
+        );
     }
     assert!(
         bootstrap_peer.not_after < time::OffsetDateTime::now_utc(),
@@ -633,7 +644,9 @@ async fn etcd_peer_certificates_renew_without_restarts() {
     // New peer handshakes both ways: the second member's etcd starts again
     // and must reach the first (and be reached) for writes to go on.
     second.kill_etcd().await;
-    leader.write_label(&second_id, "after-etcd-restart").await;
+    leader
+        .write_label(&second_id, "after-etcd-restart", Duration::from_secs(60))
+        .await;
     let list = leader.nodes().await;
     let labelled = list
         .iter()
@@ -652,4 +665,32 @@ async fn etcd_peer_certificates_renew_without_restarts() {
         "a node restarted after its etcd did; second node's log:\n{}",
         second.log_text()
     );
+
+    // Every member down until its peer certificate ended: no member can
+    // reach another, so none can renew through the cluster. Each issues
+    // itself a stopgap, etcd forms its quorum again, and writes go on.
+    first.stop();
+    second.stop();
+    let deadline = Instant::now() + 2 * LIFETIME;
+    while [&first, &second].iter().any(|n| {
+        peer_certificate_of(n).is_none_or(|c| c.not_after >= time::OffsetDateTime::now_utc())
+    }) {
+        assert!(Instant::now() < deadline, "peer certificates did not end");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let outage = Instant::now();
+    let (first, second) = (
+        TestNode::spawn_with(first.address, &first.data_dir, None, FAST),
+        TestNode::spawn_with(second.address, &second.data_dir, None, FAST),
+    );
+    leader
+        .write_label(&second_id, "after-outage", Duration::from_secs(120))
+        .await;
+    println!(
+        "a write succeeded {:?} after both members came back on expired peer certificates",
+        outage.elapsed()
+    );
+    for node in [&first, &second] {
+        assert!(node.log_text().contains("stopgap"), "{}", node.log_text());
+    }
 }

@@ -105,6 +105,13 @@ impl ConsensusPki {
         self.ca.cert_der()
     }
 
+    /// The consensus CA's key seed: every consensus member keeps a copy, to
+    /// issue itself a stopgap peer certificate when every member's expired
+    /// (the node's `consensus::stopgap_peer_certificate`).
+    pub fn ca_key_seed(&self) -> [u8; 32] {
+        self.ca.key_seed()
+    }
+
     /// An etcd peer certificate for the node with `public_key`, serving at
     /// `address`, valid for `lifetime` (the node certificate lifetime:
     /// [`crate::state::Lifetimes::node`]).
@@ -158,12 +165,11 @@ impl ConsensusPki {
             return false;
         }
         self.drop_expired(time::OffsetDateTime::now_utc());
-        let not_after = (cert.not_after < metropolis_identity::NO_EXPIRY).then(|| {
-            prost_types::Timestamp {
+        let not_after =
+            (cert.not_after < metropolis_identity::NO_EXPIRY).then(|| prost_types::Timestamp {
                 seconds: cert.not_after.unix_timestamp(),
                 nanos: 0,
-            }
-        });
+            });
         self.record.revoked.push(private::consensus_pki::Revoked {
             serial: cert.serial,
             node_id: node_id.to_string(),
@@ -252,7 +258,9 @@ impl Cluster {
                     .ok_or_else(not_a_member)?;
                 let current = metropolis_identity::parse_certificate(&role.peer_certificate)
                     .map_err(|e| {
-                        CuratorError::Corrupt(format!("node {node_id}'s etcd peer certificate: {e}"))
+                        CuratorError::Corrupt(format!(
+                            "node {node_id}'s etcd peer certificate: {e}"
+                        ))
                     })?;
                 if current.public_key.as_slice() != node.public_key.as_slice() {
                     return Err(CuratorError::Corrupt(format!(
@@ -342,7 +350,9 @@ mod tests {
     #[test]
     fn expired_revocations_leave_the_crl() {
         let mut pki = ConsensusPki::generate().expect("pki");
-        let key = *metropolis_identity::generate_key().verifying_key().as_bytes();
+        let key = *metropolis_identity::generate_key()
+            .verifying_key()
+            .as_bytes();
         let address = "127.0.0.3".parse().unwrap();
         let now = time::OffsetDateTime::now_utc();
         let ended = pki
@@ -357,7 +367,11 @@ mod tests {
         let current = pki
             .issue_peer_certificate(&key, address, Duration::from_secs(3600))
             .expect("current");
-        let serial = |der: &[u8]| metropolis_identity::parse_certificate(der).expect("p").serial;
+        let serial = |der: &[u8]| {
+            metropolis_identity::parse_certificate(der)
+                .expect("p")
+                .serial
+        };
         // The one being revoked stays, even when it ended already.
         assert!(pki.revoke("a", &ended));
         assert!(pki.is_revoked(&serial(&ended)));
