@@ -192,21 +192,30 @@ async fn renew_node(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
 /// One etcd peer certificate renewal: always at the curator leader (only
 /// it writes node records; the new certificate goes into this node's
 /// role), then checked and written where etcd reads it. When no leader can
-/// renew it and it has expired, a stopgap from the consensus CA's key this
-/// member keeps (after an outage of every member past its certificate's
-/// end, the members could never reach each other again otherwise).
+/// be asked and the certificate has expired, a stopgap from the consensus
+/// CA's key this member keeps (after an outage of every member past its
+/// certificate's end, the members could never reach each other again
+/// otherwise); never when the cluster answered and refused (the role was
+/// taken away).
 async fn renew_peer(r: &Renewal, dir: &Path, attempt: usize) -> anyhow::Result<()> {
     let id = metropolis_identity::node_id(&r.live.key().verifying_key().to_bytes());
     let asked = async {
-        let resp = NodeCuratorClient::new(leader(r, attempt).await?)
+        let answer = NodeCuratorClient::new(leader(r, attempt).await?)
             .renew_peer_certificate(RenewPeerCertificateRequest {
                 node_id: id.clone(),
             })
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s)))?;
-        anyhow::Ok(resp.into_inner().peer_certificate)
+            .await;
+        anyhow::Ok(answer.map(|resp| resp.into_inner().peer_certificate))
     };
-    let der = match asked.await {
+    let explain =
+        |s: tonic::Status| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s));
+    let asked = match asked.await {
+        Ok(Ok(der)) => Ok(der),
+        Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => return Err(explain(s)),
+        Ok(Err(s)) => Err(explain(s)),
+        Err(e) => Err(e),
+    };
+    let der = match asked {
         Ok(der) => der,
         Err(e) => match crate::consensus::stopgap_peer_certificate(dir)? {
             Some(der) => {

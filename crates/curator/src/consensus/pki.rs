@@ -237,9 +237,11 @@ impl Cluster {
             )));
         }
         let pki = self.consensus_pki().await?.ok_or_else(|| {
-            CuratorError::PermissionDenied(format!(
-                "node {caller} holds no etcd peer certificate: this cluster does not run etcd"
-            ))
+            CuratorError::FailedPrecondition(
+                "this cluster has no consensus CA (it runs on the embedded store, or its etcd \
+                 predates the consensus CA); there is no etcd peer certificate to renew"
+                    .into(),
+            )
         })?;
         let lifetime = self.lifetimes().await?.node;
         let not_a_member = || {
