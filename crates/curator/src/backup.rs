@@ -211,20 +211,34 @@ pub struct Restoring {
 }
 
 /// The etcd peer certificate of a node restoring a backup onto etcd, from
-/// the backup's consensus CA (the value of [`KEY_PKI`] in it), with the
-/// CA certificate and the CRL etcd starts with.
+/// the backup's consensus CA (the value of [`KEY_PKI`] in it), valid for the
+/// node certificate lifetime of the backup's configuration (the value of
+/// [`state::KEY_CONFIG`], if it has one), with the CA certificate and the
+/// CRL etcd starts with.
 pub fn peer_certificate(
     pki_record: &[u8],
+    config_record: Option<&[u8]>,
     node_public_key: &[u8; 32],
     address: std::net::IpAddr,
 ) -> Result<node_roles::ConsensusMember, CuratorError> {
     let pki = ConsensusPki::from_stored(pki_record, 0)?;
+    let lifetime = node_lifetime(config_record)?;
     Ok(node_roles::ConsensusMember {
         ca_certificate: pki.ca_certificate().to_vec(),
-        peer_certificate: pki.issue_peer_certificate(node_public_key, address)?,
+        peer_certificate: pki.issue_peer_certificate(node_public_key, address, lifetime)?,
         initial_crl: pki.crl()?,
         peers: Vec::new(),
     })
+}
+
+/// The node certificate lifetime a stored configuration (the value of
+/// [`state::KEY_CONFIG`]) sets; the default without one.
+fn node_lifetime(config_record: Option<&[u8]>) -> Result<std::time::Duration, CuratorError> {
+    let cfg: metropolis_api::common::ClusterConfiguration = match config_record {
+        Some(v) => decode(state::KEY_CONFIG, v)?,
+        None => Default::default(),
+    };
+    Ok(state::Lifetimes::of(&cfg).node)
 }
 
 /// What [`finish`] did.
@@ -346,14 +360,8 @@ pub async fn finish(store: &dyn Store, node: &Restoring) -> Result<Restored, Cur
         ));
     }
     // The restored configuration's lifetime, as any node certificate.
-    let lifetime = match store.get(state::KEY_CONFIG.as_bytes()).await? {
-        Some(kv) => {
-            let cfg: metropolis_api::common::ClusterConfiguration =
-                decode(state::KEY_CONFIG, &kv.value)?;
-            state::Lifetimes::of(&cfg).node
-        }
-        None => state::Lifetimes::of(&Default::default()).node,
-    };
+    let config = store.get(state::KEY_CONFIG.as_bytes()).await?;
+    let lifetime = node_lifetime(config.as_ref().map(|kv| kv.value.as_slice()))?;
     let node_certificate = ca
         .issue_node_certificate(&node.node_public_key, lifetime)
         .map_err(|e| CuratorError::Internal(format!("issuing node certificate: {e}")))?;

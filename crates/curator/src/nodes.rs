@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use metropolis_api::admin::{
-    RenewNodeCertificateRequest, RenewNodeCertificateResponse, ReportDecommissionedRequest,
-    ReportDecommissionedResponse, node_curator_server::NodeCurator,
+    RenewNodeCertificateRequest, RenewNodeCertificateResponse, RenewPeerCertificateRequest,
+    RenewPeerCertificateResponse, ReportDecommissionedRequest, ReportDecommissionedResponse,
+    node_curator_server::NodeCurator,
 };
 use metropolis_api::common::NodeState;
 use metropolis_api::curator::{
@@ -252,6 +253,22 @@ impl NodeCurator for NodeCuratorService {
         tracing::info!(node = %node_id, "renewed node certificate");
         Ok(Response::new(RenewNodeCertificateResponse {
             node_certificate,
+        }))
+    }
+
+    async fn renew_peer_certificate(
+        &self,
+        request: Request<RenewPeerCertificateRequest>,
+    ) -> Result<Response<RenewPeerCertificateResponse>, Status> {
+        let caller = Caller::of(&request)?.node_id()?.to_string();
+        let node_id = request.into_inner().node_id;
+        let peer_certificate = self
+            .cluster
+            .renew_peer_certificate(&caller, &node_id)
+            .await?;
+        tracing::info!(node = %node_id, "renewed etcd peer certificate");
+        Ok(Response::new(RenewPeerCertificateResponse {
+            peer_certificate,
         }))
     }
 }

@@ -335,9 +335,9 @@ impl CertificateAuthority {
         self.issue(&params, node_pubkey)
     }
 
-    /// A consensus peer certificate for `node_pubkey` at `address`, valid from an hour ago
-    /// until [`NO_EXPIRY`]: a node certificate (CN and DNS SAN the node ID, server and client
-    /// auth) with `address` as an IP SAN as well.
+    /// A consensus peer certificate for `node_pubkey` at `address`, valid for `lifetime` from
+    /// now (see [`Self::validity`]): a node certificate (CN and DNS SAN the node ID, server and
+    /// client auth) with `address` as an IP SAN as well.
     ///
     /// etcd (Go's crypto/tls) verifies a peer's server certificate against the IP in the
     /// peer URL, which is why the address has to be in the certificate; the node's own
@@ -346,13 +346,10 @@ impl CertificateAuthority {
         &self,
         node_pubkey: &[u8; 32],
         address: IpAddr,
+        lifetime: std::time::Duration,
     ) -> Result<Vec<u8>, IdentityError> {
-        self.issue_peer_certificate_with_validity(
-            node_pubkey,
-            address,
-            default_not_before(),
-            NO_EXPIRY,
-        )
+        let (not_before, not_after) = self.validity(lifetime)?;
+        self.issue_peer_certificate_with_validity(node_pubkey, address, not_before, not_after)
     }
 
     /// [`Self::issue_peer_certificate`] with an explicit validity.
@@ -532,13 +529,14 @@ mod tests {
             "127.3.4.5".parse::<IpAddr>().unwrap(),
             "fd00::1".parse().unwrap(),
         ] {
-            let der = ca.issue_peer_certificate(&pubkey, address).unwrap();
+            let der = ca.issue_peer_certificate(&pubkey, address, DAY).unwrap();
             // Still a node certificate as far as the RPC layer is concerned.
             let cert = parse_certificate(&der).unwrap();
             assert!(cert.is_node_certificate());
             assert_eq!(cert.common_name, id);
             assert_eq!(cert.public_key, pubkey);
-            assert_eq!(cert.not_after, NO_EXPIRY);
+            assert_eq!(cert.lifetime(), DAY);
+            assert_eq!(cert.ip_addresses, vec![address]);
             verify_signed_by(&cert, ca.cert_der(), now()).unwrap();
 
             let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();

@@ -35,6 +35,9 @@ pub struct Certificate {
     pub client_auth: bool,
     /// DNS names of the subject alternative names.
     pub dns_names: Vec<String>,
+    /// IP addresses of the subject alternative names (etcd peer certificates carry the
+    /// member's address).
+    pub ip_addresses: Vec<std::net::IpAddr>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
     /// End of validity.
@@ -179,21 +182,31 @@ pub fn parse_certificate(der: &[u8]) -> Result<Certificate, IdentityError> {
         Some(eku) => (eku.value.server_auth, eku.value.client_auth),
         None => (false, false),
     };
-    let dns_names = match x509
+    let names = match x509
         .subject_alternative_name()
         .map_err(|e| malformed(format!("subject alternative name: {e}")))?
     {
-        Some(san) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::DNSName(name) => Some(name.to_string()),
-                _ => None,
-            })
-            .collect(),
+        Some(san) => san.value.general_names.clone(),
         None => Vec::new(),
     };
+    let dns_names = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(name) => Some(name.to_string()),
+            _ => None,
+        })
+        .collect();
+    let ip_addresses = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
 
     Ok(Certificate {
         der: der.to_vec(),
@@ -203,6 +216,7 @@ pub fn parse_certificate(der: &[u8]) -> Result<Certificate, IdentityError> {
         server_auth,
         client_auth,
         dns_names,
+        ip_addresses,
         not_before: x509.validity().not_before.to_datetime(),
         not_after: x509.validity().not_after.to_datetime(),
         serial: x509.tbs_certificate.raw_serial().to_vec(),

@@ -92,7 +92,11 @@ mod tests {
         let ca = CertificateAuthority::generate_named("Metropolis Consensus CA").unwrap();
         let key = generate_key();
         let peer = ca
-            .issue_peer_certificate(key.verifying_key().as_bytes(), "127.0.0.2".parse().unwrap())
+            .issue_peer_certificate(
+                key.verifying_key().as_bytes(),
+                "127.0.0.2".parse().unwrap(),
+                std::time::Duration::from_secs(3600),
+            )
             .unwrap();
         let serial = parse_certificate(&peer).unwrap().serial;
         assert_eq!(serial.len(), 16, "{serial:?}");

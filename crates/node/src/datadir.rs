@@ -10,7 +10,8 @@
 //!   private key), mode 0600.
 //! - `pending-key`: a registering node's key until it is admitted, mode 0600.
 //! - `etcd/`: this node's etcd member, on consensus members of a cluster on
-//!   etcd: configuration, peer key (0600) and data (see `consensus`).
+//!   etcd: configuration, peer key and consensus CA key (0600) and data (see
+//!   `consensus`).
 //!   While a cluster on the embedded store moves to etcd, its new member runs
 //!   in `etcd/` *staged* (`etcd/staged` exists): removing that marker is the
 //!   switch, from which moment etcd holds the cluster state.
@@ -186,12 +187,13 @@ impl DataDir {
 
     /// Files that hold secrets (keys, or the store with the CA's key). etcd
     /// keeps its own data directory owner-only.
-    fn secret_files(&self) -> [PathBuf; 4] {
+    fn secret_files(&self) -> [PathBuf; 5] {
         [
             self.credentials_path(),
             self.store_path(),
             self.root.join(PENDING_KEY),
             self.etcd_dir().join(crate::consensus::PEER_KEY_FILE),
+            self.etcd_dir().join(crate::consensus::CA_KEY_FILE),
         ]
     }
 

@@ -616,7 +616,13 @@ async fn bootstrap(
         // exists; find the binary before writing anything.
         consensus::find_binary(args.etcd_binary.as_deref())?;
         let peer_cert = pki
-            .issue_peer_certificate(key.verifying_key().as_bytes(), boot.address)
+            .issue_peer_certificate(
+                key.verifying_key().as_bytes(),
+                boot.address,
+                // What the configuration sets; bootstrap_with_ca refuses
+                // what is out of bounds, before anything is served.
+                metropolis_curator::state::Lifetimes::of(&boot.configuration).node,
+            )
             .context("issuing this node's etcd peer certificate")?;
         let crl = pki.crl()?;
         let url = metropolis_curator::consensus::peer_url(boot.address);

@@ -211,10 +211,11 @@ pub struct Maintain {
     pub runs_curator: bool,
     /// Whether this node runs etcd (a consensus member of an etcd cluster).
     pub runs_etcd: bool,
-    /// The peer certificate this node's etcd runs with: a role with another
-    /// one means the member was admitted again (after etcd dropped it), and
-    /// has to join afresh.
-    pub etcd_peer_certificate: Option<Vec<u8>>,
+    /// The etcd member's directory on nodes that run etcd. Its `peer.pem`
+    /// is the peer certificate the member presents now (renewal replaces
+    /// it): a role that revokes it means the member was admitted again
+    /// (after etcd dropped it), and has to join afresh.
+    pub etcd_dir: Option<std::path::PathBuf>,
     /// Non-consensus nodes publish the curator they reached here
     /// (CuratorLocal.GetCurrentLeader on this node).
     pub leader: Option<watch::Sender<GetCurrentLeaderResponse>>,
@@ -392,7 +393,11 @@ async fn session(
                 }
                 for node in ev.nodes {
                     if node.roles != roles {
-                        log_roles(node.roles.as_ref());
+                        // A renewed peer certificate changes the role, not
+                        // which roles the node holds.
+                        if role_flags(node.roles.as_ref()) != role_flags(roles.as_ref()) {
+                            log_roles(node.roles.as_ref());
+                        }
                         roles = node.roles.clone();
                         if let Some(ended) = consensus_change(m, roles.as_ref()) {
                             return Ok(ended);
@@ -422,7 +427,15 @@ fn consensus_change(
             );
             Some(Ended::Consensus(Some(role.clone())))
         }
-        (Some(role), true, _) if readmitted(m.etcd_peer_certificate.as_deref(), role) => {
+        (Some(role), true, _)
+            if readmitted(
+                m.etcd_dir
+                    .as_deref()
+                    .and_then(crate::consensus::peer_certificate)
+                    .as_deref(),
+                role,
+            ) =>
+        {
             tracing::info!(
                 "this node's etcd member was dropped from etcd and admitted again (its old peer \
                  certificate is revoked); restarting to join etcd afresh"
@@ -441,7 +454,9 @@ fn consensus_change(
 /// certificate than the one this node's etcd runs with, and revokes that one
 /// (the leader revokes the old certificate exactly when it admits a member
 /// again, after etcd dropped it). Only then is the member's etcd data of no
-/// use any more; a mere difference is not reason enough to throw it away.
+/// use any more; a mere difference is not reason enough to throw it away:
+/// a renewal (RenewPeerCertificate) writes a new certificate into the role
+/// and revokes nothing.
 fn readmitted(running: Option<&[u8]>, role: &node_roles::ConsensusMember) -> bool {
     let Some(running) = running else {
         return false;
@@ -506,12 +521,24 @@ async fn refresh_directory(m: &Maintain, channel: Channel, at_join: bool) {
 
 /// This daemon runs the curator (on nodes that hold the consensus store) and
 /// nothing for the Kubernetes roles; say so when roles change.
+/// Which roles a node holds: consensus member, Kubernetes controller,
+/// Kubernetes worker.
+fn role_flags(roles: Option<&metropolis_api::common::NodeRoles>) -> (bool, bool, bool) {
+    roles.map_or((false, false, false), |r| {
+        (
+            r.consensus_member.is_some(),
+            r.kubernetes_controller.is_some(),
+            r.kubernetes_worker.is_some(),
+        )
+    })
+}
+
 fn log_roles(roles: Option<&metropolis_api::common::NodeRoles>) {
-    let r = roles.cloned().unwrap_or_default();
+    let (consensus_member, kubernetes_controller, kubernetes_worker) = role_flags(roles);
     tracing::info!(
-        consensus_member = r.consensus_member.is_some(),
-        kubernetes_controller = r.kubernetes_controller.is_some(),
-        kubernetes_worker = r.kubernetes_worker.is_some(),
+        consensus_member,
+        kubernetes_controller,
+        kubernetes_worker,
         "node roles; role services running here: curator on consensus members only (no Kubernetes services in this implementation)"
     );
 }
@@ -577,8 +604,12 @@ mod tests {
         let ca = CertificateAuthority::generate_named("Metropolis Consensus CA").unwrap();
         let key = generate_key();
         let issue = || {
-            ca.issue_peer_certificate(key.verifying_key().as_bytes(), "127.0.0.2".parse().unwrap())
-                .unwrap()
+            ca.issue_peer_certificate(
+                key.verifying_key().as_bytes(),
+                "127.0.0.2".parse().unwrap(),
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap()
         };
         let (running, other) = (issue(), issue());
         let serial = metropolis_identity::parse_certificate(&running)
@@ -595,8 +626,8 @@ mod tests {
             revoked_at: time::OffsetDateTime::now_utc(),
         }];
         assert!(readmitted(Some(&running), &role(&other, &revoked)));
-        // Another certificate, the old one not revoked (a role written by a
-        // leader that issued one more): keep the data.
+        // Another certificate, the old one not revoked (a renewal, or a role
+        // written by a leader that issued one more): keep the data.
         assert!(!readmitted(Some(&running), &role(&other, &[])));
         // The same certificate, or none yet, or no etcd here.
         assert!(!readmitted(Some(&running), &role(&running, &revoked)));

@@ -1,24 +1,35 @@
-//! Renewal of the node certificate: when a third of its lifetime is left,
-//! the node gets a new one for the same key (and so the same node ID),
-//! checks it, seals it into the data directory, and from then on presents it
-//! in every new TLS handshake, as server and as client
-//! ([`LiveCertificate`]); connections already open keep theirs.
+//! Renewal of the node's certificates: when a third of its lifetime is
+//! left, the node gets a new one for the same key (and so the same node ID),
+//! checks it, stores it in the data directory, and from then on presents it
+//! in every new TLS handshake; connections already open keep theirs. One
+//! loop renews both certificates a node may hold:
 //!
-//! Consensus members issue it from the CA in the store they hold (no call:
-//! this also serves a single-node cluster whose only node was offline past
-//! its certificate's end, when no curator with a valid certificate exists);
-//! other nodes ask the curator leader with NodeCurator.RenewNodeCertificate,
-//! proving their key with the certificate they hold, expired or not.
+//! - the node certificate, presented as server and as client
+//!   ([`LiveCertificate`]). Consensus members issue it from the CA in the
+//!   store they hold (no call: this also serves a single-node cluster whose
+//!   only node was offline past its certificate's end, when no curator with
+//!   a valid certificate exists); other nodes ask the curator leader with
+//!   NodeCurator.RenewNodeCertificate, proving their key with the
+//!   certificate they hold, expired or not;
+//! - on nodes that run etcd, the etcd peer certificate (consensus CA), from
+//!   the curator leader with NodeCurator.RenewPeerCertificate, which writes
+//!   it into the node's ConsensusMember role; then `etcd/peer.pem` is
+//!   replaced, which etcd reads at every new peer handshake (no restart).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use metropolis_api::admin::{RenewNodeCertificateRequest, node_curator_client::NodeCuratorClient};
+use metropolis_api::admin::{
+    RenewNodeCertificateRequest, RenewPeerCertificateRequest,
+    node_curator_client::NodeCuratorClient,
+};
 use metropolis_curator::Cluster;
-use metropolis_identity::{LiveCertificate, ServerTrust};
+use metropolis_identity::{Certificate, LiveCertificate, ServerTrust};
 use time::OffsetDateTime;
+use tonic::transport::Channel;
 
 use crate::datadir::{Credentials, DataDir};
 
@@ -31,6 +42,42 @@ pub struct Renewal {
     /// Where to look for the curator leader first; the saved cluster
     /// directory follows.
     pub curators: Vec<SocketAddr>,
+    /// On nodes that run etcd: the member's directory, whose peer
+    /// certificate is renewed too.
+    pub etcd_dir: Option<PathBuf>,
+}
+
+/// Which certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Node,
+    Peer,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "node certificate",
+            Kind::Peer => "etcd peer certificate",
+        }
+    }
+}
+
+impl Renewal {
+    /// The certificates this node renews, as it holds them now (the peer
+    /// certificate as etcd reads it; none if its file is gone).
+    fn held(&self) -> Vec<(Kind, Arc<Certificate>)> {
+        let mut held = vec![(Kind::Node, self.live.certificate())];
+        if let Some(cert) = self
+            .etcd_dir
+            .as_deref()
+            .and_then(crate::consensus::peer_certificate)
+            .and_then(|der| metropolis_identity::parse_certificate(&der).ok())
+        {
+            held.push((Kind::Peer, Arc::new(cert)));
+        }
+        held
+    }
 }
 
 /// How long to wait after a failed renewal: often enough to renew well
@@ -44,46 +91,62 @@ fn until(at: OffsetDateTime, now: OffsetDateTime) -> Duration {
     Duration::try_from(at - now).unwrap_or_default()
 }
 
-/// Renews the certificate whenever it is due, for as long as the node runs.
+/// Renews each certificate whenever it is due, for as long as the node
+/// runs. Each due certificate is tried in every round, so one that cannot
+/// be renewed (no curator leader for the peer certificate, say) does not
+/// hold up the other.
 pub async fn run(r: Renewal) {
     let mut attempt = 0usize;
     loop {
-        let cert = r.live.certificate();
-        let wait = until(cert.renew_at(), OffsetDateTime::now_utc());
-        if !wait.is_zero() {
+        let held = r.held();
+        let now = OffsetDateTime::now_utc();
+        let next = held.iter().map(|(_, c)| c.renew_at()).min().unwrap_or(now);
+        if next > now {
             tracing::debug!(
-                renew_at = %metropolis_identity::rfc3339(cert.renew_at()),
-                "node certificate renewal scheduled"
+                renew_at = %metropolis_identity::rfc3339(next),
+                "certificate renewal scheduled"
             );
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(until(next, now)).await;
+            continue;
         }
-        attempt += 1;
-        match renew(&r, attempt).await {
-            Ok(()) => attempt = 0,
-            Err(e) => {
+        let mut retry: Option<Duration> = None;
+        for (kind, cert) in held.iter().filter(|(_, c)| c.renewal_due(now)) {
+            attempt += 1;
+            let renewed = match kind {
+                Kind::Node => renew_node(&r, attempt).await,
+                Kind::Peer => match &r.etcd_dir {
+                    Some(dir) => renew_peer(&r, dir, attempt).await,
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = renewed {
                 let delay = retry_delay(cert.lifetime());
-                let now = OffsetDateTime::now_utc();
-                if now > cert.not_after {
+                retry = Some(retry.map_or(delay, |d| d.min(delay)));
+                let what = kind.name();
+                if OffsetDateTime::now_utc() > cert.not_after {
                     tracing::warn!(
                         error = %format!("{e:#}"),
                         expired_at = %metropolis_identity::rfc3339(cert.not_after),
-                        "cannot renew the expired node certificate; retrying in {delay:?}"
+                        "cannot renew the expired {what}; retrying in {delay:?}"
                     );
                 } else {
                     tracing::warn!(
                         error = %format!("{e:#}"),
                         expires_at = %metropolis_identity::rfc3339(cert.not_after),
-                        "cannot renew the node certificate yet; retrying in {delay:?}"
+                        "cannot renew the {what} yet; retrying in {delay:?}"
                     );
                 }
-                tokio::time::sleep(delay).await;
             }
+        }
+        match retry {
+            None => attempt = 0,
+            Some(delay) => tokio::time::sleep(delay).await,
         }
     }
 }
 
-/// One renewal: issue (or ask), check, seal, serve.
-async fn renew(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
+/// One node certificate renewal: issue (or ask), check, seal, serve.
+async fn renew_node(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
     let key = r.live.key().clone();
     let public = key.verifying_key().to_bytes();
     let id = metropolis_identity::node_id(&public);
@@ -92,7 +155,15 @@ async fn renew(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
             .renew_node_certificate(public, &id)
             .await
             .context("issuing from this node's curator")?,
-        None => ask(r, &id, attempt).await?,
+        None => {
+            let resp = NodeCuratorClient::new(leader(r, attempt).await?)
+                .renew_node_certificate(RenewNodeCertificateRequest {
+                    node_id: id.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s)))?;
+            resp.into_inner().node_certificate
+        }
     };
     let cert = metropolis_identity::parse_certificate(&der)
         .context("the cluster sent an invalid node certificate")?;
@@ -118,8 +189,60 @@ async fn renew(r: &Renewal, attempt: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// NodeCurator.RenewNodeCertificate at the curator leader.
-async fn ask(r: &Renewal, id: &str, attempt: usize) -> anyhow::Result<Vec<u8>> {
+/// One etcd peer certificate renewal: always at the curator leader (only
+/// it writes node records; the new certificate goes into this node's
+/// role), then checked and written where etcd reads it. When no leader can
+/// be asked and the certificate has expired, a stopgap from the consensus
+/// CA's key this member keeps (after an outage of every member past its
+/// certificate's end, the members could never reach each other again
+/// otherwise); never when the cluster answered and refused (the role was
+/// taken away).
+async fn renew_peer(r: &Renewal, dir: &Path, attempt: usize) -> anyhow::Result<()> {
+    let id = metropolis_identity::node_id(&r.live.key().verifying_key().to_bytes());
+    let asked = async {
+        let answer = NodeCuratorClient::new(leader(r, attempt).await?)
+            .renew_peer_certificate(RenewPeerCertificateRequest {
+                node_id: id.clone(),
+            })
+            .await;
+        anyhow::Ok(answer.map(|resp| resp.into_inner().peer_certificate))
+    };
+    let explain =
+        |s: tonic::Status| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s));
+    let asked = match asked.await {
+        Ok(Ok(der)) => Ok(der),
+        Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => return Err(explain(s)),
+        Ok(Err(s)) => Err(explain(s)),
+        Err(e) => Err(e),
+    };
+    let der = match asked {
+        Ok(der) => der,
+        Err(e) => match crate::consensus::stopgap_peer_certificate(dir)? {
+            Some(der) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "the etcd peer certificate expired and the cluster cannot renew it; \
+                     issued a short-lived stopgap from the consensus CA so that etcd can reach \
+                     its peers again (the cluster renews it once it serves)"
+                );
+                der
+            }
+            None => return Err(e),
+        },
+    };
+    let cert = crate::consensus::replace_peer_certificate(dir, &der)?;
+    tracing::info!(
+        node = %id,
+        serial = %hex::encode(&cert.serial),
+        not_after = %metropolis_identity::rfc3339(cert.not_after),
+        "renewed the etcd peer certificate"
+    );
+    Ok(())
+}
+
+/// A channel to the curator leader, presenting the node certificate as it
+/// is now (expired or not).
+async fn leader(r: &Renewal, attempt: usize) -> anyhow::Result<Channel> {
     let mut endpoints = r.curators.clone();
     if let Some(dir) = r.data.directory()? {
         for e in crate::membership::directory_endpoints(&dir) {
@@ -137,13 +260,7 @@ async fn ask(r: &Renewal, id: &str, attempt: usize) -> anyhow::Result<Vec<u8>> {
     )?;
     let connected =
         metropolis_rpc::client::connect_leader(&endpoints, attempt.saturating_sub(1), tls).await?;
-    let resp = NodeCuratorClient::new(connected.channel)
-        .renew_node_certificate(RenewNodeCertificateRequest {
-            node_id: id.to_string(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", metropolis_rpc::client::explain_status(&s)))?;
-    Ok(resp.into_inner().node_certificate)
+    Ok(connected.channel)
 }
 
 #[cfg(test)]

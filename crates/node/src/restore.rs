@@ -31,6 +31,7 @@ use anyhow::{Context, bail};
 use metropolis_api::admin::{BackupEntries, ConsensusBackend};
 use metropolis_curator::backup::{self as restore_state, Restoring};
 use metropolis_curator::consensus::pki::KEY_PKI;
+use metropolis_curator::state::KEY_CONFIG;
 use metropolis_store::{EmbeddedStore, EtcdStore, Store};
 
 use crate::consensus;
@@ -60,8 +61,9 @@ pub enum Restored {
 /// Where the state goes.
 enum Target {
     Embedded,
-    /// The etcd binary and the backup's consensus PKI record.
-    Etcd(PathBuf, Vec<u8>),
+    /// The etcd binary, the backup's consensus PKI record and its cluster
+    /// configuration (which sets the peer certificate's lifetime).
+    Etcd(PathBuf, Vec<u8>, Option<Vec<u8>>),
 }
 
 /// Restores the backup into `data` and returns the node's credentials and
@@ -72,19 +74,19 @@ pub async fn restore(data: &DataDir, r: Restore<'_>) -> anyhow::Result<(Credenti
     let owner = read_owner_key(r.owner_key).with_context(what)?;
     let file = r.file.to_path_buf();
     let key = owner.clone();
-    let (header, pki) = tokio::task::spawn_blocking(move || {
+    let (header, pki, config) = tokio::task::spawn_blocking(move || {
         let mut backup = metropolis_backup::Reader::open(open(&file)?, &key)?;
-        let mut pki = None;
+        let (mut pki, mut config) = (None, None);
         while let Some(entries) = backup.entries()? {
-            if let Some(e) = entries
-                .entries
-                .into_iter()
-                .find(|e| e.key == KEY_PKI.as_bytes())
-            {
-                pki = Some(e.value);
+            for e in entries.entries {
+                if e.key == KEY_PKI.as_bytes() {
+                    pki = Some(e.value);
+                } else if e.key == KEY_CONFIG.as_bytes() {
+                    config = Some(e.value);
+                }
             }
         }
-        Ok::<_, anyhow::Error>((backup.header().clone(), pki))
+        Ok::<_, anyhow::Error>((backup.header().clone(), pki, config))
     })
     .await
     .context("backup reader failed")?
@@ -92,7 +94,7 @@ pub async fn restore(data: &DataDir, r: Restore<'_>) -> anyhow::Result<(Credenti
     let from_etcd = header.backend == ConsensusBackend::Etcd as i32;
     let target = match (from_etcd, pki) {
         (true, Some(pki)) => match consensus::find_binary(r.etcd_binary) {
-            Ok(binary) => Target::Etcd(binary, pki),
+            Ok(binary) => Target::Etcd(binary, pki, config),
             Err(e) => {
                 tracing::warn!(error = %e, "the backup comes from etcd, but there is no etcd binary here; restoring onto the embedded store (it can move to etcd later)");
                 Target::Embedded
@@ -148,8 +150,9 @@ async fn write(
                 .with_context(|| format!("opening {}", data.store_path().display()))?;
             (Restored::Embedded(store), Default::default())
         }
-        Target::Etcd(binary, pki) => {
-            let role = restore_state::peer_certificate(&pki, &public, r.address)?;
+        Target::Etcd(binary, pki, config) => {
+            let role =
+                restore_state::peer_certificate(&pki, config.as_deref(), &public, r.address)?;
             let url = metropolis_curator::consensus::peer_url(r.address);
             let cfg = consensus::PeerConfig {
                 name: node_id.clone(),

@@ -211,12 +211,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         }
     };
 
+    let etcd_dir = cfg
+        .runs_etcd
+        .then(|| crate::datadir::DataDir::new(cfg.data_dir.clone()).etcd_dir());
     background.push(tokio::spawn(crate::renewal::run(crate::renewal::Renewal {
         live: cfg.live.clone(),
         ca_der: ca.clone(),
         data: crate::datadir::DataDir::new(cfg.data_dir.clone()),
         cluster: cfg.cluster.clone(),
         curators: cfg.curators.clone(),
+        etcd_dir: etcd_dir.clone(),
     })));
     let (ended_tx, mut ended_rx) = mpsc::channel(1);
     let membership = tokio::spawn(membership::maintain(membership::Maintain {
@@ -226,14 +230,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         address: cfg.address,
         runs_curator: cfg.cluster.is_some(),
         runs_etcd: cfg.runs_etcd,
-        etcd_peer_certificate: cfg
-            .runs_etcd
-            .then(|| {
-                crate::consensus::peer_certificate(
-                    &crate::datadir::DataDir::new(cfg.data_dir.clone()).etcd_dir(),
-                )
-            })
-            .flatten(),
+        etcd_dir: etcd_dir.clone(),
         leader: membership_leader,
         heartbeat_interval: cfg.heartbeat_interval,
         boot_id: membership::boot_id(),

@@ -348,3 +348,349 @@ async fn sixty_second_certificates_renew_and_expire() {
         .expect_err("deleted");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 }
+
+/// A node's etcd peer certificate, as its etcd reads it.
+fn peer_certificate_of(node: &TestNode) -> Option<metropolis_identity::Certificate> {
+    let pem = std::fs::read_to_string(node.data_dir.join("etcd").join("peer.pem")).ok()?;
+    let der = metropolis_identity::pem_to_cert_der(&pem).ok()?;
+    metropolis_identity::parse_certificate(&der).ok()
+}
+
+/// Each node's ID and boot ID, by address.
+fn boot_ids(list: &[Node], of: &[&TestNode]) -> Vec<(String, Vec<u8>)> {
+    of.iter()
+        .map(|t| {
+            let n = list
+                .iter()
+                .find(|n| {
+                    n.status
+                        .as_ref()
+                        .is_some_and(|s| s.external_address == t.address.to_string())
+                })
+                .unwrap_or_else(|| panic!("no node at {}: {list:#?}", t.address));
+            let boot = n
+                .status
+                .as_ref()
+                .map(|s| s.boot_id.clone())
+                .unwrap_or_default();
+            (n.id.clone(), boot)
+        })
+        .collect()
+}
+
+/// The owner's way to whichever node leads.
+struct Leader {
+    addrs: Vec<std::net::SocketAddr>,
+    ca: Vec<u8>,
+    identity: (Vec<u8>, SigningKey),
+}
+
+impl Leader {
+    async fn mgmt(&self) -> Result<ManagementClient<Channel>, String> {
+        let tls = metropolis_identity::client_config(trust(&self.ca), Some(self.identity.clone()))
+            .map_err(|e| e.to_string())?;
+        let c = metropolis_rpc::client::connect_leader(&self.addrs, 0, tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ManagementClient::new(c.channel))
+    }
+
+    /// A label write on node `id` through the curator leader, retried
+    /// while there is none (an election after etcd lost its quorum); it
+    /// must get through.
+    async fn write_label(&self, id: &str, value: &str, patience: Duration) {
+        use metropolis_api::api::{UpdateNodeLabelsRequest, update_node_labels_request};
+        let deadline = Instant::now() + patience;
+        loop {
+            let req = UpdateNodeLabelsRequest {
+                node: Some(update_node_labels_request::Node::Id(id.to_string())),
+                upsert: vec![update_node_labels_request::Pair {
+                    key: "written".into(),
+                    value: value.into(),
+                }],
+                delete: vec![],
+            };
+            let result = match self.mgmt().await {
+                Ok(mut m) => m.update_node_labels(req).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => return,
+                Err(e) => assert!(Instant::now() < deadline, "write {value}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn nodes(&self) -> Vec<Node> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut m) = self.mgmt().await
+                && let Ok(resp) = m
+                    .get_nodes(GetNodesRequest {
+                        filter: String::new(),
+                    })
+                    .await
+                && let Ok(list) = resp.into_inner().try_collect().await
+            {
+                return list;
+            }
+            assert!(Instant::now() < deadline, "no node list from a leader");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// etcd peer certificates live as long as node certificates and are renewed
+/// without a restart: on a two-member etcd cluster whose certificates live
+/// 60 s, each member's peer certificate is replaced before it ends, writes
+/// (which need both members) succeed past two lifetimes, a member's etcd
+/// killed after that comes back over new peer handshakes (which an expired
+/// certificate on either side would fail), and no node restarts. Then both
+/// members are down past their certificates' end and recover on stopgaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_peer_certificates_renew_without_restarts() {
+    use metropolis_api::api::{UpdateNodeRolesRequest, update_node_roles_request};
+    use metropolis_api::curator::{GetConsensusStatusRequest, curator_client::CuratorClient};
+    metropolis_store::testing::find_etcd();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("metroctl");
+    let params = tmp.path().join("bootstrap.pb");
+    let out = metroctl(
+        &cfg,
+        &[
+            "install",
+            "params",
+            "--bootstrap",
+            "--ha",
+            "--node-certificate-lifetime",
+            "60s",
+            // The test's owner channel outlives the node certificates.
+            "--user-certificate-lifetime",
+            "1h",
+            "-o",
+            params.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "install params: {}", stderr(&out));
+    let key_pem = std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key");
+    let owner_key = metropolis_identity::decode_owner_key_pem(&key_pem).expect("decode");
+    let mut first =
+        TestNode::spawn_with(fresh_address(), &tmp.path().join("n1"), Some(&params), FAST);
+    first.wait_leading().await;
+    let ca = fetch_ca(first.endpoint()).await.expect("ca");
+    let owner_cert = escrow_owner(first.endpoint(), &ca, &owner_key).await;
+    let ch = channel(
+        first.endpoint(),
+        trust(&ca),
+        Some((owner_cert.clone(), owner_key.clone())),
+    )
+    .await
+    .expect("owner channel");
+    let mut mgmt = ManagementClient::new(ch.clone());
+    let bootstrap_peer = peer_certificate_of(&first).expect("the first member's peer certificate");
+    assert_eq!(bootstrap_peer.lifetime(), LIFETIME, "bootstrap --ha");
+
+    // A second node, approved, then a consensus member (a voter).
+    let register = tmp.path().join("register.pb");
+    fetch_register_params(&mut mgmt, &ca, &register).await;
+    let mut second = TestNode::spawn_with(
+        fresh_address(),
+        &tmp.path().join("n2"),
+        Some(&register),
+        FAST,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let second_id = loop {
+        let list = nodes(&mut mgmt).await;
+        for n in list.iter().filter(|n| n.state == NodeState::New as i32) {
+            mgmt.approve_node(ApproveNodeRequest {
+                pubkey: n.pubkey.clone(),
+            })
+            .await
+            .expect("approve");
+        }
+        let up = list.iter().find(|n| {
+            n.state == NodeState::Up as i32
+                && n.status
+                    .as_ref()
+                    .is_some_and(|s| s.external_address == second.address.to_string())
+        });
+        if let Some(n) = up {
+            break n.id.clone();
+        }
+        assert!(Instant::now() < deadline, "second node not UP: {list:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    mgmt.update_node_roles(UpdateNodeRolesRequest {
+        node: Some(update_node_roles_request::Node::Id(second_id.clone())),
+        consensus_member: Some(true),
+        ..Default::default()
+    })
+    .await
+    .expect("give ConsensusMember");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = CuratorClient::new(ch.clone())
+            .get_consensus_status(GetConsensusStatusRequest {})
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(s) = &s
+            && s.members.iter().filter(|m| !m.is_learner).count() == 2
+            && peer_certificate_of(&second).is_some()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second member did not become a voter: {s:?}\n{}",
+            second.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Admitted with the configured lifetime as well.
+    assert_eq!(
+        peer_certificate_of(&second).expect("peer").lifetime(),
+        LIFETIME
+    );
+    // Both HEALTHY and running their curators (the second restarted into
+    // etcd, and may have served as a plain node until its member caught
+    // up): from here on, nobody restarts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let list = nodes(&mut mgmt).await;
+        let ids = boot_ids(&list, &[&first, &second]);
+        let settled = |id: &str| {
+            list.iter().any(|n| {
+                n.id == id
+                    && n.health == Health::Healthy as i32
+                    && n.status
+                        .as_ref()
+                        .is_some_and(|s| s.running_curator.is_some())
+            })
+        };
+        if ids.iter().all(|(id, _)| settled(id)) {
+            break ids;
+        }
+        assert!(Instant::now() < deadline, "not HEALTHY: {list:#?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let pids = (first.pid(), second.pid());
+    let leader = Leader {
+        addrs: vec![first.endpoint(), second.endpoint()],
+        ca: ca.clone(),
+        identity: (owner_cert, owner_key),
+    };
+
+    // Past two lifetimes: writes go on, and each member's peer certificate
+    // is replaced while the one it replaces is still valid.
+    let members = [&first, &second];
+    let mut serials: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 2];
+    let start = Instant::now();
+    let mut writes = 0;
+    while start.elapsed() < 2 * LIFETIME + Duration::from_secs(10) {
+        for (i, node) in members.iter().enumerate() {
+            let cert = peer_certificate_of(node).expect("a peer certificate");
+            let now = time::OffsetDateTime::now_utc();
+            assert!(
+                cert.not_after > now,
+                "node {} runs etcd on a peer certificate that ended at {} ({:?} in)\n{}",
+                node.address,
+                metropolis_identity::rfc3339(cert.not_after),
+                start.elapsed(),
+                node.log_text()
+            );
+            if serials[i].last() != Some(&cert.serial) {
+                serials[i].push(cert.serial);
+            }
+        }
+        writes += 1;
+        leader
+            .write_label(&second_id, &format!("w{writes}"), Duration::from_secs(60))
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "after {:?}: {writes} writes; peer certificates seen: first {}, second {}",
+        start.elapsed(),
+        serials[0].len(),
+        serials[1].len()
+    );
+    for (node, seen) in members.iter().zip(&serials) {
+        assert!(
+            seen.len() >= 3,
+            "node {} should have renewed its peer certificate at least twice: {seen:?}\n{}",
+            node.address,
+            node.log_text()
+        );
+        assert!(
+            node.log_text()
+                .contains("renewed the etcd peer certificate")
+        );
+    }
+    assert!(
+        bootstrap_peer.not_after < time::OffsetDateTime::now_utc(),
+        "the first peer certificate ended"
+    );
+    // Nobody restarted: same processes, same boot IDs.
+    assert_eq!((first.pid(), second.pid()), pids);
+    assert_eq!(
+        boot_ids(&leader.nodes().await, &[&first, &second]),
+        before,
+        "a node restarted; second node's log:\n{}",
+        second.log_text()
+    );
+
+    // New peer handshakes both ways: the second member's etcd starts again
+    // and must reach the first (and be reached) for writes to go on.
+    second.kill_etcd().await;
+    leader
+        .write_label(&second_id, "after-etcd-restart", Duration::from_secs(60))
+        .await;
+    let list = leader.nodes().await;
+    let labelled = list
+        .iter()
+        .find(|n| n.id == second_id)
+        .and_then(|n| n.labels.as_ref())
+        .is_some_and(|l| {
+            l.pairs
+                .iter()
+                .any(|p| p.key == "written" && p.value == "after-etcd-restart")
+        });
+    assert!(labelled, "{list:#?}");
+    assert_eq!((first.pid(), second.pid()), pids);
+    assert_eq!(
+        boot_ids(&list, &[&first, &second]),
+        before,
+        "a node restarted after its etcd did; second node's log:\n{}",
+        second.log_text()
+    );
+
+    // Every member down until its peer certificate ended: no member can
+    // reach another, so none can renew through the cluster. Each issues
+    // itself a stopgap, etcd forms its quorum again, and writes go on.
+    first.stop();
+    second.stop();
+    let deadline = Instant::now() + 2 * LIFETIME;
+    while [&first, &second].iter().any(|n| {
+        peer_certificate_of(n).is_none_or(|c| c.not_after >= time::OffsetDateTime::now_utc())
+    }) {
+        assert!(Instant::now() < deadline, "peer certificates did not end");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let outage = Instant::now();
+    let (first, second) = (
+        TestNode::spawn_with(first.address, &first.data_dir, None, FAST),
+        TestNode::spawn_with(second.address, &second.data_dir, None, FAST),
+    );
+    leader
+        .write_label(&second_id, "after-outage", Duration::from_secs(120))
+        .await;
+    println!(
+        "a write succeeded {:?} after both members came back on expired peer certificates",
+        outage.elapsed()
+    );
+    for node in [&first, &second] {
+        assert!(node.log_text().contains("stopgap"), "{}", node.log_text());
+    }
+}

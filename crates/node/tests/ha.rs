@@ -9,7 +9,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -187,14 +186,6 @@ fn labels_of(n: &Node) -> BTreeMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn etcd_pid(data_dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(data_dir.join("etcd").join("etcd.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,23 +497,7 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     } else {
         &others[0]
     };
-    let old_pid = etcd_pid(&follower.data_dir).expect("follower etcd pid");
-    // SAFETY: plain kill(2) of a process this test's node started.
-    unsafe { kill(old_pid, 9) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let new_pid = loop {
-        match etcd_pid(&follower.data_dir) {
-            Some(p) if p != old_pid && Path::new(&format!("/proc/{p}")).exists() => break p,
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the follower's etcd was not restarted:\n{}",
-            follower.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_ne!(new_pid, old_pid);
+    follower.kill_etcd().await;
     // A write after the restart reaches the restarted member: read it from
     // that member's own etcd (serving it means it caught up).
     let worker = ids[3].clone();
@@ -691,8 +666,4 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
         !all[l].data_dir.join("etcd").exists(),
         "the former leader removed its etcd data"
     );
-}
-
-unsafe extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
 }

@@ -98,6 +98,9 @@ fn handler_code(path: &str, who: Who) -> Code {
             Code::Unauthenticated
         }
         ("/metropolis.proto.admin.NodeCurator", "RenewNodeCertificate") => Code::PermissionDenied,
+        // The empty request names another node than the caller; callers
+        // that are not nodes are refused as such.
+        ("/metropolis.proto.admin.NodeCurator", "RenewPeerCertificate") => Code::PermissionDenied,
         ("/metropolis.node.core.curator.proto.api.Curator", m) => match m {
             "RegisterNode" if !who.presents_certificate() => Code::Unauthenticated,
             // Wrong (empty) ticket, or a deleted node's key.

@@ -316,7 +316,8 @@ async fn admit(
         .map_err(|_| CuratorError::Corrupt(format!("node {}: bad public key", entry.id)))?;
     let mut pki = cluster.consensus_pki_or_new().await?;
     pki.revoke(&entry.id, &role.peer_certificate);
-    let peer_certificate = pki.issue_peer_certificate(&public_key, address)?;
+    let lifetime = cluster.lifetimes().await?.node;
+    let peer_certificate = pki.issue_peer_certificate(&public_key, address, lifetime)?;
     let url = peer_url(address);
     let added = consensus.add_learner(&url).await?;
     tracing::info!(node = %entry.id, member = added.id, %url, "added etcd learner");

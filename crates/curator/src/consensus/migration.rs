@@ -265,9 +265,10 @@ impl Cluster {
             .as_slice()
             .try_into()
             .map_err(|_| CuratorError::Corrupt(format!("node {}: bad public key", me.id)))?;
+        let lifetime = self.lifetimes().await?.node;
         Ok(StagedMember {
             ca_certificate: pki.ca_certificate().to_vec(),
-            peer_certificate: pki.issue_peer_certificate(&public_key, host.address())?,
+            peer_certificate: pki.issue_peer_certificate(&public_key, host.address(), lifetime)?,
             crl: pki.crl()?,
         })
     }

@@ -59,7 +59,11 @@ pub(crate) async fn bootstrapped() -> TestCluster {
         Some(_) => node_roles::ConsensusMember {
             ca_certificate: pki.ca_certificate().to_vec(),
             peer_certificate: pki
-                .issue_peer_certificate(&key, "127.0.0.2".parse().expect("address"))
+                .issue_peer_certificate(
+                    &key,
+                    "127.0.0.2".parse().expect("address"),
+                    super::Lifetimes::of(&Default::default()).node,
+                )
                 .expect("peer certificate"),
             ..Default::default()
         },

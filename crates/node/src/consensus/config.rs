@@ -16,6 +16,13 @@ pub(super) const CONFIG_FILE: &str = "config.pb";
 pub(super) const CA_FILE: &str = "ca.pem";
 pub(super) const PEER_CERT_FILE: &str = "peer.pem";
 pub(crate) const PEER_KEY_FILE: &str = "peer-key.pem";
+/// The consensus CA's key seed (32 bytes, mode 0600), for a stopgap peer
+/// certificate ([`stopgap_peer_certificate`]).
+pub(crate) const CA_KEY_FILE: &str = "ca-key";
+/// The longest a stopgap peer certificate lives: long enough for the
+/// members to find each other again, short enough that one nobody recorded
+/// dies soon after the cluster could have renewed it properly.
+const STOPGAP_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
 pub(super) const CRL_FILE: &str = "peer.crl";
 /// Present while the member is staged (see [`PeerConfig::staged`]).
 const STAGED_FILE: &str = "staged";
@@ -232,16 +239,118 @@ fn check_config(cfg: &PeerConfig, key: &SigningKey) -> anyhow::Result<()> {
 /// consensus CA in `dir`); etcd reads it at every new peer connection, so
 /// this takes effect at once. Unchanged contents are not rewritten.
 pub fn write_crl(dir: &Path, crl_der: &[u8]) -> anyhow::Result<bool> {
-    let ca_pem = fs::read_to_string(dir.join(CA_FILE))
-        .with_context(|| format!("reading {}", dir.join(CA_FILE).display()))?;
-    let ca = metropolis_identity::pem_to_cert_der(&ca_pem)
-        .with_context(|| format!("{} is corrupt", dir.join(CA_FILE).display()))?;
+    let ca = read_ca(dir)?;
     metropolis_identity::parse_crl(crl_der, &ca).context("the consensus CRL is invalid")?;
     if fs::read(dir.join(CRL_FILE)).is_ok_and(|old| old == crl_der) {
         return Ok(false);
     }
     write_atomic(dir, CRL_FILE, crl_der, 0o644)?;
     Ok(true)
+}
+
+/// Replaces the peer certificate of the member in `dir` with `cert_der`, a
+/// renewal of it: same key (the one in `peer-key.pem`) and addresses,
+/// issued by the consensus CA in `dir`, valid now. etcd reads its
+/// certificate files at every new peer handshake (as server and as
+/// client), so the running member presents it from then on; connections
+/// already open keep the old one. Written atomically: etcd never reads half
+/// a file. Returns the new certificate.
+pub fn replace_peer_certificate(
+    dir: &Path,
+    cert_der: &[u8],
+) -> anyhow::Result<metropolis_identity::Certificate> {
+    let old = peer_certificate(dir)
+        .with_context(|| {
+            format!(
+                "{} is missing or corrupt",
+                dir.join(PEER_CERT_FILE).display()
+            )
+        })
+        .and_then(|der| {
+            metropolis_identity::parse_certificate(&der).context("the current peer certificate")
+        })?;
+    let new = metropolis_identity::parse_certificate(cert_der)
+        .context("invalid etcd peer certificate")?;
+    if new.public_key != old.public_key || !new.is_node_certificate() {
+        bail!("the new etcd peer certificate is not for this node's key");
+    }
+    if new.ip_addresses != old.ip_addresses {
+        bail!(
+            "the new etcd peer certificate is for {:?}, the member serves at {:?}",
+            new.ip_addresses,
+            old.ip_addresses
+        );
+    }
+    let ca = read_ca(dir)?;
+    metropolis_identity::verify_signed_by(&new, &ca, time::OffsetDateTime::now_utc())
+        .context("the new etcd peer certificate was not issued by the consensus CA")?;
+    write_atomic(dir, PEER_CERT_FILE, cert_to_pem(cert_der).as_bytes(), 0o644)?;
+    Ok(new)
+}
+
+/// Keeps the consensus CA's key (`seed`, as the cluster state holds it) in
+/// `dir`, after checking that it is the key of the CA in `ca.pem`. The
+/// member holds it in its etcd data anyway; as a file it is at hand when
+/// etcd cannot serve. Unchanged contents are not rewritten.
+pub fn write_ca_key(dir: &Path, seed: &[u8]) -> anyhow::Result<bool> {
+    let seed: [u8; 32] = seed
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the consensus CA's key seed is not 32 bytes"))?;
+    metropolis_identity::CertificateAuthority::from_parts(read_ca(dir)?, seed)
+        .context("the consensus CA key does not belong to this member's consensus CA")?;
+    if fs::read(dir.join(CA_KEY_FILE)).is_ok_and(|old| old == seed) {
+        return Ok(false);
+    }
+    write_atomic(dir, CA_KEY_FILE, &seed, 0o600)?;
+    Ok(true)
+}
+
+/// A peer certificate this member issues itself when the one it holds has
+/// expired and the cluster cannot renew it: after every member was down
+/// past its certificate's end, none can reach another (etcd refuses expired
+/// peer certificates), so there is no quorum, no curator, and no renewal.
+/// Same key and address as the expired one, from the consensus CA
+/// ([`write_ca_key`]), living as long as the expired one did but at most
+/// [`STOPGAP_LIFETIME`]; the regular renewal replaces it (and records it)
+/// once the cluster serves again. `None` while the current certificate is
+/// valid, or without the CA's key.
+pub fn stopgap_peer_certificate(dir: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(current) = peer_certificate(dir) else {
+        return Ok(None);
+    };
+    let current =
+        metropolis_identity::parse_certificate(&current).context("the current peer certificate")?;
+    if current.not_after >= time::OffsetDateTime::now_utc() {
+        return Ok(None);
+    }
+    let seed = match fs::read(dir.join(CA_KEY_FILE)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {CA_KEY_FILE}")),
+    };
+    let seed: [u8; 32] = seed
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{CA_KEY_FILE} is corrupt"))?;
+    let ca = metropolis_identity::CertificateAuthority::from_parts(read_ca(dir)?, seed)
+        .with_context(|| format!("{CA_KEY_FILE} does not fit {CA_FILE}"))?;
+    let address = *current
+        .ip_addresses
+        .first()
+        .context("the current peer certificate names no address")?;
+    let der = ca.issue_peer_certificate(
+        &current.public_key,
+        address,
+        current.lifetime().min(STOPGAP_LIFETIME),
+    )?;
+    Ok(Some(der))
+}
+
+fn read_ca(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let ca_pem = fs::read_to_string(dir.join(CA_FILE))
+        .with_context(|| format!("reading {}", dir.join(CA_FILE).display()))?;
+    metropolis_identity::pem_to_cert_der(&ca_pem)
+        .with_context(|| format!("{} is corrupt", dir.join(CA_FILE).display()))
 }
 
 /// Member names go into `--initial-cluster name=url,...` unquoted.
@@ -437,6 +546,99 @@ mod tests {
             format!("{err:#}").contains("use a shorter data directory"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn a_renewed_peer_certificate_replaces_the_file_only_if_it_fits() {
+        let ca = CertificateAuthority::generate().unwrap();
+        let m = Member::new();
+        m.configure_alone(&ca);
+        let first = peer_certificate(&m.dir).unwrap();
+        let public = m.key.verifying_key().to_bytes();
+        let hour = std::time::Duration::from_secs(3600);
+        let refused = |der: &[u8]| {
+            let err = replace_peer_certificate(&m.dir, der).unwrap_err();
+            assert_eq!(peer_certificate(&m.dir).unwrap(), first, "{err:#}");
+            format!("{err:#}")
+        };
+        let other_key = generate_key().verifying_key().to_bytes();
+        let wrong_key = ca
+            .issue_peer_certificate(&other_key, m.address, hour)
+            .unwrap();
+        assert!(refused(&wrong_key).contains("not for this node's key"));
+        let elsewhere = "127.9.9.9".parse().unwrap();
+        let moved = ca.issue_peer_certificate(&public, elsewhere, hour).unwrap();
+        assert!(refused(&moved).contains("the member serves at"));
+        let foreign = CertificateAuthority::generate()
+            .unwrap()
+            .issue_peer_certificate(&public, m.address, hour)
+            .unwrap();
+        assert!(refused(&foreign).contains("not issued by the consensus CA"));
+
+        let renewed = ca.issue_peer_certificate(&public, m.address, hour).unwrap();
+        let cert = replace_peer_certificate(&m.dir, &renewed).unwrap();
+        assert_eq!(peer_certificate(&m.dir).unwrap(), renewed);
+        assert_eq!(cert.lifetime(), hour);
+        assert!(!m.dir.join(format!("{PEER_CERT_FILE}.tmp")).exists());
+    }
+
+    #[test]
+    fn a_stopgap_certificate_only_replaces_an_expired_one() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let ca = CertificateAuthority::generate().unwrap();
+        let m = Member::new();
+        m.configure_alone(&ca);
+        // Valid: nothing to do, with or without the CA key.
+        assert!(stopgap_peer_certificate(&m.dir).unwrap().is_none());
+        let other = CertificateAuthority::generate().unwrap();
+        assert!(
+            write_ca_key(&m.dir, &other.key_seed()).is_err(),
+            "another CA's key"
+        );
+        assert!(write_ca_key(&m.dir, &ca.key_seed()).unwrap());
+        assert!(!write_ca_key(&m.dir, &ca.key_seed()).unwrap(), "unchanged");
+        let mode = fs::metadata(m.dir.join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(stopgap_peer_certificate(&m.dir).unwrap().is_none());
+
+        // Expired: a new one for the same key and address, short-lived.
+        let public = m.key.verifying_key().to_bytes();
+        let now = time::OffsetDateTime::now_utc();
+        let expired = ca
+            .issue_peer_certificate_with_validity(
+                &public,
+                m.address,
+                now - time::Duration::days(2),
+                now - time::Duration::days(1),
+            )
+            .unwrap();
+        write_atomic(
+            &m.dir,
+            PEER_CERT_FILE,
+            cert_to_pem(&expired).as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        let der = stopgap_peer_certificate(&m.dir)
+            .unwrap()
+            .expect("a stopgap");
+        let cert = metropolis_identity::parse_certificate(&der).unwrap();
+        assert_eq!(cert.lifetime(), STOPGAP_LIFETIME);
+        assert_eq!(cert.ip_addresses, vec![m.address]);
+        replace_peer_certificate(&m.dir, &der).expect("it fits the member");
+        // Without the key, no stopgap.
+        write_atomic(
+            &m.dir,
+            PEER_CERT_FILE,
+            cert_to_pem(&expired).as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        fs::remove_file(m.dir.join(CA_KEY_FILE)).unwrap();
+        assert!(stopgap_peer_certificate(&m.dir).unwrap().is_none());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! reads the file at every new peer connection. So a member whose role is
 //! removed (its peer certificate revoked in the same transaction) is
 //! refused on every other member's peer port as soon as the change reaches
-//! it.
+//! it. On the way it copies the consensus CA's key next to etcd's files
+//! (see `config::stopgap_peer_certificate`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::bail;
 use futures::StreamExt;
-use metropolis_curator::consensus::pki::KEY_CRL;
+use metropolis_curator::consensus::pki::{ConsensusPki, KEY_CRL, KEY_PKI};
 use metropolis_store::{EventKind, Store};
 
-use super::config::write_crl;
+use super::config::{write_ca_key, write_crl};
 
 /// Follows the CRL in `store` into `dir` (an etcd member's directory) until
 /// the task is aborted.
@@ -33,6 +34,13 @@ pub async fn follow(store: Arc<dyn Store>, dir: PathBuf) {
 }
 
 async fn follow_once(store: &dyn Store, dir: &Path) -> anyhow::Result<()> {
+    // The CA never changes (there is no rotation), so once is enough.
+    if let Some(kv) = store.get(KEY_PKI.as_bytes()).await? {
+        let pki = ConsensusPki::from_stored(&kv.value, kv.mod_revision)?;
+        if write_ca_key(dir, &pki.ca_key_seed())? {
+            tracing::info!("keeping the consensus CA's key for stopgap peer certificates");
+        }
+    }
     let from = match store.get(KEY_CRL.as_bytes()).await? {
         Some(kv) => {
             apply(dir, &kv.value)?;

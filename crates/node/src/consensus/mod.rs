@@ -9,7 +9,13 @@
 //! - `ca.pem`, `peer.pem`, `peer-key.pem`: the consensus CA and this node's
 //!   peer certificate and key (PKCS#8, mode 0600), for etcd's peer mTLS:
 //!   etcd's peer port accepts certificates of the consensus CA only, which
-//!   issues them to consensus members only.
+//!   issues them to consensus members only. `peer.pem` is replaced
+//!   atomically when the node renews it ([`replace_peer_certificate`]);
+//!   etcd reads it at every new peer handshake.
+//! - `ca-key`: the consensus CA's key seed (mode 0600), copied from the
+//!   cluster state by [`crl::follow`]: what a member issues itself a
+//!   stopgap peer certificate with ([`stopgap_peer_certificate`]) when every
+//!   member's had expired.
 //! - `peer.crl`: the consensus CA's CRL (former members' certificates),
 //!   which etcd reads at every new peer connection; [`crl::follow`] keeps it
 //!   current from the cluster state.
@@ -66,9 +72,10 @@ mod supervisor;
 mod testing;
 mod wal;
 
-pub(crate) use config::PEER_KEY_FILE;
+pub(crate) use config::{CA_KEY_FILE, PEER_KEY_FILE};
 pub use config::{
-    PeerConfig, configure, find_binary, is_configured, is_staged, peer_certificate, unstage,
+    PeerConfig, configure, find_binary, is_configured, is_staged, peer_certificate,
+    replace_peer_certificate, stopgap_peer_certificate, unstage,
 };
 pub use supervisor::Etcd;
 

@@ -87,7 +87,11 @@ impl Member {
             peer_port: self.port,
             ca_der: ca.cert_der().to_vec(),
             peer_cert_der: ca
-                .issue_peer_certificate(self.key.verifying_key().as_bytes(), self.address)
+                .issue_peer_certificate(
+                    self.key.verifying_key().as_bytes(),
+                    self.address,
+                    std::time::Duration::from_secs(86_400),
+                )
                 .unwrap(),
             crl_der: ca.issue_crl(&[], 1).unwrap(),
             initial_cluster,

@@ -288,6 +288,37 @@ impl TestNode {
         }
     }
 
+    /// The PID of the etcd this node runs, from its supervisor's pid file.
+    pub fn etcd_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data_dir.join("etcd").join("etcd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILLs the etcd this node runs (the node itself goes on) and waits
+    /// until the node has started it again; returns the new PID.
+    pub async fn kill_etcd(&self) -> i32 {
+        let old = self.etcd_pid().expect("an etcd pid file");
+        // SAFETY: plain kill(2) of a process this test's node started.
+        unsafe { libc_kill(old, 9) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.etcd_pid() {
+                Some(p) if p != old && Path::new(&format!("/proc/{p}")).exists() => return p,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}'s etcd was not restarted:\n{}",
+                self.address,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGKILL: the node gets no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
