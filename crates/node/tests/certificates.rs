@@ -454,39 +454,30 @@ async fn etcd_peer_certificates_renew_without_restarts() {
     use metropolis_api::curator::{GetConsensusStatusRequest, curator_client::CuratorClient};
     metropolis_store::testing::find_etcd();
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = tmp.path().join("metroctl");
-    let params = tmp.path().join("bootstrap.pb");
-    let out = metroctl(
-        &cfg,
+    let cluster = Bootstrapped::start(
+        tmp.path(),
+        // The test's owner channel outlives the node certificates.
         &[
-            "install",
-            "params",
-            "--bootstrap",
             "--ha",
             "--node-certificate-lifetime",
             "60s",
-            // The test's owner channel outlives the node certificates.
             "--user-certificate-lifetime",
             "1h",
-            "-o",
-            params.to_str().expect("utf-8"),
         ],
-    );
-    assert!(out.status.success(), "install params: {}", stderr(&out));
-    let key_pem = std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key");
-    let owner_key = metropolis_identity::decode_owner_key_pem(&key_pem).expect("decode");
-    let mut first =
-        TestNode::spawn_with(fresh_address(), &tmp.path().join("n1"), Some(&params), FAST);
-    first.wait_leading().await;
-    let ca = fetch_ca(first.endpoint()).await.expect("ca");
-    let owner_cert = escrow_owner(first.endpoint(), &ca, &owner_key).await;
-    let ch = channel(
-        first.endpoint(),
-        trust(&ca),
-        Some((owner_cert.clone(), owner_key.clone())),
+        FAST,
     )
-    .await
-    .expect("owner channel");
+    .await;
+    let ch = cluster.owner_channel().await;
+    let Bootstrapped {
+        node: mut first,
+        owner:
+            Owner {
+                key: owner_key,
+                cert: owner_cert,
+                ca,
+            },
+        ..
+    } = cluster;
     let mut mgmt = ManagementClient::new(ch.clone());
     let bootstrap_peer = peer_certificate_of(&first).expect("the first member's peer certificate");
     assert_eq!(bootstrap_peer.lifetime(), LIFETIME, "bootstrap --ha");

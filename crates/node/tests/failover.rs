@@ -110,38 +110,10 @@ async fn current_leader_of(ch: tonic::transport::Channel) -> Option<String> {
 async fn failover(kills: usize) {
     metropolis_store::testing::find_etcd();
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = tmp.path().join("metroctl");
-    let params = tmp.path().join("bootstrap.pb");
-    let out = metroctl(
-        &cfg,
-        &[
-            "install",
-            "params",
-            "--bootstrap",
-            "--ha",
-            "-o",
-            params.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(out.status.success(), "install params: {}", stderr(&out));
-    let owner_key = metropolis_identity::decode_owner_key_pem(
-        &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
-    )
-    .expect("owner key PEM");
     // Default flags only: the figure is for default settings.
-    let mut members = vec![TestNode::spawn(
-        fresh_address(),
-        &tmp.path().join("n1"),
-        Some(&params),
-    )];
-    members[0].wait_leading().await;
-    let ca = fetch_ca(members[0].endpoint()).await.expect("ca");
-    let cert = escrow_owner(members[0].endpoint(), &ca, &owner_key).await;
-    let owner = Arc::new(Owner {
-        key: owner_key,
-        cert,
-        ca,
-    });
+    let cluster = Bootstrapped::start(tmp.path(), &["--ha"], &[]).await;
+    let owner = Arc::new(cluster.owner);
+    let mut members = vec![cluster.node];
     let ch = leader_now(&owner, &[members[0].endpoint()]).await;
     let reg = tmp.path().join("register.pb");
     fetch_register_params(&mut ManagementClient::new(ch.clone()), &owner.ca, &reg).await;

@@ -51,12 +51,6 @@ async fn leader_channel(addrs: &[SocketAddr], owner: &Owner) -> Option<Channel> 
     c.leader.then_some(c.channel)
 }
 
-struct Owner {
-    key: metropolis_identity::SigningKey,
-    cert: Vec<u8>,
-    ca: Vec<u8>,
-}
-
 async fn nodes(mgmt: &mut ManagementClient<Channel>) -> Result<Vec<Node>, tonic::Status> {
     mgmt.get_nodes(GetNodesRequest {
         filter: String::new(),
@@ -195,45 +189,15 @@ async fn three_members_survive_losing_the_leader_and_a_follower_etcd() {
     let tmp = tempfile::tempdir().expect("tmp");
     // The operator's way: metroctl writes HA bootstrap parameters (and
     // creates the owner key).
-    let cfg = tmp.path().join("metroctl");
-    let params = tmp.path().join("bootstrap.pb");
-    let out = metroctl(
-        &cfg,
-        &[
-            "install",
-            "params",
-            "--bootstrap",
-            "--ha",
-            "-o",
-            params.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(out.status.success(), "install params: {}", stderr(&out));
-    let key = metropolis_identity::decode_owner_key_pem(
-        &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
-    )
-    .expect("owner key PEM");
-    let mut first = TestNode::spawn_with(
-        fresh_address(),
-        &tmp.path().join("n1"),
-        Some(&params),
-        FLAGS,
-    );
-    first.wait_leading().await;
-    let ca = fetch_ca(first.endpoint()).await.expect("ca");
-    let cert = escrow_owner(first.endpoint(), &ca, &key).await;
-    let owner = Owner {
-        key,
-        cert,
-        ca: ca.clone(),
-    };
-    let ch = channel(
-        first.endpoint(),
-        trust(&ca),
-        Some((owner.cert.clone(), owner.key.clone())),
-    )
-    .await
-    .expect("owner channel");
+    let cluster = Bootstrapped::start(tmp.path(), &["--ha"], FLAGS).await;
+    let ch = cluster.owner_channel().await;
+    let Bootstrapped {
+        cfg,
+        node: mut first,
+        owner,
+        ..
+    } = cluster;
+    let ca = owner.ca.clone();
     let mut mgmt = ManagementClient::new(ch.clone());
     let status = consensus(&ch).await.expect("consensus status");
     assert_eq!(

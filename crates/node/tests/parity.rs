@@ -84,37 +84,21 @@ impl Cluster {
 
         // The operator's way: metroctl writes the bootstrap parameters and
         // the owner key.
-        let cfg = tmp.path().join("metroctl");
-        let n1_params = tmp.path().join("bootstrap.pb");
-        let out = metroctl(
-            &cfg,
-            &[
-                "install",
-                "params",
-                "--bootstrap",
-                "--ha",
-                "-o",
-                n1_params.to_str().expect("utf-8"),
-            ],
-        );
-        assert!(out.status.success(), "install params: {}", stderr(&out));
-        let owner = metropolis_identity::decode_owner_key_pem(
-            &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
-        )
-        .expect("owner key PEM");
         let mut n1_flags: Vec<String> = CURATOR_FLAGS.iter().map(|s| s.to_string()).collect();
         n1_flags.push("--etcd-binary".into());
         n1_flags.push(wrapper.display().to_string());
         let flags: Vec<&str> = n1_flags.iter().map(String::as_str).collect();
-        let n1 = TestNode::spawn_with(
-            fresh_address(),
-            &tmp.path().join("n1"),
-            Some(&n1_params),
-            &flags,
-        );
-        n1.wait_leading().await;
-        let ca = fetch_ca(n1.endpoint()).await.expect("ca");
-        let owner_cert = escrow_owner(n1.endpoint(), &ca, &owner).await;
+        let Bootstrapped {
+            cfg,
+            params: n1_params,
+            node: n1,
+            owner:
+                Owner {
+                    key: owner,
+                    cert: owner_cert,
+                    ca,
+                },
+        } = Bootstrapped::start(tmp.path(), &["--ha"], &flags).await;
         let mut mgmt = mgmt_of(&n1, &ca, &owner, &owner_cert).await;
 
         // The second node registers with labels given out of order.

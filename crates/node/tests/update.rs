@@ -202,30 +202,20 @@ impl Cluster {
 
     /// With `ha`, bootstrapped on etcd (still one consensus member).
     async fn start_on(dir: &Path, count: usize, ha: bool) -> Cluster {
-        let cfg = dir.join("metroctl");
-        let params = dir.join("bootstrap.pb");
-        let mut args = vec!["install", "params", "--bootstrap"];
-        if ha {
-            args.push("--ha");
-        }
-        args.extend(["-o", params.to_str().expect("utf-8")]);
-        let out = metroctl(&cfg, &args);
-        assert!(out.status.success(), "install params: {}", stderr(&out));
-        let owner_key = metropolis_identity::decode_owner_key_pem(
-            &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
-        )
-        .expect("owner key PEM");
-        let first = TestNode::spawn_with(fresh_address(), &dir.join("n1"), Some(&params), FLAGS);
-        first.wait_leading().await;
-        let ca = fetch_ca(first.endpoint()).await.expect("ca");
-        let owner_cert = escrow_owner(first.endpoint(), &ca, &owner_key).await;
-        let owner = channel(
-            first.endpoint(),
-            trust(&ca),
-            Some((owner_cert.clone(), owner_key.clone())),
-        )
-        .await
-        .expect("owner channel");
+        let install: &[&str] = if ha { &["--ha"] } else { &[] };
+        let cluster = Bootstrapped::start(dir, install, FLAGS).await;
+        let owner = cluster.owner_channel().await;
+        let Bootstrapped {
+            cfg,
+            node: first,
+            owner:
+                Owner {
+                    key: owner_key,
+                    cert: owner_cert,
+                    ca,
+                },
+            ..
+        } = cluster;
         let mut mgmt = ManagementClient::new(owner.clone());
         let reg = dir.join("register.pb");
         fetch_register_params(&mut mgmt, &ca, &reg).await;

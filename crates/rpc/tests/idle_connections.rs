@@ -89,20 +89,14 @@ async fn settled_live() -> isize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_hold_no_io_buffers() {
     let ca = CertificateAuthority::generate().expect("CA");
+    let issue = |key: &metropolis_identity::SigningKey| {
+        ca.issue_node_certificate(&key.verifying_key().to_bytes(), Duration::from_secs(3600))
+            .expect("node certificate")
+    };
     let server_key = metropolis_identity::generate_key();
-    let server_cert = ca
-        .issue_node_certificate(
-            &server_key.verifying_key().to_bytes(),
-            Duration::from_secs(3600),
-        )
-        .expect("server certificate");
+    let server_cert = issue(&server_key);
     let client_key = metropolis_identity::generate_key();
-    let client_cert = ca
-        .issue_node_certificate(
-            &client_key.verifying_key().to_bytes(),
-            Duration::from_secs(3600),
-        )
-        .expect("client certificate");
+    let client_cert = issue(&client_key);
 
     let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("address");

@@ -571,6 +571,59 @@ pub async fn ask_peer_port(
     }
 }
 
+/// A cluster bootstrapped the operator's way: `metroctl install params
+/// --bootstrap` writes the parameters and creates the owner key, the first
+/// node starts on them, and the owner escrows its certificate.
+pub struct Bootstrapped {
+    /// metroctl's configuration directory (`owner-key.pem`).
+    pub cfg: PathBuf,
+    /// The bootstrap parameters, for tests that start from them again.
+    pub params: PathBuf,
+    /// The first node (data directory `dir/n1`), leading.
+    pub node: TestNode,
+    /// The owner's key, escrowed certificate and the cluster CA.
+    pub owner: Owner,
+}
+
+impl Bootstrapped {
+    /// `install` follows `--bootstrap` (`--ha`, certificate lifetimes);
+    /// `flags` are the node's. Returns once the node leads.
+    pub async fn start(dir: &Path, install: &[&str], flags: &[&str]) -> Bootstrapped {
+        let cfg = dir.join("metroctl");
+        let params = dir.join("bootstrap.pb");
+        let mut args = vec!["install", "params", "--bootstrap"];
+        args.extend_from_slice(install);
+        args.extend(["-o", params.to_str().expect("utf-8")]);
+        let out = metroctl(&cfg, &args);
+        assert!(out.status.success(), "install params: {}", stderr(&out));
+        let key = metropolis_identity::decode_owner_key_pem(
+            &std::fs::read_to_string(cfg.join("owner-key.pem")).expect("owner key"),
+        )
+        .expect("owner key PEM");
+        let node = TestNode::spawn_with(fresh_address(), &dir.join("n1"), Some(&params), flags);
+        node.wait_leading().await;
+        let ca = fetch_ca(node.endpoint()).await.expect("ca");
+        let cert = escrow_owner(node.endpoint(), &ca, &key).await;
+        Bootstrapped {
+            cfg,
+            params,
+            node,
+            owner: Owner { key, cert, ca },
+        }
+    }
+
+    /// A channel to the first node, authenticated as the owner.
+    pub async fn owner_channel(&self) -> Channel {
+        channel(
+            self.node.endpoint(),
+            trust(&self.owner.ca),
+            Some((self.owner.cert.clone(), self.owner.key.clone())),
+        )
+        .await
+        .expect("owner channel")
+    }
+}
+
 /// A cluster made the operator's way: metroctl's bootstrap parameters and
 /// takeownership, then nodes registered with metroctl's register parameters
 /// and approved with `metroctl node approve`. Nodes are killed when dropped.
