@@ -182,6 +182,15 @@ impl crate::consensus::Liveness for Heartbeats {
             _ => None,
         }
     }
+
+    fn last_heard(&self, node_id: &str) -> Option<Duration> {
+        let now = Instant::now();
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+            .map(|t| now.saturating_duration_since(*t))
+    }
 }
 
 /// How many health changes a slow watcher may have pending before it lags

@@ -397,12 +397,7 @@ async fn keep_raft_leader_elsewhere(
     if status.leader_id == 0 || status.leader_id != status.member_id {
         return Ok(None);
     }
-    let Some(to) = members.iter().find(|m| {
-        m.id != status.member_id
-            && !m.is_learner
-            && nodes.iter().any(|e| e.id == m.name)
-            && live.is_live(&m.name) == Some(true)
-    }) else {
+    let Some(to) = raft_leader_target(members, nodes, status.member_id, live) else {
         tracing::debug!(
             "etcd's raft leader is on the curator leader's node, and no other voter is known to be live"
         );
@@ -411,6 +406,27 @@ async fn keep_raft_leader_elsewhere(
     consensus.move_leader(to.id).await?;
     tracing::info!(to = %to.name, "moved etcd raft leadership away from the curator leader's node");
     Ok(Some(to.id))
+}
+
+/// The voter to hand etcd's raft leadership to: another live voter that is
+/// a node of this cluster, the one heard from most recently (a beat seconds
+/// old is likelier to be from a member about to stop answering); members
+/// never heard from since this curator leads come last.
+fn raft_leader_target<'a>(
+    members: &'a [Member],
+    nodes: &[NodeEntry],
+    me: u64,
+    live: &dyn Liveness,
+) -> Option<&'a Member> {
+    members
+        .iter()
+        .filter(|m| {
+            m.id != me
+                && !m.is_learner
+                && nodes.iter().any(|e| e.id == m.name)
+                && live.is_live(&m.name) == Some(true)
+        })
+        .min_by_key(|m| live.last_heard(&m.name).unwrap_or(std::time::Duration::MAX))
 }
 
 /// Refuses to remove `target` (a voter) when the voters left behind would
@@ -591,6 +607,59 @@ mod tests {
             peer_urls: vec![format!("https://127.0.0.{id}:7834")],
             is_learner: learner,
         }
+    }
+
+    struct Heard(HashMap<&'static str, (Option<bool>, Option<u64>)>);
+    impl Liveness for Heard {
+        fn is_live(&self, id: &str) -> Option<bool> {
+            self.0.get(id).and_then(|h| h.0)
+        }
+        fn last_heard(&self, id: &str) -> Option<std::time::Duration> {
+            self.0
+                .get(id)
+                .and_then(|h| h.1)
+                .map(std::time::Duration::from_millis)
+        }
+    }
+
+    #[test]
+    fn raft_leadership_goes_to_the_freshest_live_voter() {
+        let members = [
+            member(1, "me", false),
+            member(2, "stale", false),
+            member(3, "fresh", false),
+            member(4, "learner", true),
+            member(5, "down", false),
+            member(6, "gone", false),
+        ];
+        let nodes: Vec<NodeEntry> = ["me", "stale", "fresh", "learner", "down"]
+            .into_iter()
+            .map(|id| NodeEntry {
+                id: id.into(),
+                node: Default::default(),
+                mod_revision: 0,
+            })
+            .collect();
+        let live = Heard(HashMap::from([
+            ("me", (Some(true), Some(0))),
+            ("stale", (Some(true), Some(3_000))),
+            ("fresh", (Some(true), Some(200))),
+            ("learner", (Some(true), Some(1))),
+            ("down", (Some(false), Some(9_000))),
+            // Live but not a node of this cluster any more.
+            ("gone", (Some(true), Some(0))),
+        ]));
+        let to = raft_leader_target(&members, &nodes, 1, &live).map(|m| m.name.as_str());
+        assert_eq!(to, Some("fresh"));
+        // Not heard from since this curator leads: after any that was.
+        let live = Heard(HashMap::from([
+            ("stale", (Some(true), None)),
+            ("fresh", (Some(true), Some(4_000))),
+        ]));
+        let to = raft_leader_target(&members, &nodes, 1, &live).map(|m| m.name.as_str());
+        assert_eq!(to, Some("fresh"));
+        let nobody = Heard(HashMap::from([("down", (Some(false), Some(0)))]));
+        assert!(raft_leader_target(&members, &nodes, 1, &nobody).is_none());
     }
 
     #[test]

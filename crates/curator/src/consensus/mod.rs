@@ -50,6 +50,12 @@ pub fn peer_url_on(address: IpAddr, port: u16) -> String {
 /// heartbeat timeout).
 pub trait Liveness: Send + Sync {
     fn is_live(&self, node_id: &str) -> Option<bool>;
+
+    /// How long ago this curator last heard from the node (None: not since
+    /// it leads). Picks the freshest of several live candidates.
+    fn last_heard(&self, _node_id: &str) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The node running this curator is alive, whatever its heartbeats say (a
@@ -65,6 +71,13 @@ impl Liveness for SelfIsLive<'_> {
             return Some(true);
         }
         self.others.is_live(node_id)
+    }
+
+    fn last_heard(&self, node_id: &str) -> Option<std::time::Duration> {
+        if self.me == Some(node_id) {
+            return Some(std::time::Duration::ZERO);
+        }
+        self.others.last_heard(node_id)
     }
 }
 
