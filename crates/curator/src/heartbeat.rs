@@ -166,17 +166,13 @@ impl Heartbeats {
 /// A beat this leader received within the timeout proves a node alive.
 impl crate::consensus::Liveness for Heartbeats {
     fn is_live(&self, node_id: &str) -> Option<bool> {
-        let now = Instant::now();
-        let recent = self
-            .last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node_id)
-            .is_some_and(|t| now.saturating_duration_since(*t) < self.timeout);
-        if recent {
+        if self
+            .last_heard(node_id)
+            .is_some_and(|age| age < self.timeout)
+        {
             return Some(true);
         }
-        match self.health(node_id, NodeState::Up as i32, now).0 {
+        match self.health(node_id, NodeState::Up as i32, Instant::now()).0 {
             Health::Healthy => Some(true),
             Health::HeartbeatTimeout => Some(false),
             _ => None,
