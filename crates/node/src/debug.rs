@@ -215,15 +215,10 @@ pub async fn start(address: IpAddr, logs: Arc<LogTree>, view: View) -> anyhow::R
         .add_service(NodeDebugServiceServer::from_arc(debug.clone()))
         .add_service(NodeFaultsServer::from_arc(debug));
     tracing::warn!(%addr, "serving the debug service (debug build): unauthenticated, for development only");
-    tokio::spawn(async move {
-        if let Err(e) = router
-            .serve_with_incoming(metropolis_rpc::server::tls_incoming(
-                listener, tls, &limits, None,
-            ))
-            .await
-        {
-            tracing::error!(error = %e, "debug service stopped");
-        }
-    });
+    tokio::spawn(
+        router.serve_with_incoming(metropolis_rpc::server::tls_incoming(
+            listener, tls, &limits, None,
+        )),
+    );
     Ok(())
 }

@@ -275,7 +275,9 @@ pub struct Conn {
     tls: TlsStream<TcpStream>,
     info: ConnInfo,
     idle_timeout: Duration,
-    idle: Pin<Box<Sleep>>,
+    /// Armed only while no stream is open: a node's connection carries its
+    /// heartbeat stream for life and never needs a timer.
+    idle: Option<Pin<Box<Sleep>>>,
     _slot: Option<Slot>,
 }
 
@@ -294,7 +296,7 @@ impl Conn {
             tls,
             info,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            idle: None,
             _slot: slot,
         }
     }
@@ -333,6 +335,7 @@ impl AsyncRead for Conn {
         let activity = &this.info.activity;
         activity.reader.register(cx.waker());
         if activity.streams.load(Ordering::Acquire) > 0 {
+            this.idle = None;
             return Poll::Pending;
         }
         let since = *activity
@@ -340,10 +343,13 @@ impl AsyncRead for Conn {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let deadline = since + this.idle_timeout;
-        if this.idle.deadline() != deadline {
-            this.idle.as_mut().reset(deadline);
+        let idle = this
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if idle.deadline() != deadline {
+            idle.as_mut().reset(deadline);
         }
-        match this.idle.as_mut().poll(cx) {
+        match idle.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 tracing::debug!(
                     "closing a connection that carried no stream for {:?}",

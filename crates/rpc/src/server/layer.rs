@@ -70,6 +70,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limits = self.limits.clone();
         let (mut parts, body) = req.into_parts();
+        let deadline = grpc_timeout(&parts.headers);
         let guard = match parts.extensions.get::<ConnInfo>().cloned() {
             Some(info) => {
                 // tonic's own accessors (peer_certs, remote_addr) and the
@@ -88,7 +89,19 @@ where
         });
         let req = http::Request::from_parts(parts, body);
         Box::pin(async move {
-            let resp = inner.call(req).await?;
+            let call = inner.call(req);
+            let resp = match deadline {
+                Some(timeout) => match tokio::time::timeout(timeout, call).await {
+                    Ok(resp) => resp?,
+                    Err(_) => {
+                        return Ok(Status::deadline_exceeded(format!(
+                            "the call's deadline ({timeout:?}, from grpc-timeout) passed before its response"
+                        ))
+                        .into_http());
+                    }
+                },
+                None => call.await?,
+            };
             let (mut parts, body) = resp.into_parts();
             cap_status(&mut parts.headers, limits.max_status_message);
             let body = tonic::body::Body::new(CheckedResponse {
@@ -99,6 +112,29 @@ where
             Ok(http::Response::from_parts(parts, body))
         })
     }
+}
+
+/// The client's deadline for the response (gRPC over HTTP/2: `grpc-timeout`
+/// is at most 8 digits and a unit). Like tonic's server, it bounds the wait
+/// for the response to start; a stream's messages run on. A malformed value
+/// is ignored rather than refused, as grpc-go and tonic do.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The request body, passed through while its gRPC length prefixes (1 byte
@@ -325,5 +361,57 @@ mod tests {
         let before = short.clone();
         cap_status(&mut short, 100);
         assert_eq!(short, before);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        use std::time::Duration;
+        let parse = |v: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "grpc-timeout",
+                http::HeaderValue::from_str(v).expect("value"),
+            );
+            grpc_timeout(&headers)
+        };
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "S", "10", "123456789S", "1x", "-1S", "1.5S", " 1S"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_grpc_timeout_gets_deadline_exceeded() {
+        use std::time::Duration;
+        use tower::{Layer, ServiceExt};
+        let slow = tower::service_fn(|req: http::Request<tonic::body::Body>| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let service = LimitsLayer::new(&super::super::Limits::default()).layer(slow);
+        let call = |path: &str, timeout: Option<&str>| {
+            let mut req = http::Request::builder().uri(path);
+            if let Some(t) = timeout {
+                req = req.header("grpc-timeout", t);
+            }
+            let req = req.body(tonic::body::Body::empty()).expect("request");
+            service.clone().oneshot(req)
+        };
+        let resp = call("/slow", Some("20m")).await.expect("a response");
+        let status = Status::from_header_map(resp.headers()).expect("a status in the headers");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        let resp = call("/fast", Some("1H")).await.expect("a response");
+        assert!(
+            Status::from_header_map(resp.headers()).is_none(),
+            "a call within its deadline is answered by the service"
+        );
     }
 }

@@ -3,9 +3,10 @@
 //! tonic's own TLS support cannot take a custom client-certificate verifier,
 //! and ours must accept certificates from any issuer at the TLS layer (the
 //! self-signed owner certificate has to reach Escrow). So TLS is terminated
-//! here with tokio-rustls ([`accept`]) and the established connections are
-//! handed to tonic's `serve_with_incoming`, which still exposes the peer
-//! certificates to the [`crate::AuthLayer`].
+//! here with tokio-rustls ([`accept`]), and the established connections are
+//! served by our own HTTP/2 loop over tonic's routes ([`serve`]: tonic's
+//! server costs several KiB more per connection), which still exposes the
+//! peer certificates to the [`crate::AuthLayer`].
 //!
 //! Every transport limit of a node is a field of [`Limits`]: the accept loop
 //! ([`tls_incoming`]), the HTTP/2 settings ([`builder`]) and the per-call
@@ -15,6 +16,7 @@
 
 mod accept;
 mod layer;
+mod serve;
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,11 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tower::layer::util::{Identity, Stack};
 
 pub use accept::{Conn, ConnInfo, tls_incoming};
 pub use layer::{LimitsLayer, LimitsService};
+pub use serve::{GrpcService, Router, Server};
 
 /// What one node lets a network peer use. The defaults are what every port
 /// of `metropolis-node` serves with; the reasoning is per field.
@@ -121,20 +123,10 @@ impl Default for Limits {
     }
 }
 
-/// A tonic server with every HTTP/2 setting from `limits`, and the
+/// A server with every HTTP/2 setting from `limits`, and the
 /// [`LimitsLayer`] outermost. Add the node's own layers and services to it.
 pub fn builder(limits: &Limits) -> Server<Stack<LimitsLayer, Identity>> {
-    Server::builder()
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_max_header_list_size(limits.max_header_list_size)
-        .max_frame_size(limits.max_frame_size)
-        .initial_stream_window_size(limits.stream_window)
-        .initial_connection_window_size(limits.connection_window)
-        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_accept_reset_streams))
-        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(LimitsLayer::new(limits))
+    Server::new(limits)
 }
 
 /// Binds a listening socket, with an error that says what to do about the

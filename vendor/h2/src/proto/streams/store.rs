@@ -102,7 +102,7 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
-        let index = SlabIndex(self.slab.insert(val) as u32);
+        let index = SlabIndex(insert_sized(&mut self.slab, val) as u32);
         assert!(self.ids.insert(id, index).is_none());
 
         Ptr {
@@ -406,6 +406,17 @@ impl<'a> Ptr<'a> {
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
         assert_eq!(stream.id, self.key.stream_id);
+        // metropolis patch: a connection that keeps one long stream open
+        // (a heartbeat) holds one `Stream` (about 350 bytes), not the four
+        // a first push reserves or the peak of its busiest moment. Shrinking
+        // only at a quarter of the capacity keeps the reallocations
+        // amortized; keys stay valid (the slab never moves entries).
+        let slab = &mut self.store.slab;
+        if slab.is_empty() {
+            *slab = slab::Slab::new();
+        } else if slab.len() * 4 <= slab.capacity() {
+            slab.shrink_to_fit();
+        }
         stream.id
     }
 
@@ -458,13 +469,22 @@ impl<'a> OccupiedEntry<'a> {
     }
 }
 
+/// metropolis patch: the first stream of an empty store reserves room for
+/// itself only (`Vec`'s first push reserves four); see `Ptr::remove`.
+fn insert_sized(slab: &mut slab::Slab<Stream>, value: Stream) -> usize {
+    if slab.capacity() == 0 {
+        *slab = slab::Slab::with_capacity(1);
+    }
+    slab.insert(value)
+}
+
 // ===== impl VacantEntry =====
 
 impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
-        let index = SlabIndex(self.slab.insert(value) as u32);
+        let index = SlabIndex(insert_sized(self.slab, value) as u32);
 
         // Insert the handle in the ID map
         self.ids.insert(index);
