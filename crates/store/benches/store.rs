@@ -46,6 +46,12 @@ fn store_benches(c: &mut Criterion) {
         });
     });
 
+    // A point read, as the curator's handlers make several per call: what
+    // it costs is mostly how it reaches redb, not redb's lookup.
+    group.bench_function("get", |b| {
+        b.iter(|| black_box(rt.block_on(store.get(b"cas")).expect("get")));
+    });
+
     for batch in 0..10 {
         let mut txn = Txn::new();
         for i in 0..1000 {

@@ -128,18 +128,7 @@ fn connection_builder(
         // A request head that trickles in is dropped like a slow handshake.
         .header_read_timeout(limits.handshake_timeout)
         .max_buf_size(limits.max_header_list_size as usize);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_list_size)
-        .max_frame_size(limits.max_frame_size)
-        .initial_stream_window_size(limits.stream_window)
-        .initial_connection_window_size(limits.connection_window)
-        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
-        .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout);
+    metropolis_rpc::apply_http2_limits!(builder.http2(), limits);
     builder
 }
 

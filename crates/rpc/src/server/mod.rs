@@ -123,6 +123,31 @@ impl Default for Limits {
     }
 }
 
+/// Sets the HTTP/2 settings that `Limits` holds on a hyper HTTP/2 server
+/// builder: `hyper::server::conn::http2::Builder` (the gRPC ports) and
+/// hyper-util's `auto::Http2Builder` (the metrics port) have the same setters
+/// but share no trait, so the one list of settings lives here.
+#[macro_export]
+macro_rules! apply_http2_limits {
+    ($builder:expr, $limits:expr) => {{
+        let limits: &$crate::server::Limits = $limits;
+        $builder
+            .timer($crate::server::__TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_list_size)
+            .max_frame_size(limits.max_frame_size)
+            .initial_stream_window_size(limits.stream_window)
+            .initial_connection_window_size(limits.connection_window)
+            .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+            .keep_alive_interval(limits.keepalive_interval)
+            .keep_alive_timeout(limits.keepalive_timeout)
+    }};
+}
+
+#[doc(hidden)]
+pub use hyper_util::rt::TokioTimer as __TokioTimer;
+
 /// A server with every HTTP/2 setting from `limits`, and the
 /// [`LimitsLayer`] outermost. Add the node's own layers and services to it.
 pub fn builder(limits: &Limits) -> Server<Stack<LimitsLayer, Identity>> {

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -70,17 +70,7 @@ where
 impl Server<Stack<LimitsLayer, Identity>> {
     pub(super) fn new(limits: &Limits) -> Self {
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .max_header_list_size(limits.max_header_list_size)
-            .max_frame_size(limits.max_frame_size)
-            .initial_stream_window_size(limits.stream_window)
-            .initial_connection_window_size(limits.connection_window)
-            .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(limits.max_local_error_reset_streams)
-            .keep_alive_interval(limits.keepalive_interval)
-            .keep_alive_timeout(limits.keepalive_timeout)
+        crate::apply_http2_limits!(http2, limits)
             // No HPACK dynamic table for request headers: a node's
             // connection would otherwise keep the headers of its calls
             // (paths, content type, user agent) for life, per connection;

@@ -299,6 +299,55 @@ async fn txn_reads_its_own_writes() {
     assert_eq!(s.revision().await.unwrap(), 3);
 }
 
+/// Point reads run on the caller's thread (see the module documentation),
+/// which is only sound if they never wait for a writer: here redb's one
+/// writer is held, as a slow commit would hold it, and reads still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_wait_for_a_writer() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(&dir).await;
+    put(&store, "k", "old").await;
+    let writer = store.inner.db.begin_write().expect("hold the writer");
+    let queued = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .txn(Txn::new().and_then(Op::put("k", "new")))
+                .await
+                .expect("put")
+        })
+    };
+    let got = tokio::time::timeout(WAIT, store.get(b"k"))
+        .await
+        .expect("a get waited for the writer")
+        .expect("get")
+        .expect("k exists");
+    assert_eq!(got.value, b"old");
+    let read_only = Txn::new()
+        .when(Compare::value_equals("k", "old"))
+        .and_then(Op::get("k"));
+    let resp = tokio::time::timeout(WAIT, store.txn(read_only))
+        .await
+        .expect("a read-only transaction waited for the writer")
+        .expect("read-only txn");
+    assert!(resp.succeeded, "the read saw a write that is not committed");
+    let scanned = tokio::time::timeout(WAIT, store.range(b"k"))
+        .await
+        .expect("a range waited for the writer")
+        .expect("range");
+    assert_eq!(scanned.kvs.len(), 1);
+    drop(writer);
+    let committed = tokio::time::timeout(WAIT, queued)
+        .await
+        .expect("the queued write never committed")
+        .expect("write task");
+    assert!(committed.succeeded);
+    assert_eq!(
+        store.get(b"k").await.expect("get").expect("k").value,
+        b"new"
+    );
+}
+
 #[tokio::test]
 async fn delete_prefix_and_ranges() {
     let dir = TempDir::new().unwrap();
