@@ -263,24 +263,22 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         validate_txn(&txn)?;
-        let read_only = txn
-            .success
-            .iter()
-            .chain(&txn.failure)
-            .all(|op| matches!(op, Op::Get { .. } | Op::GetPrefix { .. }));
-        if read_only {
-            // Read-only transactions take a snapshot instead of a place in
-            // the commit queue, so they neither wait for nor delay commits;
-            // only those that scan a prefix are worth a trip to the pool.
-            let scans = txn
-                .success
-                .iter()
-                .chain(&txn.failure)
-                .any(|op| matches!(op, Op::GetPrefix { .. }));
-            if !scans {
-                return self.inner.read_txn(&txn);
+        let mut scans = false;
+        let read_only = txn.success.iter().chain(&txn.failure).all(|op| match op {
+            Op::Get { .. } => true,
+            Op::GetPrefix { .. } => {
+                scans = true;
+                true
             }
-            return self.blocking(move |inner| inner.read_txn(&txn)).await;
+            _ => false,
+        });
+        // Read-only transactions take a snapshot instead of a place in the
+        // commit queue, so they neither wait for nor delay commits; only
+        // those that scan a prefix are worth a trip to the pool.
+        match (read_only, scans) {
+            (true, false) => return self.inner.read_txn(&txn),
+            (true, true) => return self.blocking(move |inner| inner.read_txn(&txn)).await,
+            (false, _) => {}
         }
         self.inner.commit_txn(txn).await
     }
